@@ -1,0 +1,558 @@
+"""Load and validate the YAML config file into the frozen model.
+
+Two passes, both always run, so that one bad value never hides another:
+1. pydantic (strict types, ranges, unknown keys, durations, addresses), per service;
+2. semantic checks across fields and services (duplicates, flags, netmasks, ...), which
+   look only at the values that parse.
+Every problem is reported with its path (`services[0].backends[1].weight`) and the line
+of the file it sits on; nothing is built unless there are none.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
+from pydantic_core import ErrorDetails
+
+from lb.model import (
+    FLAG_SPELLINGS,
+    TCP_IDLE_TIMEOUT,
+    UDP_IDLE_TIMEOUT,
+    UDP_MAX_FLOWS,
+    AdminState,
+    Backend,
+    CheckKind,
+    Config,
+    Endpoint,
+    HealthCheck,
+    Persistence,
+    Protocol,
+    SchedulerName,
+    Service,
+)
+from lb.sched.mh import Maglev
+
+PathPart = str | int
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    path: tuple[PathPart, ...]
+    message: str
+    line: int | None = None
+
+    @property
+    def where(self) -> str:
+        return format_path(self.path)
+
+
+class ConfigError(Exception):
+    """The config is not valid; `problems` lists every reason, in file order."""
+
+    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = []
+        for p in self.problems:
+            loc = f"{self.source}:{p.line}" if p.line else self.source
+            lines.append(f"{loc}: {p.where}: {p.message}" if p.path else f"{loc}: {p.message}")
+        return "\n".join(lines)
+
+
+def format_path(path: Iterable[PathPart]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+# --- value parsers (shared by both passes) ---------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """`500ms`, `2s`, `5m`, `1h`, or a bare number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("must be a duration such as 500ms, 2s, 5m or a number of seconds")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(value)
+        if not m:
+            raise ValueError(f"{value!r} is not a duration (use 500ms, 2s, 5m, 1h or seconds)")
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+def parse_endpoint(value: object) -> Endpoint:
+    if not isinstance(value, str):
+        raise ValueError("must be a string ADDRESS:PORT, e.g. 127.0.0.1:8080 or [::1]:8080")
+    return Endpoint.parse(value)
+
+
+def parse_prefix(value: object, family: int) -> int:
+    """A netmask as a prefix length: `255.255.255.0`, `/24` or `24` (IPv6: a prefix length)."""
+    bits = 32 if family == 4 else 128
+    if isinstance(value, bool):
+        raise ValueError("must be a netmask")
+    if isinstance(value, str) and "." in value:
+        if family != 4:
+            raise ValueError("an IPv6 service takes a prefix length (1-128), not a dotted mask")
+        try:
+            mask = int(ipaddress.IPv4Address(value))
+        except ValueError:
+            raise ValueError(f"{value!r} is not a netmask") from None
+        prefix = 32 - ((~mask & 0xFFFFFFFF).bit_length())
+        if prefix == 0 or mask != (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF:
+            raise ValueError(
+                f"{value} is not a netmask (its one bits must be contiguous from the left)"
+            )
+        return prefix
+    text = value.lstrip("/") if isinstance(value, str) else value
+    if isinstance(text, str) and text.isdigit():
+        text = int(text)
+    if not isinstance(text, int) or not 1 <= text <= bits:
+        raise ValueError(f"{value!r} is not a netmask (a dotted mask or a prefix length 1-{bits})")
+    return text
+
+
+# --- pass 1: structure (pydantic) ---------------------------------------------------------
+
+StrictInt = Annotated[int, Strict()]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Addr = Annotated[Endpoint, BeforeValidator(parse_endpoint)]
+Port = Annotated[int, Strict(), Field(ge=1, le=65535)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
+
+
+class BackendIn(_Model):
+    address: Addr
+    weight: Annotated[int, Strict(), Field(ge=0, le=65535)] = 1
+    state: Literal["ready", "drain", "maint"] = "ready"
+    max_connections: Annotated[int, Strict(), Field(ge=0)] = 0
+    resume_below: Annotated[int, Strict(), Field(ge=0)] = 0
+
+
+class PersistenceIn(_Model):
+    timeout: Duration = 300.0
+    netmask: Any = 32  # checked against the listen address family in pass 2
+
+
+class HealthCheckIn(_Model):
+    type: Literal["tcp", "http"]
+    interval: Duration = 2.0
+    timeout: Duration = 1.0
+    rise: Annotated[int, Strict(), Field(ge=1, le=100)] = 2
+    fall: Annotated[int, Strict(), Field(ge=1, le=100)] = 3
+    path: Annotated[str, Strict()] = "/"
+    port: Port | None = None
+
+
+class ServiceIn(_Model):
+    name: Annotated[
+        str, Strict(), Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    ]
+    protocol: Literal["tcp", "udp"] = "tcp"
+    listen: Addr
+    scheduler: Literal["rr", "wrr", "lc", "wlc", "sed", "nq", "sh", "mh", "dh"] = "wlc"
+    scheduler_flags: list[Annotated[str, Strict()]] = []
+    persistence: PersistenceIn | None = None
+    health_check: HealthCheckIn | None = None
+    connect_timeout: Duration = 5.0
+    idle_timeout: Duration | None = None
+    retries: Annotated[int, Strict(), Field(ge=0, le=10)] = 1
+    max_connections: Annotated[int, Strict(), Field(ge=0)] | None = None
+    backends: list[BackendIn] = []
+
+
+class RootIn(_Model):
+    services: list[Any] = Field(default_factory=list)
+    shutdown_grace: Duration = 30.0
+
+
+_MESSAGES: dict[str, Callable[[ErrorDetails], str]] = {
+    "missing": lambda e: "required field is missing",
+    "greater_than_equal": lambda e: f"must be >= {e.get('ctx', {}).get('ge')}",
+    "less_than_equal": lambda e: f"must be <= {e.get('ctx', {}).get('le')}",
+    "greater_than": lambda e: f"must be > {e.get('ctx', {}).get('gt')}",
+    "int_type": lambda e: "must be a whole number",
+    "int_from_float": lambda e: "must be a whole number",
+    "string_type": lambda e: "must be a string",
+    "list_type": lambda e: "must be a list",
+    "model_type": lambda e: "must be a mapping",
+    "model_attributes_type": lambda e: "must be a mapping",
+    "dict_type": lambda e: "must be a mapping",
+    "literal_error": lambda e: f"must be one of {e.get('ctx', {}).get('expected')}",
+    "string_too_short": lambda e: "must not be empty",
+    "string_too_long": lambda e: f"must be at most {e.get('ctx', {}).get('max_length')} characters",
+    "string_pattern_mismatch": lambda e: (
+        "must be letters, digits, '.', '_' or '-', starting with a letter or digit"
+    ),
+    "value_error": lambda e: str(e.get("ctx", {}).get("error", e["msg"])),
+}
+
+
+def _pydantic_problems(err: ValidationError, prefix: tuple[PathPart, ...]) -> list[Problem]:
+    out = []
+    for e in err.errors():
+        path = prefix + tuple(e["loc"])
+        if e["type"] == "extra_forbidden":
+            fields = _known_fields(prefix, tuple(e["loc"])[:-1])
+            hint = difflib.get_close_matches(str(path[-1]), fields, n=1)
+            msg = "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        else:
+            render = _MESSAGES.get(e["type"])
+            msg = render(e) if render else e["msg"]
+            if e["type"] not in (
+                "missing",
+                "model_type",
+                "dict_type",
+                "model_attributes_type",
+                "value_error",
+            ):
+                msg += f" (got {_show(e.get('input'))})"
+        out.append(Problem(path, msg))
+    return out
+
+
+def _known_fields(prefix: tuple[PathPart, ...], loc: tuple[PathPart, ...]) -> list[str]:
+    model: type[BaseModel] = ServiceIn if prefix else RootIn
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        ann = model.model_fields[str(part)].annotation
+        for candidate in (BackendIn, PersistenceIn, HealthCheckIn):
+            if candidate in _type_args(ann):
+                model = candidate
+                break
+    return list(model.model_fields)
+
+
+def _type_args(ann: object) -> set[object]:
+    out: set[object] = {ann}
+    for a in getattr(ann, "__args__", ()):
+        out |= _type_args(a)
+    return out
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# --- pass 2: meaning ----------------------------------------------------------------------
+
+
+def _try(parse: Callable[[object], T], value: object) -> T | None:
+    try:
+        return parse(value)
+    except (ValueError, TypeError):
+        return None
+
+
+def _semantic_problems(raw_services: list[Any]) -> Iterator[Problem]:
+    names: dict[str, int] = {}
+    listens: list[tuple[int, str, Endpoint]] = []
+    for i, svc in enumerate(raw_services):
+        if not isinstance(svc, Mapping):
+            continue
+        at: tuple[PathPart, ...] = ("services", i)
+        name = svc.get("name")
+        if isinstance(name, str):
+            if name in names:
+                yield Problem(
+                    (*at, "name"), f"duplicate service name {name!r} (also services[{names[name]}])"
+                )
+            else:
+                names[name] = i
+        protocol = svc.get("protocol", "tcp")
+        listen = _try(parse_endpoint, svc.get("listen"))
+        if listen is not None and protocol in ("tcp", "udp"):
+            for j, other_proto, other in listens:
+                if other_proto == protocol and _overlaps(listen, other):
+                    yield Problem(
+                        (*at, "listen"),
+                        f"{protocol} {listen} is already used by services[{j}] ({other})",
+                    )
+            listens.append((i, protocol, listen))
+            if protocol == "udp" and listen.ip.is_unspecified:
+                yield Problem(
+                    (*at, "listen"),
+                    "a udp service needs a specific address, so that replies come from it",
+                )
+        yield from _check_flags(svc, at)
+        yield from _check_persistence(svc, at, listen)
+        yield from _check_health(svc, at)
+        if protocol == "udp":
+            for key in ("connect_timeout", "retries"):
+                if key in svc:
+                    yield Problem((*at, key), "only applies to tcp services")
+            if svc.get("max_connections") == 0:
+                yield Problem(
+                    (*at, "max_connections"), "a udp service needs a bounded flow table (>= 1)"
+                )
+        yield from _check_backends(svc, at)
+
+
+def _overlaps(a: Endpoint, b: Endpoint) -> bool:
+    if a.port != b.port or a.ip.version != b.ip.version:
+        return False
+    return a.ip == b.ip or a.ip.is_unspecified or b.ip.is_unspecified
+
+
+def _check_flags(svc: Mapping[str, Any], at: tuple[PathPart, ...]) -> Iterator[Problem]:
+    flags = svc.get("scheduler_flags")
+    sched = svc.get("scheduler", "wlc")
+    if not isinstance(flags, list) or not flags or not isinstance(sched, str):
+        return
+    try:
+        spellings = FLAG_SPELLINGS.get(SchedulerName(sched))
+    except ValueError:
+        return
+    if spellings is None:
+        yield Problem(
+            (*at, "scheduler_flags"), f"the {sched} scheduler takes no flags (only sh and mh do)"
+        )
+        return
+    for k, flag in enumerate(flags):
+        if isinstance(flag, str) and flag not in spellings:
+            yield Problem(
+                (*at, "scheduler_flags", k),
+                f"unknown flag {flag!r} for {sched} (use {', '.join(sorted(spellings))})",
+            )
+
+
+def _check_persistence(
+    svc: Mapping[str, Any], at: tuple[PathPart, ...], listen: Endpoint | None
+) -> Iterator[Problem]:
+    p = svc.get("persistence")
+    if not isinstance(p, Mapping):
+        return
+    timeout = _try(parse_duration, p.get("timeout", 300))
+    if timeout is not None and (timeout < 1 or timeout != int(timeout)):
+        yield Problem(
+            (*at, "persistence", "timeout"),
+            "must be a whole number of seconds, at least 1s (IPVS granularity)",
+        )
+    if "netmask" in p and listen is not None:
+        try:
+            parse_prefix(p["netmask"], listen.ip.version)
+        except ValueError as e:
+            yield Problem((*at, "persistence", "netmask"), str(e))
+
+
+def _check_health(svc: Mapping[str, Any], at: tuple[PathPart, ...]) -> Iterator[Problem]:
+    hc = svc.get("health_check")
+    if not isinstance(hc, Mapping):
+        return
+    if hc.get("type") == "tcp" and "path" in hc:
+        yield Problem((*at, "health_check", "path"), "only applies to http checks")
+    if isinstance(hc.get("path"), str) and not hc["path"].startswith("/"):
+        yield Problem((*at, "health_check", "path"), "must start with '/'")
+    interval = _try(parse_duration, hc.get("interval", 2.0))
+    timeout = _try(parse_duration, hc.get("timeout", 1.0))
+    if interval is not None and interval <= 0:
+        yield Problem((*at, "health_check", "interval"), "must be more than 0")
+    if timeout is not None and timeout <= 0:
+        yield Problem((*at, "health_check", "timeout"), "must be more than 0")
+    if interval and timeout and timeout > interval:
+        yield Problem(
+            (*at, "health_check", "timeout"), f"must not exceed the interval ({interval:g}s)"
+        )
+
+
+def _check_backends(svc: Mapping[str, Any], at: tuple[PathPart, ...]) -> Iterator[Problem]:
+    backends = svc.get("backends")
+    if not isinstance(backends, list):
+        return
+    if svc.get("scheduler") == "mh" and len(backends) > Maglev.MAX_DESTS:
+        yield Problem(
+            (*at, "backends"), f"the mh scheduler takes at most {Maglev.MAX_DESTS} backends"
+        )
+    seen: dict[Endpoint, int] = {}
+    for j, b in enumerate(backends):
+        if not isinstance(b, Mapping):
+            continue
+        addr = _try(parse_endpoint, b.get("address"))
+        if addr is not None:
+            if addr in seen:
+                yield Problem(
+                    (*at, "backends", j, "address"),
+                    f"duplicate backend {addr} (also backends[{seen[addr]}])",
+                )
+            else:
+                seen[addr] = j
+            if addr.ip.is_unspecified or addr.ip.is_multicast:
+                yield Problem(
+                    (*at, "backends", j, "address"), f"{addr.ip} cannot be a backend address"
+                )
+        upper, lower = b.get("max_connections", 0), b.get("resume_below", 0)
+        if isinstance(upper, int) and isinstance(lower, int) and lower > 0:
+            if upper == 0:
+                yield Problem((*at, "backends", j, "resume_below"), "needs max_connections")
+            elif lower > upper:
+                yield Problem(
+                    (*at, "backends", j, "resume_below"),
+                    f"must not exceed max_connections ({upper})",
+                )
+
+
+# --- building the model -------------------------------------------------------------------
+
+
+def _build_service(s: ServiceIn) -> Service:
+    protocol = Protocol(s.protocol)
+    scheduler = SchedulerName(s.scheduler)
+    spellings = FLAG_SPELLINGS.get(scheduler, {})
+    flags = frozenset(spellings[f] for f in s.scheduler_flags)
+    persistence = None
+    if s.persistence is not None:
+        persistence = Persistence(
+            int(s.persistence.timeout), parse_prefix(s.persistence.netmask, s.listen.ip.version)
+        )
+    check = None
+    if s.health_check is not None:
+        h = s.health_check
+        check = HealthCheck(
+            CheckKind(h.type), h.interval, h.timeout, h.rise, h.fall, h.path, h.port
+        )
+    udp = protocol is Protocol.UDP
+    return Service(
+        name=s.name,
+        protocol=protocol,
+        listen=s.listen,
+        scheduler=scheduler,
+        flags=flags,
+        persistence=persistence,
+        health_check=check,
+        backends=tuple(
+            Backend(b.address, b.weight, AdminState(b.state), b.max_connections, b.resume_below)
+            for b in s.backends
+        ),
+        connect_timeout=s.connect_timeout,
+        idle_timeout=s.idle_timeout
+        if s.idle_timeout is not None
+        else (UDP_IDLE_TIMEOUT if udp else TCP_IDLE_TIMEOUT),
+        retries=0 if udp else s.retries,
+        max_connections=s.max_connections
+        if s.max_connections is not None
+        else (UDP_MAX_FLOWS if udp else 0),
+    )
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Validate YAML text; raise ConfigError with every problem found."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        reason = getattr(e, "problem", None) or str(e)
+        raise ConfigError(source, [Problem((), f"invalid YAML: {reason}", line)]) from None
+    problems: list[Problem] = list(_duplicate_keys(node, ()))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            source, [Problem((), "the file must be a mapping with a 'services' list", 1)]
+        )
+    root: RootIn | None = None
+    try:
+        root = RootIn.model_validate(raw)
+    except ValidationError as e:
+        problems += _pydantic_problems(e, ())
+    services: list[ServiceIn] = []
+    listed = raw.get("services")
+    raw_services: list[Any] = listed if isinstance(listed, list) else []
+    for i, item in enumerate(raw_services):
+        try:
+            services.append(ServiceIn.model_validate(item))
+        except ValidationError as e:
+            problems += _pydantic_problems(e, ("services", i))
+    problems += _semantic_problems(raw_services)
+    if problems:
+        located = [Problem(p.path, p.message, p.line or _line_of(node, p.path)) for p in problems]
+        located.sort(key=lambda p: p.line or 0)
+        raise ConfigError(source, _dedupe(located))
+    assert root is not None
+    return Config(
+        services=tuple(_build_service(s) for s in services),
+        shutdown_grace=root.shutdown_grace,
+        source=source,
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(
+            str(path), [Problem((), f"cannot read the config file: {reason}")]
+        ) from None
+    return parse_config(text, str(path))
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen: set[tuple[tuple[PathPart, ...], str]] = set()
+    out = []
+    for p in problems:
+        if (p.path, p.message) not in seen:
+            seen.add((p.path, p.message))
+            out.append(p)
+    return out
+
+
+def _line_of(node: yaml.Node | None, path: Sequence[PathPart]) -> int | None:
+    """The 1-based line where the value at `path` is (or its nearest existing parent)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == part:
+                    node, line = v, k.start_mark.line + 1
+                    break
+            else:
+                return line
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _duplicate_keys(node: yaml.Node | None, path: tuple[PathPart, ...]) -> Iterator[Problem]:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for k, v in node.value:
+            if k.value in seen:
+                yield Problem((*path, k.value), "duplicate key", k.start_mark.line + 1)
+            seen.add(k.value)
+            yield from _duplicate_keys(v, (*path, k.value))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            yield from _duplicate_keys(v, (*path, i))

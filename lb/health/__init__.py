@@ -1,0 +1,1 @@
+"""Active health checks: a pure state machine (state.py), probes and their runner."""

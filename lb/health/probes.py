@@ -1,0 +1,56 @@
+"""Health probes: TCP connect and HTTP GET. Each returns (healthy, reason)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiohttp
+
+from lb.model import CheckKind, Endpoint, HealthCheck
+
+
+async def tcp_probe(target: Endpoint, limit: float) -> tuple[bool, str]:
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET if target.family == 4 else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(limit):
+            await loop.sock_connect(sock, target.sockaddr())
+    except TimeoutError:
+        return False, f"connect timed out after {limit:g}s"
+    except OSError as e:
+        return False, e.strerror or str(e)
+    finally:
+        sock.close()
+    return True, "connected"
+
+
+async def http_probe(
+    session: aiohttp.ClientSession, target: Endpoint, path: str, limit: float
+) -> tuple[bool, str]:
+    url = f"http://{target}{path}"
+    try:
+        async with session.get(
+            url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=limit)
+        ) as resp:
+            await resp.read()
+            if 200 <= resp.status < 400:
+                return True, f"HTTP {resp.status}"
+            return False, f"HTTP {resp.status}"
+    except TimeoutError:
+        return False, f"no answer within {limit:g}s"
+    except aiohttp.ClientError as e:
+        return False, str(e) or type(e).__name__
+    except OSError as e:
+        return False, e.strerror or str(e)
+
+
+async def probe(
+    check: HealthCheck, backend: Endpoint, session: aiohttp.ClientSession
+) -> tuple[bool, str]:
+    target = Endpoint(backend.ip, check.port) if check.port else backend
+    if check.kind is CheckKind.HTTP:
+        return await http_probe(session, target, check.path, check.timeout)
+    return await tcp_probe(target, check.timeout)

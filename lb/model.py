@@ -1,0 +1,243 @@
+"""The desired-state model: plain frozen values that sources produce and dataplanes consume.
+
+Nothing here does I/O. A `Config` (from the YAML file, later from Kubernetes) holds
+`Service` values; the controller merges live health into their `Backend` values and
+hands the result to every dataplane, which make the world match it.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field, replace
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Protocol(enum.StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+class SchedulerName(enum.StrEnum):
+    """The IPVS scheduler names (`ipvsadm -s`)."""
+
+    RR = "rr"
+    WRR = "wrr"
+    LC = "lc"
+    WLC = "wlc"
+    SED = "sed"
+    NQ = "nq"
+    SH = "sh"
+    MH = "mh"
+    DH = "dh"
+
+
+class SchedFlag(enum.StrEnum):
+    """Scheduler flags of sh and mh (IPVS service flags SCHED1 and SCHED2)."""
+
+    FALLBACK = "fallback"  # IP_VS_SVC_F_SCHED1: probe onward when the hashed backend is unavailable
+    PORT = "port"  # IP_VS_SVC_F_SCHED2: hash the client's source port too
+
+
+#: Schedulers that take flags, and the spellings ipvsadm accepts for them.
+FLAG_SPELLINGS: dict[SchedulerName, dict[str, SchedFlag]] = {
+    SchedulerName.SH: {"sh-fallback": SchedFlag.FALLBACK, "sh-port": SchedFlag.PORT},
+    SchedulerName.MH: {"mh-fallback": SchedFlag.FALLBACK, "mh-port": SchedFlag.PORT},
+}
+
+
+class AdminState(enum.StrEnum):
+    """What the operator asked for a backend (file or admin API)."""
+
+    READY = "ready"
+    DRAIN = "drain"  # weight 0: no new connections, health checks go on
+    MAINT = "maint"  # weight 0 and health checks stopped
+
+
+class BackendState(enum.StrEnum):
+    """What a backend is, as shown to operators: admin intent combined with health."""
+
+    UP = "UP"
+    DOWN = "DOWN"
+    DRAIN = "DRAIN"
+    MAINT = "MAINT"
+
+
+def backend_state(admin: AdminState, healthy: bool) -> BackendState:
+    """Combine admin state and health: maintenance wins, then a failing check, then drain."""
+    if admin is AdminState.MAINT:
+        return BackendState.MAINT
+    if not healthy:
+        return BackendState.DOWN
+    if admin is AdminState.DRAIN:
+        return BackendState.DRAIN
+    return BackendState.UP
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Endpoint:
+    """An IP address and a port: a VIP:port or a backend address:port."""
+
+    ip: IPAddress
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """Parse `1.2.3.4:80` or `[::1]:80`; raise ValueError with a message fit for users."""
+        text = text.strip()
+        if text.startswith("["):
+            host, sep, port_text = text[1:].partition("]:")
+            if not sep:
+                raise ValueError(f"{text!r} is not ADDRESS:PORT (IPv6 is written [addr]:port)")
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if not sep or not host:
+                raise ValueError(f"{text!r} is not ADDRESS:PORT")
+            if ":" in host:
+                raise ValueError(f"{text!r}: write an IPv6 address as [addr]:port")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(
+                f"{host!r} is not an IP address (host names are not resolved)"
+            ) from None
+        if not port_text.isdigit():
+            raise ValueError(f"port {port_text!r} is not a number")
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range 1-65535")
+        return cls(ip, port)
+
+    @property
+    def family(self) -> int:
+        return self.ip.version
+
+    def sockaddr(self) -> tuple[str, int]:
+        return (str(self.ip), self.port)
+
+    def __str__(self) -> str:
+        if self.ip.version == 6:
+            return f"[{self.ip}]:{self.port}"
+        return f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Persistence:
+    """Client-IP affinity, as `ipvsadm -p TIMEOUT -M NETMASK`.
+
+    `prefix_len` is the netmask as a prefix length (IPv4 /32 = 255.255.255.255; for IPv6
+    IPVS takes a prefix length directly).
+    """
+
+    timeout: int
+    prefix_len: int
+
+    def netmask_text(self, family: int) -> str:
+        if family == 4:
+            return str(ipaddress.IPv4Network(f"0.0.0.0/{self.prefix_len}").netmask)
+        return str(self.prefix_len)
+
+
+class CheckKind(enum.StrEnum):
+    TCP = "tcp"
+    HTTP = "http"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    kind: CheckKind
+    interval: float
+    timeout: float
+    rise: int
+    fall: int
+    path: str = "/"
+    port: int | None = None  # probe this port instead of the backend's
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One destination of a service, in the order `ipvsadm -a` would add it.
+
+    `max_connections` / `resume_below` are the IPVS upper / lower thresholds (0 = none):
+    at max_connections active+inactive connections the backend is overloaded and gets no
+    new connections until it drops below resume_below (default: 3/4 of the maximum).
+    `healthy` is filled in by the controller from health checks; sources leave it True.
+    """
+
+    address: Endpoint
+    weight: int = 1
+    admin: AdminState = AdminState.READY
+    max_connections: int = 0
+    resume_below: int = 0
+    healthy: bool = True
+
+    @property
+    def state(self) -> BackendState:
+        return backend_state(self.admin, self.healthy)
+
+    @property
+    def effective_weight(self) -> int:
+        """The weight a dataplane programs: quiesced (0) unless the backend is UP."""
+        return self.weight if self.state is BackendState.UP else 0
+
+
+#: IPVS default timeouts (seconds): TCP established, TCP after FIN, UDP.
+TCP_IDLE_TIMEOUT = 900.0
+UDP_IDLE_TIMEOUT = 300.0
+UDP_MAX_FLOWS = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A virtual service: protocol + VIP:port in front of ordered backends."""
+
+    name: str
+    protocol: Protocol
+    listen: Endpoint
+    scheduler: SchedulerName = SchedulerName.WLC
+    flags: frozenset[SchedFlag] = frozenset()
+    persistence: Persistence | None = None
+    health_check: HealthCheck | None = None
+    backends: tuple[Backend, ...] = ()
+    connect_timeout: float = 5.0
+    idle_timeout: float = TCP_IDLE_TIMEOUT
+    retries: int = 1
+    max_connections: int = 0  # 0 = unlimited (TCP); UDP: the flow-table bound
+
+    @property
+    def key(self) -> ServiceKey:
+        return ServiceKey(self.protocol, self.listen)
+
+    def backend(self, address: Endpoint) -> Backend | None:
+        for b in self.backends:
+            if b.address == address:
+                return b
+        return None
+
+    def with_backends(self, backends: tuple[Backend, ...]) -> Service:
+        return replace(self, backends=backends)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServiceKey:
+    """What identifies a service to the kernel and to its listener: protocol + VIP:port."""
+
+    protocol: Protocol
+    listen: Endpoint
+
+    def __str__(self) -> str:
+        return f"{self.protocol}/{self.listen}"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    services: tuple[Service, ...] = ()
+    shutdown_grace: float = 30.0
+    source: str = field(default="", compare=False)  # where it was loaded from, for messages
+
+    def service(self, name: str) -> Service | None:
+        for s in self.services:
+            if s.name == name:
+                return s
+        return None

@@ -1,0 +1,135 @@
+"""The userspace dataplane: apply a desired set of services to listeners and relays.
+
+The same small surface every dataplane has: `apply(desired)` (idempotent; binds what is
+new, updates what changed, stops what left), `observe()` and `close()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Sequence
+
+from lb.model import Protocol, Service, ServiceKey
+from lb.proxy.runtime import ServiceRuntime, ServiceSnapshot
+from lb.proxy.sockets import BindError, bind_listener
+from lb.proxy.tcp import TcpService
+from lb.proxy.udp import UdpService
+
+log = logging.getLogger("lb.proxy")
+
+TICK = 1.0
+
+
+class ApplyError(Exception):
+    """Nothing was applied: these listeners could not be bound."""
+
+    def __init__(self, errors: Sequence[BindError]) -> None:
+        self.errors = list(errors)
+        super().__init__("; ".join(str(e) for e in errors))
+
+
+class UserspaceDataplane:
+    name = "userspace"
+
+    def __init__(self) -> None:
+        self.runtimes: dict[ServiceKey, ServiceRuntime] = {}
+        self.retired: list[TcpService] = []  # removed services whose connections live on
+        self._tick: asyncio.TimerHandle | None = None
+        self._applied: dict[ServiceKey, Service] = {}
+
+    async def apply(self, desired: Sequence[Service]) -> None:
+        """Make the listeners and services match `desired`; all or nothing for new listeners."""
+        loop = asyncio.get_running_loop()
+        wanted = {s.key: s for s in desired}
+        new = [s for k, s in wanted.items() if k not in self.runtimes]
+        socks: dict[ServiceKey, socket.socket] = {}
+        errors: list[BindError] = []
+        for s in new:
+            try:
+                socks[s.key] = bind_listener(s.key, s.name)
+            except BindError as e:
+                errors.append(e)
+        if errors:
+            for sock in socks.values():
+                sock.close()
+            raise ApplyError(errors)
+        for key in [k for k in self.runtimes if k not in wanted]:
+            rt = self.runtimes.pop(key)
+            self._applied.pop(key, None)
+            rt.stop_listening()
+            log.info("service %s stopped listening on %s", rt.service.name, key)
+            if isinstance(rt, TcpService) and rt.relays:
+                self.retired.append(rt)
+        for key, rt in self.runtimes.items():
+            service = wanted[key]
+            if self._applied.get(key) != service:
+                rt.update(service)
+                self._applied[key] = service
+        for s in new:
+            rt = self._make(loop, s, socks[s.key])
+            rt.update(s)
+            await rt.start()
+            self.runtimes[s.key] = rt
+            self._applied[s.key] = s
+            log.info("service %s listening on %s", s.name, s.key)
+        if self._tick is None:
+            self._tick = loop.call_later(TICK, self._on_tick)
+
+    @staticmethod
+    def _make(loop: asyncio.AbstractEventLoop, s: Service, sock: socket.socket) -> ServiceRuntime:
+        if s.protocol is Protocol.TCP:
+            return TcpService(loop, s, sock)
+        return UdpService(loop, s, sock)
+
+    def _on_tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        for rt in self.runtimes.values():
+            rt.tick()
+        for rt in self.retired:
+            rt.core.expire(loop.time())
+        self.retired = [rt for rt in self.retired if rt.relays]
+        self._tick = loop.call_later(TICK, self._on_tick)
+
+    def observe(self) -> list[ServiceSnapshot]:
+        return [rt.snapshot() for rt in self.runtimes.values()]
+
+    def runtime(self, name: str) -> ServiceRuntime | None:
+        for rt in self.runtimes.values():
+            if rt.service.name == name:
+                return rt
+        return None
+
+    @property
+    def open_connections(self) -> int:
+        return sum(rt.open for rt in self.runtimes.values() if isinstance(rt, TcpService)) + sum(
+            len(rt.relays) for rt in self.retired
+        )
+
+    async def close(self, grace: float) -> None:
+        """Stop accepting, let TCP connections finish for up to `grace` seconds, then reset."""
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        tcp = [rt for rt in self.runtimes.values() if isinstance(rt, TcpService)] + self.retired
+        for rt in self.runtimes.values():
+            if isinstance(rt, TcpService):
+                rt.stop_listening()
+        if any(rt.relays for rt in tcp):
+            log.info("waiting up to %gs for %d connections to finish", grace, self.open_connections)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await asyncio.gather(*(rt.idle.wait() for rt in tcp))
+        left = sum(len(rt.relays) for rt in tcp)
+        if left:
+            log.warning("shutdown grace over: resetting %d connections", left)
+        for rt in list(self.runtimes.values()) + list(self.retired):
+            rt.abort_all()
+        # Let the resets go out and the relays account for themselves.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        self.runtimes.clear()
+        self.retired.clear()
+        self._applied.clear()

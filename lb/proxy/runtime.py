@@ -1,0 +1,155 @@
+"""What a TCP and a UDP service share at run time: config, the IPVS-like core, counters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass
+
+from lb.model import Backend, BackendState, Endpoint, Service
+from lb.plan import AddDest, DelDest, EditDest, plan_dests
+from lb.proxy.stats import Counters, ErrorReason
+from lb.sched import Dest
+from lb.virtual_service import VirtualService
+
+log = logging.getLogger("lb.proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSnapshot:
+    address: Endpoint
+    weight: int  # what the scheduler uses now (0 when not UP or removed)
+    configured_weight: int | None  # None: removed from the config, draining
+    state: BackendState | None
+    active: int
+    inactive: int
+    persistent: int
+    overloaded: bool
+    conns: int
+    bytes_in: int
+    bytes_out: int
+    errors: dict[ErrorReason, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSnapshot:
+    service: Service
+    listening: bool
+    open: int  # open connections (TCP) or flows (UDP)
+    conns: int
+    bytes_in: int
+    bytes_out: int
+    errors: dict[ErrorReason, int]
+    backends: tuple[BackendSnapshot, ...]
+
+
+class ServiceRuntime:
+    """Base of TcpService and UdpService."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, service: Service, sock: socket.socket
+    ) -> None:
+        self.loop = loop
+        self.service = service
+        self.sock = sock
+        self.core = VirtualService(
+            service.protocol, service.listen, service.scheduler, service.flags, service.persistence
+        )
+        self.counters = Counters()
+        self.backend_counters: dict[Endpoint, Counters] = {}
+        self.listening = False
+
+    # --- configuration -----------------------------------------------------------------
+
+    def update(self, service: Service) -> None:
+        """Take a new desired state for this service (same protocol and listen address)."""
+        self.service = service
+        core = self.core
+        if (core.scheduler_name, core.flags, core.persistence) != (
+            service.scheduler,
+            service.flags,
+            service.persistence,
+        ):
+            core.edit_service(service.scheduler, service.flags, service.persistence)
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        """Bring the core's destinations in line with the desired backends (lb.plan)."""
+        core = self.core
+        for op in plan_dests(core.views(self.loop.time()), self.service.backends):
+            if isinstance(op, AddDest):
+                core.add_dest(op.endpoint, op.weight, op.u_threshold, op.l_threshold)
+                self.backend_counters.setdefault(op.endpoint, Counters())
+            elif isinstance(op, EditDest):
+                core.edit_dest(op.endpoint, op.weight, op.u_threshold, op.l_threshold)
+            elif isinstance(op, DelDest):
+                core.del_dest(op.endpoint)
+                log.info("backend %s of service %s removed", op.endpoint, self.service.name)
+
+    def tick(self) -> None:
+        """Periodic housekeeping: run the core's timers, delete drained destinations."""
+        self.reconcile()
+        live = self.core.known_endpoints()
+        for endpoint in list(self.backend_counters):
+            if endpoint not in live:
+                del self.backend_counters[endpoint]
+
+    def counters_for(self, dest: Dest) -> Counters:
+        c = self.backend_counters.get(dest.endpoint)
+        if c is None:
+            c = self.backend_counters[dest.endpoint] = Counters()
+        return c
+
+    # --- lifecycle (overridden) ----------------------------------------------------------
+
+    @property
+    def open(self) -> int:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    def stop_listening(self) -> None:
+        raise NotImplementedError
+
+    def abort_all(self) -> None:
+        raise NotImplementedError
+
+    # --- observation --------------------------------------------------------------------
+
+    def snapshot(self) -> ServiceSnapshot:
+        core = self.core
+        persistent = core.templates.per_dest()
+        wanted: dict[Endpoint, Backend] = {b.address: b for b in self.service.backends}
+        backends = []
+        for d in core.dests:
+            b = wanted.get(d.endpoint)
+            c = self.counters_for(d)
+            backends.append(
+                BackendSnapshot(
+                    address=d.endpoint,
+                    weight=d.weight,
+                    configured_weight=b.weight if b else None,
+                    state=b.state if b else None,
+                    active=d.active,
+                    inactive=d.inactive,
+                    persistent=persistent.get(d, 0),
+                    overloaded=d.overloaded,
+                    conns=c.conns,
+                    bytes_in=c.bytes_in,
+                    bytes_out=c.bytes_out,
+                    errors=dict(c.errors),
+                )
+            )
+        c = self.counters
+        return ServiceSnapshot(
+            service=self.service,
+            listening=self.listening,
+            open=self.open,
+            conns=c.conns,
+            bytes_in=c.bytes_in,
+            bytes_out=c.bytes_out,
+            errors=dict(c.errors),
+            backends=tuple(backends),
+        )

@@ -1,0 +1,30 @@
+"""Counters the data path bumps: plain attribute increments, no locks, no dict rebuilding."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorReason(enum.StrEnum):
+    REFUSED = "refused"  # the backend refused the connection (RST / ICMP port unreachable)
+    CONNECT_FAILED = "connect_failed"  # any other connect error (unreachable, ...)
+    TIMEOUT = "timeout"  # connect timeout
+    LIMIT = "limit"  # a connection or flow limit was reached
+    NO_BACKEND = "no_backend"  # the scheduler had no usable backend
+
+
+class Counters:
+    """Totals for a service or one of its backends."""
+
+    __slots__ = ("bytes_in", "bytes_out", "conns", "errors", "packets_in", "packets_out")
+
+    def __init__(self) -> None:
+        self.conns = 0  # connections (TCP) or flows (UDP) scheduled
+        self.bytes_in = 0  # client -> backend
+        self.bytes_out = 0  # backend -> client
+        self.packets_in = 0  # UDP datagrams client -> backend
+        self.packets_out = 0
+        self.errors: dict[ErrorReason, int] = dict.fromkeys(ErrorReason, 0)
+
+    def error(self, reason: ErrorReason) -> None:
+        self.errors[reason] += 1

@@ -1,0 +1,350 @@
+"""The TCP relay: accept, schedule, connect (with retry), then copy both ways.
+
+Built on asyncio protocols (no streams) for speed under uvloop:
+- flow control: when one side's write buffer passes its high-water mark
+  (`pause_writing`), reading from the other side stops until it drains, so memory per
+  connection stays bounded with a slow reader;
+- half-close: an EOF from one side becomes a shutdown(SHUT_WR) towards the other, which
+  can still send; the connection closes when both directions are done;
+- a reset (or error) on one side resets the other at once (SO_LINGER 0);
+- the client is not read until its backend is connected, so nothing is buffered during
+  connect, and a backend that speaks first is relayed as soon as it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import cast
+
+from lb.model import Service
+from lb.proxy import sockets
+from lb.proxy.runtime import ServiceRuntime
+from lb.proxy.stats import Counters, ErrorReason
+from lb.sched import Dest
+from lb.virtual_service import Conn
+
+log = logging.getLogger("lb.proxy.tcp")
+
+#: Write buffer limits per side: past HIGH the other side stops being read.
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+_ANY_V4 = bytes(4)
+
+
+def _factory(protocol: BackendSide) -> Callable[[], BackendSide]:
+    return lambda: protocol
+
+
+class TcpService(ServiceRuntime):
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, service: Service, sock: socket.socket
+    ) -> None:
+        super().__init__(loop, service, sock)
+        self.relays: set[Relay] = set()
+        self.server: asyncio.Server | None = None
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @property
+    def open(self) -> int:
+        return len(self.relays)
+
+    async def start(self) -> None:
+        self.server = await self.loop.create_server(lambda: ClientSide(self), sock=self.sock)
+        self.listening = True
+
+    def stop_listening(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.listening = False
+
+    def abort_all(self) -> None:
+        for relay in list(self.relays):
+            relay.reset()
+
+    def admit(self, client: ClientSide, transport: asyncio.Transport) -> None:
+        """A client connected: refuse it over the limit, else start its relay."""
+        limit = self.service.max_connections
+        if limit and len(self.relays) >= limit:
+            self.counters.error(ErrorReason.LIMIT)
+            sockets.reset(transport)
+            return
+        transport.pause_reading()
+        relay = Relay(self, client, transport)
+        self.relays.add(relay)
+        self.idle.clear()
+        relay.task = self.loop.create_task(relay.connect())
+
+    def forget(self, relay: Relay) -> None:
+        self.relays.discard(relay)
+        if not self.relays:
+            self.idle.set()
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a relay; the peer is the other socket."""
+
+    __slots__ = ("counters", "eof", "lost", "peer", "relay", "transport")
+
+    def __init__(self) -> None:
+        self.relay: Relay | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Side | None = None
+        self.eof = False
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+
+    def eof_received(self) -> bool:
+        return self.relay.on_eof(self) if self.relay else False
+
+    def pause_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.lost:
+            peer.transport.pause_reading()
+        if self.relay is not None:  # a slow reader is still activity while it drains
+            self.relay.last = self.relay.loop.time()
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.lost:
+            peer.transport.resume_reading()
+        if self.relay is not None:
+            self.relay.last = self.relay.loop.time()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.relay is not None:
+            self.relay.on_lost(self, exc)
+
+
+class ClientSide(_Side):
+    __slots__ = ("svc",)
+
+    def __init__(self, svc: TcpService) -> None:
+        super().__init__()
+        self.svc = svc
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        self.svc.admit(self, self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        assert (
+            relay is not None and relay.backend is not None and relay.backend.transport is not None
+        )
+        relay.backend.transport.write(data)
+        n = len(data)
+        relay.svc_counters.bytes_in += n
+        relay.counters.bytes_in += n
+        relay.last = relay.loop.time()
+
+
+class BackendSide(_Side):
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        assert relay is not None and relay.client.transport is not None
+        relay.client.transport.write(data)
+        n = len(data)
+        relay.svc_counters.bytes_out += n
+        relay.counters.bytes_out += n
+        relay.last = relay.loop.time()
+
+
+class Relay:
+    """One proxied connection: client side, backend side, and its scheduling record."""
+
+    __slots__ = (
+        "backend",
+        "client",
+        "client_transport",
+        "conn",
+        "counters",
+        "established",
+        "finished",
+        "idle_handle",
+        "last",
+        "loop",
+        "reset_seen",
+        "svc",
+        "svc_counters",
+        "task",
+    )
+
+    def __init__(self, svc: TcpService, client: ClientSide, transport: asyncio.Transport) -> None:
+        self.svc = svc
+        self.loop = svc.loop
+        self.client = client
+        client.relay = self
+        self.client_transport = transport
+        self.backend: BackendSide | None = None
+        self.conn: Conn | None = None
+        self.counters: Counters = svc.counters  # the backend's, once scheduled
+        self.svc_counters = svc.counters
+        self.established = False
+        self.finished = False
+        self.reset_seen = False
+        self.idle_handle: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.last = self.loop.time()
+
+    # --- connecting ----------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        svc = self.svc
+        core = svc.core
+        peer = self.client_transport.get_extra_info("peername")
+        client_ip, client_port = _ANY_V4, 0
+        if peer and core.needs_client_address:
+            family = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET
+            client_ip, client_port = socket.inet_pton(family, peer[0]), peer[1]
+        tried: list[Dest] = []
+        reason = ErrorReason.NO_BACKEND
+        for _ in range(svc.service.retries + 1):
+            conn = core.connect(client_ip, client_port, self.loop.time(), tried)
+            if conn is None:
+                break
+            self.conn = conn
+            counters = svc.counters_for(conn.dest)
+            counters.conns += 1
+            backend = BackendSide()
+            backend.relay = self
+            try:
+                async with asyncio.timeout(svc.service.connect_timeout):
+                    await self.loop.create_connection(_factory(backend), *conn.dest.addr)
+            except TimeoutError:
+                reason = ErrorReason.TIMEOUT
+            except ConnectionRefusedError:
+                reason = ErrorReason.REFUSED
+            except OSError:
+                reason = ErrorReason.CONNECT_FAILED
+            except asyncio.CancelledError:
+                # The client went away while we were connecting.
+                core.release(conn, self.loop.time())
+                self.conn = None
+                self._finish()
+                raise
+            else:
+                if self.client.lost:  # gone while the connect completed
+                    assert backend.transport is not None
+                    backend.transport.close()
+                    core.release(conn, self.loop.time())
+                    self.conn = None
+                    self._finish()
+                    return
+                self._established(backend, counters)
+                return
+            counters.error(reason)
+            core.release(conn, self.loop.time())
+            self.conn = None
+            tried.append(conn.dest)
+        svc.counters.error(reason)
+        if not self.client.lost:
+            sockets.reset(self.client_transport)
+        self._finish()
+
+    def _established(self, backend: BackendSide, counters: Counters) -> None:
+        self.backend = backend
+        self.counters = counters
+        self.client.peer = backend
+        backend.peer = self.client
+        self.established = True
+        self.svc_counters.conns += 1
+        self.last = self.loop.time()
+        self._arm_idle()
+        self.client_transport.resume_reading()
+
+    # --- relaying ------------------------------------------------------------------------
+
+    def on_eof(self, side: _Side) -> bool:
+        side.eof = True
+        peer = side.peer
+        if peer is None or peer.transport is None or peer.lost:
+            return False
+        if peer.eof:  # both directions are done
+            side_transport = side.transport
+            assert side_transport is not None
+            peer.transport.close()
+            side_transport.close()
+            return True
+        try:
+            peer.transport.write_eof()
+        except (OSError, RuntimeError):
+            pass
+        return True  # keep our side open: the other direction goes on
+
+    def on_lost(self, side: _Side, exc: Exception | None) -> None:
+        if exc is not None:
+            self.reset_seen = True
+        peer = side.peer
+        if peer is not None and peer.transport is not None and not peer.lost:
+            if exc is not None:
+                sockets.reset(peer.transport)
+            else:
+                peer.transport.close()
+        if side is self.client and not self.established:
+            if self.task is not None and not self.task.done():
+                self.task.cancel()
+            return
+        if self.client.lost and (self.backend is None or self.backend.lost):
+            self._finish()
+
+    def reset(self) -> None:
+        """Abort both sides with a RST (shutdown grace ran out)."""
+        for side in (self.client, self.backend):
+            if side is not None and side.transport is not None and not side.lost:
+                sockets.reset(side.transport)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    # --- idle timeout --------------------------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        self.idle_handle = self.loop.call_at(
+            self.last + self.svc.service.idle_timeout, self._idle_check
+        )
+
+    def _idle_check(self) -> None:
+        self.idle_handle = None
+        if self.finished:
+            return
+        if self.loop.time() < self.last + self.svc.service.idle_timeout:
+            self._arm_idle()
+            return
+        # Idle: close both ways. A side that still holds unsent data has a reader that
+        # stopped reading; it would never flush, so it is reset instead.
+        stuck = any(
+            s is not None and s.transport is not None and s.transport.get_write_buffer_size()
+            for s in (self.client, self.backend)
+        )
+        for side in (self.client, self.backend):
+            if side is not None and side.transport is not None and not side.lost:
+                if stuck:
+                    sockets.reset(side.transport)
+                else:
+                    side.transport.close()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+            self.idle_handle = None
+        if self.conn is not None:
+            now = self.loop.time()
+            if self.established:
+                self.svc.core.close(self.conn, now, reset=self.reset_seen)
+            else:
+                self.svc.core.release(self.conn, now)
+            self.conn = None
+        self.svc.forget(self)

@@ -1,0 +1,200 @@
+"""The UDP relay: per-client flows over connected backend sockets.
+
+A datagram from a new client address:port is scheduled once; the flow gets its own
+socket connected to the chosen backend, and replies from it go back to the client from
+the service's own socket (so from the VIP). A flow ends after `idle_timeout` without a
+datagram either way (IPVS: 300 s). The flow table is bounded by `max_connections`: past
+it, datagrams from new clients are dropped and counted.
+
+Sockets are driven with add_reader and non-blocking recv/send: no transports, no
+buffering (UDP drops when a socket buffer is full, and so do we, counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import OrderedDict
+from typing import Any
+
+from lb.model import Service
+from lb.proxy.runtime import ServiceRuntime
+from lb.proxy.stats import Counters, ErrorReason
+from lb.virtual_service import Conn
+
+log = logging.getLogger("lb.proxy.udp")
+
+MAX_DATAGRAM = 65535
+BATCH = 64  # datagrams read per wakeup, so one busy socket cannot starve the loop
+_ANY_V4 = bytes(4)
+
+
+class Flow:
+    __slots__ = ("client", "conn", "counters", "last", "sock")
+
+    def __init__(
+        self, client: Any, sock: socket.socket, conn: Conn, counters: Counters, now: float
+    ) -> None:
+        self.client = client
+        self.sock = sock
+        self.conn = conn
+        self.counters = counters
+        self.last = now
+
+
+class UdpService(ServiceRuntime):
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, service: Service, sock: socket.socket
+    ) -> None:
+        super().__init__(loop, service, sock)
+        self.flows: OrderedDict[Any, Flow] = OrderedDict()
+        self._family = sock.family
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    @property
+    def open(self) -> int:
+        return len(self.flows)
+
+    async def start(self) -> None:
+        self.loop.add_reader(self.sock.fileno(), self._on_front)
+        self.listening = True
+        self._arm_sweeper()
+
+    def stop_listening(self) -> None:
+        """UDP has no connections to finish: stopping closes the socket and every flow."""
+        self.abort_all()
+
+    def abort_all(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.listening = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        now = self.loop.time()
+        while self.flows:
+            _, flow = self.flows.popitem(last=False)
+            self._end(flow, now)
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    # --- data path ---------------------------------------------------------------------
+
+    def _on_front(self) -> None:
+        sock, flows = self.sock, self.flows
+        now = self.loop.time()
+        svc_counters = self.counters
+        for _ in range(BATCH):
+            try:
+                data, client = sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            flow = flows.get(client)
+            if flow is None:
+                flow = self._new_flow(client, now)
+                if flow is None:
+                    continue
+            else:
+                flows.move_to_end(client)
+                flow.last = now
+            n = len(data)
+            try:
+                flow.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                svc_counters.error(ErrorReason.LIMIT)  # backend socket buffer full: dropped
+                continue
+            except ConnectionRefusedError:  # ICMP port unreachable from an earlier datagram
+                flow.counters.error(ErrorReason.REFUSED)
+                continue
+            except OSError:
+                flow.counters.error(ErrorReason.CONNECT_FAILED)
+                continue
+            svc_counters.packets_in += 1
+            svc_counters.bytes_in += n
+            flow.counters.packets_in += 1
+            flow.counters.bytes_in += n
+
+    def _new_flow(self, client: Any, now: float) -> Flow | None:
+        if len(self.flows) >= self.service.max_connections:
+            self.counters.error(ErrorReason.LIMIT)
+            return None
+        core = self.core
+        client_ip = (
+            socket.inet_pton(self._family, client[0]) if core.needs_client_address else _ANY_V4
+        )
+        conn = core.connect(client_ip, client[1], now)
+        if conn is None:
+            self.counters.error(ErrorReason.NO_BACKEND)
+            return None
+        counters = self.counters_for(conn.dest)
+        family = socket.AF_INET if conn.dest.endpoint.family == 4 else socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(conn.dest.addr)
+        except OSError:
+            sock.close()
+            core.release(conn, now)
+            counters.error(ErrorReason.CONNECT_FAILED)
+            self.counters.error(ErrorReason.CONNECT_FAILED)
+            return None
+        flow = Flow(client, sock, conn, counters, now)
+        self.loop.add_reader(sock.fileno(), self._on_backend, flow)
+        self.flows[client] = flow
+        counters.conns += 1
+        self.counters.conns += 1
+        return flow
+
+    def _on_backend(self, flow: Flow) -> None:
+        front = self.sock
+        svc_counters = self.counters
+        for _ in range(BATCH):
+            try:
+                data = flow.sock.recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:
+                flow.counters.error(ErrorReason.REFUSED)
+                continue
+            except OSError:
+                break
+            try:
+                front.sendto(data, flow.client)
+            except OSError:
+                svc_counters.error(ErrorReason.LIMIT)
+                continue
+            n = len(data)
+            svc_counters.packets_out += 1
+            svc_counters.bytes_out += n
+            flow.counters.packets_out += 1
+            flow.counters.bytes_out += n
+        flow.last = self.loop.time()
+        if flow.client in self.flows:
+            self.flows.move_to_end(flow.client)
+
+    # --- expiry ------------------------------------------------------------------------
+
+    def _arm_sweeper(self) -> None:
+        interval = max(0.05, min(1.0, self.service.idle_timeout / 4))
+        self._sweeper = self.loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        idle = self.service.idle_timeout
+        flows = self.flows
+        while flows:
+            flow = next(iter(flows.values()))
+            if flow.last + idle > now:
+                break
+            flows.popitem(last=False)
+            self._end(flow, now)
+        self._arm_sweeper()
+
+    def _end(self, flow: Flow, now: float) -> None:
+        self.loop.remove_reader(flow.sock.fileno())
+        flow.sock.close()
+        self.core.release(flow.conn, now)

@@ -1,0 +1,111 @@
+"""Source and destination hashing: ip_vs_sh.c and ip_vs_dh.c (256-bucket tables)."""
+
+from __future__ import annotations
+
+from lb.model import SchedFlag
+from lb.sched.base import Request, Scheduler, Target, unavailable
+from lb.sched.dest import Dest
+
+TAB_BITS = 8
+TAB_SIZE = 1 << TAB_BITS
+TAB_MASK = TAB_SIZE - 1
+GOLDEN_RATIO_32 = 0x61C88647
+
+
+def hash_32(value: int, bits: int = TAB_BITS) -> int:
+    """The kernel's hash_32(): multiplicative hashing, the top `bits` bits."""
+    return ((value * GOLDEN_RATIO_32) & 0xFFFFFFFF) >> (32 - bits)
+
+
+class SourceHash(Scheduler):
+    """Each destination takes `weight` consecutive buckets (at least one, even at weight 0),
+    walking the list round and round until all 256 are filled; rebuilt on every change,
+    so it is not consistent hashing."""
+
+    name = "sh"
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(target)
+        self.table: list[Dest | None] = [None] * TAB_SIZE
+        self._reassign()
+
+    def _reassign(self) -> None:
+        dests = self.target.dests
+        if not dests:
+            self.table = [None] * TAB_SIZE
+            return
+        table: list[Dest | None] = []
+        i = count = 0
+        for _ in range(TAB_SIZE):
+            d = dests[i]
+            table.append(d)
+            count += 1
+            if count >= d.weight:
+                i = (i + 1) % len(dests)
+                count = 0
+        self.table = table
+
+    def add_dest(self, dest: Dest) -> None:
+        self._reassign()
+
+    def upd_dest(self, dest: Dest) -> None:
+        self._reassign()
+
+    def del_dest(self, dest: Dest, index: int) -> None:
+        self._reassign()
+
+    def bucket(self, req: Request) -> int:
+        port = req.src_port if SchedFlag.PORT in self.target.flags else 0
+        return hash_32((port + req.src_fold) & 0xFFFFFFFF)
+
+    def schedule(self, req: Request) -> Dest | None:
+        ihash = self.bucket(req)
+        d = self.table[ihash]
+        if SchedFlag.FALLBACK not in self.target.flags:
+            return None if d is None or unavailable(d, req) else d
+        if d is None:
+            return None
+        if not unavailable(d, req):
+            return d
+        # ip_vs_sh_get_fallback(): the probe offset is added to the hash key *and* to the
+        # start bucket, so probe k looks at bucket (k + 2 * ihash) mod 256.
+        for offset in range(TAB_SIZE):
+            roffset = (offset + ihash) % TAB_SIZE
+            d = self.table[(roffset + ihash) & TAB_MASK]
+            if d is None:
+                break
+            if not unavailable(d, req):
+                return d
+        return None
+
+
+class DestinationHash(Scheduler):
+    """One bucket per destination in turn; the key is the packet's *destination* address,
+    which for a service is always its VIP (dh is meant for fwmark cache clusters)."""
+
+    name = "dh"
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(target)
+        self.table: list[Dest | None] = [None] * TAB_SIZE
+        self._reassign()
+
+    def _reassign(self) -> None:
+        dests = self.target.dests
+        self.table = (
+            [dests[i % len(dests)] for i in range(TAB_SIZE)] if dests else [None] * TAB_SIZE
+        )
+
+    def add_dest(self, dest: Dest) -> None:
+        self._reassign()
+
+    # No upd_dest: like the kernel module, weight edits leave the table alone.
+
+    def del_dest(self, dest: Dest, index: int) -> None:
+        self._reassign()
+
+    def schedule(self, req: Request) -> Dest | None:
+        d = self.table[hash_32(self.target.vip_fold)]
+        if d is None or unavailable(d, req):
+            return None
+        return d
