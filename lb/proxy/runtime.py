@@ -29,6 +29,8 @@ class BackendSnapshot:
     conns: int
     bytes_in: int
     bytes_out: int
+    packets_in: int
+    packets_out: int
     errors: dict[ErrorReason, int]
 
 
@@ -40,6 +42,8 @@ class ServiceSnapshot:
     conns: int
     bytes_in: int
     bytes_out: int
+    packets_in: int
+    packets_out: int
     errors: dict[ErrorReason, int]
     backends: tuple[BackendSnapshot, ...]
 
@@ -139,6 +143,8 @@ class ServiceRuntime:
                     conns=c.conns,
                     bytes_in=c.bytes_in,
                     bytes_out=c.bytes_out,
+                    packets_in=c.packets_in,
+                    packets_out=c.packets_out,
                     errors=dict(c.errors),
                 )
             )
@@ -150,6 +156,8 @@ class ServiceRuntime:
             conns=c.conns,
             bytes_in=c.bytes_in,
             bytes_out=c.bytes_out,
+            packets_in=c.packets_in,
+            packets_out=c.packets_out,
             errors=dict(c.errors),
             backends=tuple(backends),
         )

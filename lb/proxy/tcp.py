@@ -7,8 +7,9 @@ Built on asyncio protocols (no streams) for speed under uvloop:
 - half-close: an EOF from one side becomes a shutdown(SHUT_WR) towards the other, which
   can still send; the connection closes when both directions are done;
 - a reset (or error) on one side resets the other at once (SO_LINGER 0);
-- the client is not read until its backend is connected, so nothing is buffered during
-  connect, and a backend that speaks first is relayed as soon as it does.
+- the client is not read while its backend is being connected (at most one read is held,
+  as uvloop starts reading after connection_made whatever it was told), and a backend that
+  speaks first is relayed as soon as it does.
 """
 
 from __future__ import annotations
@@ -137,10 +138,14 @@ class ClientSide(_Side):
 
     def data_received(self, data: bytes) -> None:
         relay = self.relay
-        assert (
-            relay is not None and relay.backend is not None and relay.backend.transport is not None
-        )
-        relay.backend.transport.write(data)
+        assert relay is not None
+        backend = relay.backend
+        if backend is None:  # still connecting: hold this one read and stop reading
+            relay.early.append(data)
+            relay.client_transport.pause_reading()
+            return
+        assert backend.transport is not None
+        backend.transport.write(data)
         n = len(data)
         relay.svc_counters.bytes_in += n
         relay.counters.bytes_in += n
@@ -169,6 +174,7 @@ class Relay:
         "client_transport",
         "conn",
         "counters",
+        "early",
         "established",
         "finished",
         "idle_handle",
@@ -191,6 +197,7 @@ class Relay:
         self.counters: Counters = svc.counters  # the backend's, once scheduled
         self.svc_counters = svc.counters
         self.established = False
+        self.early: list[bytes] = []  # client data read before the backend was connected
         self.finished = False
         self.reset_seen = False
         self.idle_handle: asyncio.TimerHandle | None = None
@@ -261,12 +268,24 @@ class Relay:
         self.svc_counters.conns += 1
         self.last = self.loop.time()
         self._arm_idle()
-        self.client_transport.resume_reading()
+        assert backend.transport is not None
+        if self.early:
+            n = sum(map(len, self.early))
+            backend.transport.writelines(self.early)
+            self.early.clear()
+            self.svc_counters.bytes_in += n
+            counters.bytes_in += n
+        if self.client.eof:
+            backend.transport.write_eof()
+        else:
+            self.client_transport.resume_reading()
 
     # --- relaying ------------------------------------------------------------------------
 
     def on_eof(self, side: _Side) -> bool:
         side.eof = True
+        if not self.established:
+            return True  # the client finished early: passed on once the backend is there
         peer = side.peer
         if peer is None or peer.transport is None or peer.lost:
             return False

@@ -1,0 +1,129 @@
+"""Network namespaces for tests: create a topology, and open sockets inside a namespace.
+
+Sockets keep the namespace they were created in, so a test can make a listening socket
+in a "backend" namespace and a client socket in a "client" namespace from one process
+(setns on the calling thread, then back), while `lb run` runs in its own namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def inside(ns: str) -> Iterator[None]:
+    """Run the block with this thread in network namespace `ns`."""
+    with open("/proc/thread-self/ns/net") as home, open(f"/run/netns/{ns}") as target:
+        if _libc.setns(target.fileno(), CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {ns}")
+        try:
+            yield
+        finally:
+            if _libc.setns(home.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+
+
+def socket_in(ns: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    with inside(ns):
+        return socket.socket(socket.AF_INET, kind)
+
+
+@dataclass
+class Topology:
+    """client ns --veth-- lb ns (VIP on its loopback) --veth-- backend ns."""
+
+    tag: str
+    client_ips: list[str] = field(default_factory=lambda: [f"10.99.1.{i}" for i in range(2, 8)])
+    backend_ips: list[str] = field(default_factory=lambda: ["10.99.2.2", "10.99.2.3", "10.99.2.4"])
+    vip: str = "10.99.0.10"
+
+    @property
+    def client(self) -> str:
+        return f"lbt-c-{self.tag}"
+
+    @property
+    def lb(self) -> str:
+        return f"lbt-lb-{self.tag}"
+
+    @property
+    def backends(self) -> str:
+        return f"lbt-b-{self.tag}"
+
+    def create(self) -> None:
+        for ns in (self.client, self.lb, self.backends):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        t = self.tag
+        sh(
+            "ip",
+            "link",
+            "add",
+            f"c{t}",
+            "netns",
+            self.client,
+            "type",
+            "veth",
+            "peer",
+            f"l{t}",
+            "netns",
+            self.lb,
+        )
+        sh(
+            "ip",
+            "link",
+            "add",
+            f"b{t}",
+            "netns",
+            self.backends,
+            "type",
+            "veth",
+            "peer",
+            f"m{t}",
+            "netns",
+            self.lb,
+        )
+        for ip in self.client_ips:
+            sh("ip", "-n", self.client, "addr", "add", f"{ip}/24", "dev", f"c{t}")
+        sh("ip", "-n", self.lb, "addr", "add", "10.99.1.1/24", "dev", f"l{t}")
+        sh("ip", "-n", self.lb, "addr", "add", "10.99.2.1/24", "dev", f"m{t}")
+        for ip in self.backend_ips:
+            sh("ip", "-n", self.backends, "addr", "add", f"{ip}/24", "dev", f"b{t}")
+        # The VIP as a /32 on the balancer's loopback (these kernels have no dummy driver).
+        sh("ip", "-n", self.lb, "addr", "add", f"{self.vip}/32", "dev", "lo")
+        for ns, dev in (
+            (self.client, f"c{t}"),
+            (self.lb, f"l{t}"),
+            (self.lb, f"m{t}"),
+            (self.backends, f"b{t}"),
+        ):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", self.client, "route", "add", "default", "via", "10.99.1.1")
+        sh("ip", "-n", self.backends, "route", "add", "default", "via", "10.99.2.1")
+
+    def destroy(self) -> None:
+        for ns in (self.client, self.lb, self.backends):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@contextlib.contextmanager
+def topology() -> Iterator[Topology]:
+    topo = Topology(tag=f"{os.getpid() % 100000}")
+    topo.destroy()
+    topo.create()
+    try:
+        yield topo
+    finally:
+        topo.destroy()

@@ -1,0 +1,153 @@
+"""`lb run` in its own network namespace, clients and backends in theirs (needs root)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_root
+from tests.netns import Topology, socket_in, topology
+from tests.proc import LbProcess
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def topo() -> Iterator[Topology]:
+    require_root()
+    with topology() as t:
+        yield t
+
+
+async def start_backends(topo: Topology) -> list[asyncio.Server]:
+    servers = []
+    for ip in topo.backend_ips:
+
+        async def handle(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ip: str = ip
+        ) -> None:
+            peer = writer.get_extra_info("peername")[0]
+            writer.write(f"{ip} saw {peer}\n".encode())
+            await writer.drain()
+            writer.close()
+
+        sock = socket_in(topo.backends)
+        sock.bind((ip, 8080))
+        servers.append(await asyncio.start_server(handle, sock=sock))
+    return servers
+
+
+async def ask(topo: Topology, source: str, port: int = 80) -> str:
+    sock = socket_in(topo.client)
+    sock.bind((source, 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (topo.vip, port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    line = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
+    writer.close()
+    return line
+
+
+async def start_lb(topo: Topology, cfg: Path) -> LbProcess:
+    lb = await LbProcess.start(cfg, prefix=["ip", "netns", "exec", topo.lb])
+    await lb.wait_event("lb.started")
+    return lb
+
+
+async def test_source_hash_across_namespaces_with_port_mapping(
+    topo: Topology, tmp_path: Path
+) -> None:
+    backends = await start_backends(topo)
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(
+        f"services:\n  - name: web\n    listen: {topo.vip}:80\n    scheduler: sh\n    backends:\n"
+        + "".join(f"      - {{address: {ip}:8080}}\n" for ip in topo.backend_ips)
+    )
+    lb = await start_lb(topo, cfg)
+    try:
+        order = list(reversed(topo.backend_ips))  # the kernel list: newest first
+        for src in topo.client_ips:
+            bucket = ((int(ipaddress.IPv4Address(src)) * 0x61C88647) % 2**32) >> 24
+            for _ in range(2):
+                # the backend answers on 8080 and sees the balancer's address (a proxy)
+                assert await ask(topo, src) == f"{order[bucket % 3]} saw 10.99.2.1"
+    finally:
+        await lb.stop()
+        for s in backends:
+            s.close()
+
+
+async def test_persistence_netmask_groups_a_client_subnet(topo: Topology, tmp_path: Path) -> None:
+    backends = await start_backends(topo)
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(
+        f"services:\n  - name: web\n    listen: {topo.vip}:80\n    scheduler: rr\n"
+        "    persistence: {timeout: 60s, netmask: 255.255.255.0}\n    backends:\n"
+        + "".join(f"      - {{address: {ip}:8080}}\n" for ip in topo.backend_ips)
+    )
+    lb = await start_lb(topo, cfg)
+    try:
+        answers = {await ask(topo, src) for src in topo.client_ips for _ in range(2)}
+        assert len(answers) == 1  # the whole /24 sticks to one backend
+    finally:
+        await lb.stop()
+        for s in backends:
+            s.close()
+
+
+class Datagrams(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    @classmethod
+    async def on(cls, sock: socket.socket) -> Datagrams:
+        proto = cls()
+        await asyncio.get_running_loop().create_datagram_endpoint(lambda: proto, sock=sock)
+        return proto
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.inbox.put_nowait((data, addr))
+
+    def send(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data, addr)
+
+    async def receive(self) -> tuple[bytes, tuple[str, int]]:
+        return await asyncio.wait_for(self.inbox.get(), 5)
+
+
+async def test_udp_through_namespaces_replies_from_the_vip(topo: Topology, tmp_path: Path) -> None:
+    bsock = socket_in(topo.backends, socket.SOCK_DGRAM)
+    bsock.bind((topo.backend_ips[0], 5353))
+    backend = await Datagrams.on(bsock)
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(
+        f"services:\n  - name: dns\n    protocol: udp\n    listen: {topo.vip}:53\n    scheduler: rr\n"
+        f"    backends: [{{address: {topo.backend_ips[0]}:5353}}]\n"
+    )
+    lb = await start_lb(topo, cfg)
+    try:
+        csock = socket_in(topo.client, socket.SOCK_DGRAM)
+        csock.bind((topo.client_ips[0], 0))
+        client = await Datagrams.on(csock)
+        client.send(b"query", (topo.vip, 53))
+        data, peer = await backend.receive()
+        assert data == b"query" and peer[0] == "10.99.2.1"
+        backend.send(b"answer", peer)
+        data, source = await client.receive()
+        assert data == b"answer" and source == (topo.vip, 53)
+        assert client.transport is not None
+        client.transport.close()
+    finally:
+        await lb.stop()
+        assert backend.transport is not None
+        backend.transport.close()
