@@ -14,9 +14,10 @@ from lb.model import Config
 
 
 def _summary(config: Config) -> str:
-    lines = [f"{config.source}: OK, {len(config.services)} services"]
+    n = len(config.services)
+    lines = [f"{config.source}: OK, {n} service{'' if n == 1 else 's'}"]
     for s in config.services:
-        flags = f" ({', '.join(sorted(s.flags))})" if s.flags else ""
+        flags = f" ({', '.join(f'{s.scheduler}-{f}' for f in sorted(s.flags))})" if s.flags else ""
         persist = f", persistent {s.persistence.timeout}s" if s.persistence else ""
         lines.append(
             f"  {s.name}: {s.protocol} {s.listen} {s.scheduler}{flags}{persist} -> "

@@ -323,3 +323,13 @@ def test_fuzzed_text_never_crashes_the_loader(text: str) -> None:
         parse_config(text)
     except ConfigError as e:
         assert e.problems
+
+
+def test_bundled_examples_are_valid() -> None:
+    from pathlib import Path
+
+    from lb.config import load_config
+
+    root = Path(__file__).resolve().parent.parent
+    for path in [*root.glob("examples/*.yaml"), root / "lb" / "examples" / "demo.yaml"]:
+        assert load_config(path).services, path

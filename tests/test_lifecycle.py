@@ -40,7 +40,7 @@ async def test_check_accepts_a_good_file(tmp_path: Path) -> None:
     cfg = write(tmp_path / "lb.yaml", [("web", 8080, ["127.0.0.1:9001", "127.0.0.1:9002"])])
     code, out, err = await run_cli("check", "-c", str(cfg))
     assert code == 0, err
-    assert "OK, 1 services" in out and "web: tcp 127.0.0.1:8080 rr" in out
+    assert "OK, 1 service\n" in out and "web: tcp 127.0.0.1:8080 rr" in out
 
 
 async def test_check_reports_every_problem_and_exits_2(tmp_path: Path) -> None:

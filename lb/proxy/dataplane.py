@@ -118,7 +118,10 @@ class UserspaceDataplane:
             if isinstance(rt, TcpService):
                 rt.stop_listening()
         if any(rt.relays for rt in tcp):
-            log.info("waiting up to %gs for %d connections to finish", grace, self.open_connections)
+            n = self.open_connections
+            log.info(
+                "waiting up to %gs for %d connection%s to finish", grace, n, "" if n == 1 else "s"
+            )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await asyncio.gather(*(rt.idle.wait() for rt in tcp))
