@@ -55,8 +55,8 @@ async def test_bytes_arrive_intact_both_ways() -> None:
         assert echoed == payload
         writer.close()
         snap = lb.runtime("web").snapshot()
-        await eventually(lambda: lb.runtime("web").snapshot().bytes_in == len(payload))
-        assert snap.backends[0].bytes_out >= len(payload)
+        await eventually(lambda: lb.runtime("web").snapshot().totals.bytes_in == len(payload))
+        assert snap.backends[0].totals.bytes_out >= len(payload)
 
 
 async def test_client_half_close_reaches_backend_which_can_still_reply() -> None:
@@ -182,8 +182,8 @@ async def test_connect_refused_is_retried_on_another_backend() -> None:
         assert names == ["B"] * 4
         snap = lb.runtime("web").snapshot()
         dead_snap = next(b for b in snap.backends if b.address.port == dead)
-        assert dead_snap.errors[ErrorReason.REFUSED] >= 1
-        assert snap.errors[ErrorReason.REFUSED] == 0  # every client got through
+        assert dead_snap.totals.errors[ErrorReason.REFUSED] >= 1
+        assert snap.totals.errors[ErrorReason.REFUSED] == 0  # every client got through
 
 
 async def test_retries_exhausted_resets_the_client() -> None:
@@ -196,8 +196,10 @@ async def test_retries_exhausted_resets_the_client() -> None:
             await asyncio.wait_for(reader.read(10), 2)
         writer.close()
         snap = lb.runtime("web").snapshot()
-        assert sum(b.errors[ErrorReason.REFUSED] for b in snap.backends) == 2  # 1 try + 1 retry
-        assert snap.errors[ErrorReason.REFUSED] == 1
+        assert (
+            sum(b.totals.errors[ErrorReason.REFUSED] for b in snap.backends) == 2
+        )  # 1 try + 1 retry
+        assert snap.totals.errors[ErrorReason.REFUSED] == 1
 
 
 async def test_no_backend_refuses_at_once_with_a_reset() -> None:
@@ -209,7 +211,7 @@ async def test_no_backend_refuses_at_once_with_a_reset() -> None:
             await asyncio.wait_for(reader.read(10), 2)
         assert asyncio.get_running_loop().time() - start < 1.0
         writer.close()
-        assert lb.runtime("web").snapshot().errors[ErrorReason.NO_BACKEND] == 1
+        assert lb.runtime("web").snapshot().totals.errors[ErrorReason.NO_BACKEND] == 1
 
 
 async def test_connect_timeout_then_retry() -> None:
@@ -234,7 +236,7 @@ async def test_connect_timeout_then_retry() -> None:
         elapsed = asyncio.get_running_loop().time() - start
         assert 0.25 < elapsed < 3.0
         hole_snap = next(b for b in lb.runtime("web").snapshot().backends if b.address.port == hole)
-        assert hole_snap.errors[ErrorReason.TIMEOUT] == 1
+        assert hole_snap.totals.errors[ErrorReason.TIMEOUT] == 1
     for s in fillers:
         s.close()
     blackhole.close()
@@ -251,7 +253,7 @@ async def test_service_connection_limit_refuses_and_counts() -> None:
         with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(reader.read(10), 2)
         writer.close()
-        assert lb.runtime("web").snapshot().errors[ErrorReason.LIMIT] == 1
+        assert lb.runtime("web").snapshot().totals.errors[ErrorReason.LIMIT] == 1
         held[0][1].close()
         await eventually(lambda: lb.runtime("web").open == 1)
         assert await read_line("127.0.0.1", port) == "A"

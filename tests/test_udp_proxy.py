@@ -73,7 +73,7 @@ async def test_one_flow_per_client_scheduled_once() -> None:
         assert lb.runtime("dns").open == 3
         rt = lb.runtime("dns")
         assert [d.inactive for d in rt.core.dests] == [1, 1, 1]  # UDP flows count as inactive
-        assert rt.snapshot().packets_in == 12
+        assert rt.snapshot().totals.packets_in == 12
         for c in clients:
             c.close()
 
@@ -104,7 +104,7 @@ async def test_flow_table_is_bounded() -> None:
             raise AssertionError("a third flow got through")
         except TimeoutError:
             pass
-        assert lb.runtime("dns").snapshot().errors[ErrorReason.LIMIT] == 1
+        assert lb.runtime("dns").snapshot().totals.errors[ErrorReason.LIMIT] == 1
         assert (await a.ask(port))[0] == b"A:q"  # existing flows are unaffected
         for x in (a, b, c):
             x.close()
@@ -119,7 +119,7 @@ async def test_no_backend_drops_and_counts() -> None:
             raise AssertionError("answered without a backend")
         except TimeoutError:
             pass
-        assert lb.runtime("dns").snapshot().errors[ErrorReason.NO_BACKEND] == 1
+        assert lb.runtime("dns").snapshot().totals.errors[ErrorReason.NO_BACKEND] == 1
         c.close()
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from lb.model import Backend, BackendState, Endpoint, Service
 from lb.plan import AddDest, DelDest, EditDest, plan_dests
-from lb.proxy.stats import Counters, ErrorReason
+from lb.proxy.stats import Counters, Totals
 from lb.sched import Dest
 from lb.virtual_service import VirtualService
 
@@ -26,12 +26,7 @@ class BackendSnapshot:
     inactive: int
     persistent: int
     overloaded: bool
-    conns: int
-    bytes_in: int
-    bytes_out: int
-    packets_in: int
-    packets_out: int
-    errors: dict[ErrorReason, int]
+    totals: Totals
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +34,7 @@ class ServiceSnapshot:
     service: Service
     listening: bool
     open: int  # open connections (TCP) or flows (UDP)
-    conns: int
-    bytes_in: int
-    bytes_out: int
-    packets_in: int
-    packets_out: int
-    errors: dict[ErrorReason, int]
+    totals: Totals
     backends: tuple[BackendSnapshot, ...]
 
 
@@ -129,7 +119,6 @@ class ServiceRuntime:
         backends = []
         for d in core.dests:
             b = wanted.get(d.endpoint)
-            c = self.counters_for(d)
             backends.append(
                 BackendSnapshot(
                     address=d.endpoint,
@@ -140,24 +129,13 @@ class ServiceRuntime:
                     inactive=d.inactive,
                     persistent=persistent.get(d, 0),
                     overloaded=d.overloaded,
-                    conns=c.conns,
-                    bytes_in=c.bytes_in,
-                    bytes_out=c.bytes_out,
-                    packets_in=c.packets_in,
-                    packets_out=c.packets_out,
-                    errors=dict(c.errors),
+                    totals=self.counters_for(d).totals(),
                 )
             )
-        c = self.counters
         return ServiceSnapshot(
             service=self.service,
             listening=self.listening,
             open=self.open,
-            conns=c.conns,
-            bytes_in=c.bytes_in,
-            bytes_out=c.bytes_out,
-            packets_in=c.packets_in,
-            packets_out=c.packets_out,
-            errors=dict(c.errors),
+            totals=self.counters.totals(),
             backends=tuple(backends),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 
 class ErrorReason(enum.StrEnum):
@@ -28,3 +29,25 @@ class Counters:
 
     def error(self, reason: ErrorReason) -> None:
         self.errors[reason] += 1
+
+    def totals(self) -> Totals:
+        return Totals(
+            self.conns,
+            self.bytes_in,
+            self.bytes_out,
+            self.packets_in,
+            self.packets_out,
+            dict(self.errors),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """A copy of Counters at one moment."""
+
+    conns: int
+    bytes_in: int
+    bytes_out: int
+    packets_in: int
+    packets_out: int
+    errors: dict[ErrorReason, int]

@@ -66,6 +66,22 @@ class Scheduler:
         raise NotImplementedError
 
 
+class Recomputing(Scheduler):
+    """A scheduler whose add, edit and delete hooks all recompute its state from the list."""
+
+    def changed(self) -> None:
+        raise NotImplementedError
+
+    def add_dest(self, dest: Dest) -> None:
+        self.changed()
+
+    def upd_dest(self, dest: Dest) -> None:
+        self.changed()
+
+    def del_dest(self, dest: Dest, index: int) -> None:
+        self.changed()
+
+
 def blocked(dest: Dest, req: Request) -> bool:
     """IP_VS_DEST_F_OVERLOAD, widened by the request's exclusions."""
     return dest.overloaded or (bool(req.exclude) and dest in req.exclude)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lb.model import SchedFlag
-from lb.sched.base import Request, Scheduler, Target, unavailable
+from lb.sched.base import Recomputing, Request, Target, unavailable
 from lb.sched.dest import Dest
 
 TAB_BITS = 8
@@ -17,7 +17,7 @@ def hash_32(value: int, bits: int = TAB_BITS) -> int:
     return ((value * GOLDEN_RATIO_32) & 0xFFFFFFFF) >> (32 - bits)
 
 
-class SourceHash(Scheduler):
+class SourceHash(Recomputing):
     """Each destination takes `weight` consecutive buckets (at least one, even at weight 0),
     walking the list round and round until all 256 are filled; rebuilt on every change,
     so it is not consistent hashing."""
@@ -27,9 +27,10 @@ class SourceHash(Scheduler):
     def __init__(self, target: Target) -> None:
         super().__init__(target)
         self.table: list[Dest | None] = [None] * TAB_SIZE
-        self._reassign()
+        self.changed()
 
-    def _reassign(self) -> None:
+    def changed(self) -> None:
+        """ip_vs_sh_reassign()"""
         dests = self.target.dests
         if not dests:
             self.table = [None] * TAB_SIZE
@@ -44,15 +45,6 @@ class SourceHash(Scheduler):
                 i = (i + 1) % len(dests)
                 count = 0
         self.table = table
-
-    def add_dest(self, dest: Dest) -> None:
-        self._reassign()
-
-    def upd_dest(self, dest: Dest) -> None:
-        self._reassign()
-
-    def del_dest(self, dest: Dest, index: int) -> None:
-        self._reassign()
 
     def bucket(self, req: Request) -> int:
         port = req.src_port if SchedFlag.PORT in self.target.flags else 0
@@ -79,7 +71,7 @@ class SourceHash(Scheduler):
         return None
 
 
-class DestinationHash(Scheduler):
+class DestinationHash(Recomputing):
     """One bucket per destination in turn; the key is the packet's *destination* address,
     which for a service is always its VIP (dh is meant for fwmark cache clusters)."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from math import gcd
 
 from lb.model import SchedFlag
-from lb.sched.base import Request, Scheduler, Target, unavailable
+from lb.sched.base import Recomputing, Request, Target, unavailable
 from lb.sched.dest import Dest
 from lb.sched.siphash import hsiphash_u32
 
@@ -20,7 +20,7 @@ def _hashkey(fold: int, port: int, key: tuple[int, int], offset: int) -> int:
     return hsiphash_u32((offset + port + fold) & 0xFFFFFFFF, *key)
 
 
-class Maglev(Scheduler):
+class Maglev(Recomputing):
     """Slots are shared out in proportion to each destination's *last non-zero* weight,
     so a quiesced destination keeps its slots (and its clients go nowhere, or elsewhere
     with mh-fallback) until it is deleted."""
@@ -31,16 +31,14 @@ class Maglev(Scheduler):
     def __init__(self, target: Target) -> None:
         super().__init__(target)
         self.lookup: list[Dest | None] = [None] * TAB_SIZE
-        self._reassign()
+        self.changed()
 
-    def _reassign(self) -> None:
+    def changed(self) -> None:
+        """ip_vs_mh_dest_changed(): gcd and shift of the last weights, then the table."""
         dests = self.target.dests
         if len(dests) > TAB_SIZE:  # the kernel refuses (-EINVAL) and keeps the old table
             return
-        g = 0
-        for d in dests:
-            if d.last_weight > 0:
-                g = gcd(d.last_weight, g) if g else d.last_weight
+        g = gcd(*(d.last_weight for d in dests if d.last_weight > 0))
         if g < 1:
             self.lookup = [None] * TAB_SIZE
             return
@@ -85,15 +83,6 @@ class Maglev(Scheduler):
                 continue
             break
         self.lookup = lookup
-
-    def add_dest(self, dest: Dest) -> None:
-        self._reassign()
-
-    def upd_dest(self, dest: Dest) -> None:
-        self._reassign()
-
-    def del_dest(self, dest: Dest, index: int) -> None:
-        self._reassign()
 
     def slot(self, req: Request, offset: int = 0) -> int:
         port = req.src_port if SchedFlag.PORT in self.target.flags else 0

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from math import gcd
 
-from lb.sched.base import Request, Scheduler, Target, blocked
+from lb.sched.base import Recomputing, Request, Target, blocked
 from lb.sched.dest import Dest
 
 
 def _gcd_weight(dests: list[Dest]) -> int:
-    g = 0
-    for d in dests:
-        if d.weight > 0:
-            g = gcd(d.weight, g) if g else d.weight
-    return g or 1
+    """ip_vs_wrr_gcd_weight(): the gcd of the positive weights, 1 if there are none."""
+    return gcd(*(d.weight for d in dests if d.weight > 0)) or 1
 
 
-class WeightedRoundRobin(Scheduler):
+class WeightedRoundRobin(Recomputing):
     """State: `cl` (cursor, None = head), `cw` (current weight), `mw`, `di`.
 
     Every add, edit and delete recomputes `di` (gcd of positive weights), `mw` (max weight
@@ -33,7 +30,7 @@ class WeightedRoundRobin(Scheduler):
         self.mw = max((d.weight for d in target.dests), default=0) - (self.di - 1)
         self.cw = self.mw
 
-    def _changed(self) -> None:
+    def changed(self) -> None:
         dests = self.target.dests
         self.cl = None
         self.di = _gcd_weight(dests)
@@ -42,15 +39,6 @@ class WeightedRoundRobin(Scheduler):
             self.cw = self.mw
         elif self.di > 1:
             self.cw = (self.cw // self.di) * self.di + 1
-
-    def add_dest(self, dest: Dest) -> None:
-        self._changed()
-
-    def upd_dest(self, dest: Dest) -> None:
-        self._changed()
-
-    def del_dest(self, dest: Dest, index: int) -> None:
-        self._changed()
 
     def schedule(self, req: Request) -> Dest | None:
         if self.mw == 0:
