@@ -7,7 +7,7 @@ so that the same history of edits yields the same sequence of picks.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterable
 from typing import ClassVar, Protocol
 
 from lb.model import SchedFlag
@@ -90,3 +90,24 @@ def blocked(dest: Dest, req: Request) -> bool:
 def unavailable(dest: Dest, req: Request) -> bool:
     """The hashing schedulers' is_unavailable(): quiesced or overloaded."""
     return dest.weight <= 0 or blocked(dest, req)
+
+
+def hashed_pick(
+    first: Dest | None,
+    req: Request,
+    fallback: bool,
+    probes: Callable[[], Iterable[Dest | None]],
+) -> Dest | None:
+    """sh and mh: the hashed destination if available; else, with the fallback flag, the
+    first available one along the probe sequence, an empty entry ending the search."""
+    if first is None:
+        return None
+    if not unavailable(first, req):
+        return first
+    if fallback:
+        for d in probes():
+            if d is None:
+                return None
+            if not unavailable(d, req):
+                return d
+    return None

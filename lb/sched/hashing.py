@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from lb.model import SchedFlag
-from lb.sched.base import Recomputing, Request, Target, unavailable
+from lb.sched.base import Recomputing, Request, Target, hashed_pick, unavailable
 from lb.sched.dest import Dest
 
 TAB_BITS = 8
@@ -52,23 +54,15 @@ class SourceHash(Recomputing):
 
     def schedule(self, req: Request) -> Dest | None:
         ihash = self.bucket(req)
-        d = self.table[ihash]
-        if SchedFlag.FALLBACK not in self.target.flags:
-            return None if d is None or unavailable(d, req) else d
-        if d is None:
-            return None
-        if not unavailable(d, req):
-            return d
-        # ip_vs_sh_get_fallback(): the probe offset is added to the hash key *and* to the
-        # start bucket, so probe k looks at bucket (k + 2 * ihash) mod 256.
-        for offset in range(TAB_SIZE):
-            roffset = (offset + ihash) % TAB_SIZE
-            d = self.table[(roffset + ihash) & TAB_MASK]
-            if d is None:
-                break
-            if not unavailable(d, req):
-                return d
-        return None
+        table = self.table
+
+        def probes() -> Iterator[Dest | None]:
+            # ip_vs_sh_get_fallback(): the probe offset is added to the hash key *and* to
+            # the start bucket, so probe k looks at bucket (k + 2 * ihash) mod 256.
+            for offset in range(TAB_SIZE):
+                yield table[((offset + ihash) % TAB_SIZE + ihash) & TAB_MASK]
+
+        return hashed_pick(table[ihash], req, SchedFlag.FALLBACK in self.target.flags, probes)
 
 
 class DestinationHash(Recomputing):

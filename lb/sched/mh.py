@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from math import gcd
 
 from lb.model import SchedFlag
-from lb.sched.base import Recomputing, Request, Target, unavailable
+from lb.sched.base import Recomputing, Request, Target, hashed_pick, unavailable
 from lb.sched.dest import Dest
 from lb.sched.siphash import hsiphash_u32
 
@@ -90,22 +91,14 @@ class Maglev(Recomputing):
 
     def schedule(self, req: Request) -> Dest | None:
         ihash = self.slot(req)
-        d = self.lookup[ihash]
-        if SchedFlag.FALLBACK not in self.target.flags:
-            return None if d is None or unavailable(d, req) else d
-        if d is None:
-            return None
-        if not unavailable(d, req):
-            return d
-        # ip_vs_mh_get_fallback() probes slot hash(offset=(k + ihash) mod size) for
-        # k = 0..size-1. If no destination at all is available the probe cannot succeed:
-        # say so at once instead of computing 4093 hashes.
-        if all(unavailable(x, req) for x in self.target.dests):
-            return None
-        for k in range(TAB_SIZE):
-            d = self.lookup[self.slot(req, (k + ihash) % TAB_SIZE)]
-            if d is None:
-                return None
-            if not unavailable(d, req):
-                return d
-        return None
+
+        def probes() -> Iterator[Dest | None]:
+            # ip_vs_mh_get_fallback() probes slot hash(offset=(k + ihash) mod size) for
+            # k = 0..size-1. With no destination available at all it cannot succeed: say
+            # so at once instead of computing 4093 hashes.
+            if all(unavailable(x, req) for x in self.target.dests):
+                return
+            for k in range(TAB_SIZE):
+                yield self.lookup[self.slot(req, (k + ihash) % TAB_SIZE)]
+
+        return hashed_pick(self.lookup[ihash], req, SchedFlag.FALLBACK in self.target.flags, probes)
