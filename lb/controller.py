@@ -73,6 +73,8 @@ class Controller:
                 self.config = old
                 raise
             self._sync_monitors()
+        # Monitors that went (or left maintenance) change the health seen above.
+        self.request_sync()
 
     def _sync_monitors(self) -> None:
         if self._session is None:

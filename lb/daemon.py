@@ -43,15 +43,23 @@ class Daemon:
             print(e.render(), file=sys.stderr)
             return 2
         raise_fd_limit()
+        if self.pid_file is not None:
+            try:
+                self.pid_file.write_text(f"{os.getpid()}\n")
+            except OSError as e:
+                print(
+                    f"lb: cannot write the pid file {self.pid_file}: {e.strerror}", file=sys.stderr
+                )
+                return 1
         try:
             await self.controller.start(self.config)
         except ApplyError as e:
             for err in e.errors:
                 print(f"lb: {err}", file=sys.stderr)
             await self.controller.shutdown(0)
+            if self.pid_file is not None:
+                self.pid_file.unlink(missing_ok=True)
             return 1
-        if self.pid_file is not None:
-            self.pid_file.write_text(f"{os.getpid()}\n")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)

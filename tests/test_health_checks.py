@@ -159,3 +159,15 @@ async def test_removed_backend_drains_then_goes() -> None:
             d.inactive = 0
         rt.tick()
         assert rt.core.find(snap[b.port].address) is None
+
+
+async def test_removing_the_health_check_by_reload_brings_backends_back() -> None:
+    a = await TcpBackend("A").start()
+    dead = free_port()
+    port = free_port()
+    backends = [f"{{address: '{a.address}'}}", f"{{address: '127.0.0.1:{dead}'}}"]
+    async with balancer(config(port, backends)) as lb:
+        await eventually(lambda: states(lb)[dead] is BackendState.DOWN)
+        await lb.reload(config(port, backends, ""))
+        await eventually(lambda: states(lb)[dead] is BackendState.UP)
+        assert not lb.controller.monitors

@@ -12,6 +12,7 @@ import logging
 import socket
 from collections.abc import Sequence
 
+from lb.log import emit
 from lb.model import Protocol, Service, ServiceKey
 from lb.proxy.runtime import ServiceRuntime, ServiceSnapshot
 from lb.proxy.sockets import BindError, bind_listener
@@ -60,7 +61,14 @@ class UserspaceDataplane:
             rt = self.runtimes.pop(key)
             self._applied.pop(key, None)
             rt.stop_listening()
-            log.info("service %s stopped listening on %s", rt.service.name, key)
+            emit(
+                log,
+                logging.INFO,
+                "listener.closed",
+                f"service {rt.service.name} stopped listening on {key}",
+                service=rt.service.name,
+                listen=str(key),
+            )
             if isinstance(rt, TcpService) and rt.relays:
                 self.retired.append(rt)
         for key, rt in self.runtimes.items():
@@ -74,7 +82,14 @@ class UserspaceDataplane:
             await rt.start()
             self.runtimes[s.key] = rt
             self._applied[s.key] = s
-            log.info("service %s listening on %s", s.name, s.key)
+            emit(
+                log,
+                logging.INFO,
+                "listener.bound",
+                f"service {s.name} listening on {s.key}",
+                service=s.name,
+                listen=str(s.key),
+            )
         if self._tick is None:
             self._tick = loop.call_later(TICK, self._on_tick)
 

@@ -7,6 +7,7 @@ import logging
 import socket
 from dataclasses import dataclass
 
+from lb.log import emit
 from lb.model import Backend, BackendState, Endpoint, Service
 from lb.plan import AddDest, DelDest, EditDest, plan_dests
 from lb.proxy.stats import Counters, Totals
@@ -79,7 +80,14 @@ class ServiceRuntime:
                 core.edit_dest(op.endpoint, op.weight, op.u_threshold, op.l_threshold)
             elif isinstance(op, DelDest):
                 core.del_dest(op.endpoint)
-                log.info("backend %s of service %s removed", op.endpoint, self.service.name)
+                emit(
+                    log,
+                    logging.INFO,
+                    "backend.deleted",
+                    f"backend {op.endpoint} of service {self.service.name} drained and deleted",
+                    service=self.service.name,
+                    backend=str(op.endpoint),
+                )
 
     def tick(self) -> None:
         """Periodic housekeeping: run the core's timers, delete drained destinations."""
