@@ -132,6 +132,11 @@ class VirtualService:
         """Destinations in the list, and deleted ones whose connections are still counted."""
         return set(self._by_endpoint) | set(self._trash)
 
+    def at_limit(self) -> bool:
+        """Whether a refusal is down to connection limits: a backend that would take
+        connections by weight is overloaded."""
+        return any(d.overloaded and d.weight > 0 for d in self.dests)
+
     def views(self, now: float) -> list[DestView]:
         self.expire(now)
         return [

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import socket
+import sys
 
 import pytest
 import uvloop
@@ -276,6 +278,52 @@ async def test_backend_upper_threshold_sends_new_connections_elsewhere() -> None
         assert [await read_line("127.0.0.1", port) for _ in range(3)] == ["B", "B", "B"]
         w1.close()
         w2.close()
+
+
+async def test_every_backend_at_its_threshold_refuses_as_a_limit() -> None:
+    a = await TcpBackend("A").start()
+    port = free_port()
+    text = (
+        f"services:\n  - name: web\n    listen: 127.0.0.1:{port}\n    scheduler: wlc\n    backends:\n"
+        f"      - {{address: '{a.address}', max_connections: 1}}\n"
+    )
+    async with balancer(text) as lb:
+        r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+        assert await r1.readline() == b"A\n"
+        r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(r2.read(), 2)
+        errors = lb.runtime("web").snapshot().totals.errors
+        assert (errors[ErrorReason.LIMIT], errors[ErrorReason.NO_BACKEND]) == (1, 0)
+        w1.close()
+        w2.close()
+
+
+async def test_backend_process_killed_mid_stream() -> None:
+    port, backend_port = free_port(), free_port()
+    code = (
+        "import socket, sys, time\n"
+        f"s = socket.create_server(('127.0.0.1', {backend_port}))\n"
+        "print('ready', flush=True)\n"
+        "c, _ = s.accept()\n"
+        "while True:\n"
+        "    c.sendall(b'x' * 4096); time.sleep(0.01)\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    assert await asyncio.wait_for(proc.stdout.readline(), 10) == b"ready\n"
+    async with balancer(svc(port, [f"127.0.0.1:{backend_port}"])) as lb:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert len(await asyncio.wait_for(reader.readexactly(8192), 5)) == 8192
+        proc.kill()  # SIGKILL: the kernel closes the backend's socket
+        await proc.wait()
+        with contextlib.suppress(ConnectionResetError):  # FIN or RST: the stream must end
+            while await asyncio.wait_for(reader.read(65536), 3):
+                pass
+        writer.close()
+        await eventually(lambda: lb.runtime("web").open == 0)
 
 
 async def test_idle_connections_are_closed() -> None:

@@ -10,7 +10,7 @@ class ErrorReason(enum.StrEnum):
     REFUSED = "refused"  # the backend refused the connection (RST / ICMP port unreachable)
     CONNECT_FAILED = "connect_failed"  # any other connect error (unreachable, ...)
     TIMEOUT = "timeout"  # connect timeout
-    LIMIT = "limit"  # a connection or flow limit was reached
+    LIMIT = "limit"  # a connection or flow limit was reached (service, or every backend's)
     NO_BACKEND = "no_backend"  # the scheduler had no usable backend
 
 

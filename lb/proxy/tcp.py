@@ -219,6 +219,8 @@ class Relay:
         for _ in range(svc.service.retries + 1):
             conn = core.connect(client_ip, client_port, self.loop.time(), tried)
             if conn is None:
+                if not tried:
+                    reason = ErrorReason.LIMIT if core.at_limit() else ErrorReason.NO_BACKEND
                 break
             self.conn = conn
             counters = svc.counters_for(conn.dest)

@@ -128,7 +128,7 @@ class UdpService(ServiceRuntime):
         )
         conn = core.connect(client_ip, client[1], now)
         if conn is None:
-            self.counters.error(ErrorReason.NO_BACKEND)
+            self.counters.error(ErrorReason.LIMIT if core.at_limit() else ErrorReason.NO_BACKEND)
             return None
         counters = self.counters_for(conn.dest)
         family = socket.AF_INET if conn.dest.endpoint.family == 4 else socket.AF_INET6
