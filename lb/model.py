@@ -133,11 +133,6 @@ class Persistence:
     timeout: int
     prefix_len: int
 
-    def netmask_text(self, family: int) -> str:
-        if family == 4:
-            return str(ipaddress.IPv4Network(f"0.0.0.0/{self.prefix_len}").netmask)
-        return str(self.prefix_len)
-
 
 class CheckKind(enum.StrEnum):
     TCP = "tcp"
@@ -209,12 +204,6 @@ class Service:
     def key(self) -> ServiceKey:
         return ServiceKey(self.protocol, self.listen)
 
-    def backend(self, address: Endpoint) -> Backend | None:
-        for b in self.backends:
-            if b.address == address:
-                return b
-        return None
-
     def with_backends(self, backends: tuple[Backend, ...]) -> Service:
         return replace(self, backends=backends)
 
@@ -235,9 +224,3 @@ class Config:
     services: tuple[Service, ...] = ()
     shutdown_grace: float = 30.0
     source: str = field(default="", compare=False)  # where it was loaded from, for messages
-
-    def service(self, name: str) -> Service | None:
-        for s in self.services:
-            if s.name == name:
-                return s
-        return None
