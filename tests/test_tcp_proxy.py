@@ -384,3 +384,21 @@ async def test_ipv6_service() -> None:
     text = f"services:\n  - name: v6\n    listen: '[::1]:{port}'\n    backends: [{{address: '{backend.address}'}}]\n"
     async with balancer(text):
         assert await read_line("::1", port) == "six"
+
+
+async def test_clients_vanishing_during_connect_leak_nothing() -> None:
+    backend = await TcpBackend("A").start()
+    port = free_port()
+    async with balancer(svc(port, [backend.address])) as lb:
+        for _ in range(200):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            writer.transport.abort()
+        rt = lb.runtime("web")
+        await eventually(lambda: rt.open == 0 and backend.open == 0)
+        (dest,) = rt.core.dests
+        assert dest.active == 0  # every scheduled connection was accounted for
+        assert await read_line("127.0.0.1", port) == "A"

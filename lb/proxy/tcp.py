@@ -39,6 +39,13 @@ def _factory(protocol: BackendSide) -> Callable[[], BackendSide]:
     return lambda: protocol
 
 
+def _discard(backend: BackendSide) -> None:
+    """Drop a backend connection that is no longer wanted, without it reporting back."""
+    backend.relay = None
+    if backend.transport is not None and not backend.lost:
+        backend.transport.abort()
+
+
 class TcpService(ServiceRuntime):
     def __init__(
         self, loop: asyncio.AbstractEventLoop, service: Service, sock: socket.socket
@@ -231,6 +238,7 @@ class Relay:
                 async with asyncio.timeout(svc.service.connect_timeout):
                     await self.loop.create_connection(_factory(backend), *conn.dest.addr)
             except TimeoutError:
+                _discard(backend)  # the connect may have completed just as time ran out
                 reason = ErrorReason.TIMEOUT
             except ConnectionRefusedError:
                 reason = ErrorReason.REFUSED
@@ -238,6 +246,7 @@ class Relay:
                 reason = ErrorReason.CONNECT_FAILED
             except asyncio.CancelledError:
                 # The client went away while we were connecting.
+                _discard(backend)
                 core.release(conn, self.loop.time())
                 self.conn = None
                 self._finish()
