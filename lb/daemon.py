@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -75,6 +76,10 @@ class Daemon:
         )
         try:
             await self._stop.wait()
+            if self._reloading is not None and not self._reloading.done():
+                self._reloading.cancel()  # a reload must not bind anything past this point
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._reloading
             grace = self.config.shutdown_grace
             emit(
                 log,
