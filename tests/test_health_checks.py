@@ -20,7 +20,7 @@ def config(port: int, backends: list[str], extra: str = FAST_TCP) -> str:
 
 def states(lb: object) -> dict[int, BackendState | None]:
     snap = lb.runtime("web").snapshot()  # type: ignore[attr-defined]
-    return {b.address.port: b.state for b in snap.backends}
+    return {b.address.port: b.backend.state if b.backend else None for b in snap.backends}
 
 
 async def test_tcp_check_takes_a_dead_backend_out_and_back_in() -> None:
@@ -145,7 +145,7 @@ async def test_removed_backend_drains_then_goes() -> None:
         assert await reader.readline() == b"B\n"
         await lb.reload(config(port, [f"{{address: '{a.address}'}}"], ""))
         snap = {x.address.port: x for x in lb.runtime("web").snapshot().backends}
-        assert snap[b.port].configured_weight is None and snap[b.port].weight == 0
+        assert snap[b.port].backend is None and snap[b.port].weight == 0
         assert [await read_line("127.0.0.1", port) for _ in range(3)] == ["A"] * 3
         writer.write(b"bye")
         assert await reader.readexactly(3) == b"bye"

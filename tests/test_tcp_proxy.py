@@ -12,8 +12,8 @@ import sys
 import pytest
 import uvloop
 
-from lb.proxy.stats import ErrorReason
 from lb.proxy.tcp import HIGH_WATER, TcpService
+from lb.stats import ErrorReason
 from tests.net import TcpBackend, balancer, eventually, free_port, read_line
 
 

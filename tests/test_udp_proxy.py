@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from lb.proxy.stats import ErrorReason
 from lb.proxy.udp import UdpService
+from lb.stats import ErrorReason
 from tests.net import UdpBackend, balancer, eventually, free_port
 
 

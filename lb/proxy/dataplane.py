@@ -14,10 +14,11 @@ from collections.abc import Sequence
 
 from lb.log import emit
 from lb.model import Protocol, Service, ServiceKey
-from lb.proxy.runtime import ServiceRuntime, ServiceSnapshot
+from lb.proxy.runtime import ServiceRuntime
 from lb.proxy.sockets import BindError, bind_listener
 from lb.proxy.tcp import TcpService
 from lb.proxy.udp import UdpService
+from lb.stats import ServiceSnapshot
 
 log = logging.getLogger("lb.proxy")
 

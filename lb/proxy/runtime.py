@@ -5,38 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from dataclasses import dataclass
 
 from lb.log import emit
-from lb.model import Backend, BackendState, Endpoint, Service
+from lb.model import Backend, Endpoint, Service
 from lb.plan import AddDest, DelDest, EditDest, plan_dests
-from lb.proxy.stats import Counters, Totals
 from lb.sched import Dest
+from lb.stats import BackendSnapshot, Counters, ServiceSnapshot
 from lb.virtual_service import VirtualService
 
 log = logging.getLogger("lb.proxy")
-
-
-@dataclass(frozen=True, slots=True)
-class BackendSnapshot:
-    address: Endpoint
-    weight: int  # what the scheduler uses now (0 when not UP or removed)
-    configured_weight: int | None  # None: removed from the config, draining
-    state: BackendState | None
-    active: int
-    inactive: int
-    persistent: int
-    overloaded: bool
-    totals: Totals
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceSnapshot:
-    service: Service
-    listening: bool
-    open: int  # open connections (TCP) or flows (UDP)
-    totals: Totals
-    backends: tuple[BackendSnapshot, ...]
 
 
 class ServiceRuntime:
@@ -130,9 +107,8 @@ class ServiceRuntime:
             backends.append(
                 BackendSnapshot(
                     address=d.endpoint,
+                    backend=b,
                     weight=d.weight,
-                    configured_weight=b.weight if b else None,
-                    state=b.state if b else None,
                     active=d.active,
                     inactive=d.inactive,
                     persistent=persistent.get(d, 0),
@@ -142,6 +118,7 @@ class ServiceRuntime:
             )
         return ServiceSnapshot(
             service=self.service,
+            dataplane="userspace",
             listening=self.listening,
             open=self.open,
             totals=self.counters.totals(),

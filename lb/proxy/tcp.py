@@ -23,8 +23,8 @@ from typing import cast
 from lb.model import Service
 from lb.proxy import sockets
 from lb.proxy.runtime import ServiceRuntime
-from lb.proxy.stats import Counters, ErrorReason
 from lb.sched import Dest
+from lb.stats import Counters, ErrorReason
 from lb.virtual_service import Conn
 
 log = logging.getLogger("lb.proxy.tcp")

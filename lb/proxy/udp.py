@@ -20,7 +20,7 @@ from typing import Any
 
 from lb.model import Service
 from lb.proxy.runtime import ServiceRuntime
-from lb.proxy.stats import Counters, ErrorReason
+from lb.stats import Counters, ErrorReason
 from lb.virtual_service import Conn
 
 log = logging.getLogger("lb.proxy.udp")

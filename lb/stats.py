@@ -1,9 +1,16 @@
-"""Counters the data path bumps: plain attribute increments, no locks, no dict rebuilding."""
+"""What dataplanes count and report.
+
+`Counters` are bumped on the data path: plain attribute increments, no locks, no dict
+rebuilding. `observe()` on every dataplane returns `ServiceSnapshot`s built from them,
+the one shape the admin API, `lb list` and the metrics read, whatever the dataplane.
+"""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+
+from lb.model import Backend, Endpoint, Service
 
 
 class ErrorReason(enum.StrEnum):
@@ -51,3 +58,25 @@ class Totals:
     packets_in: int
     packets_out: int
     errors: dict[ErrorReason, int]
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSnapshot:
+    address: Endpoint
+    backend: Backend | None  # the desired backend; None: removed from the config, draining
+    weight: int  # the weight the scheduler uses now (0 when not UP, or removed)
+    active: int
+    inactive: int
+    persistent: int  # persistence templates pointing here
+    overloaded: bool
+    totals: Totals
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSnapshot:
+    service: Service
+    dataplane: str
+    listening: bool
+    open: int  # open connections (TCP) or flows (UDP)
+    totals: Totals
+    backends: tuple[BackendSnapshot, ...]  # in the dataplane's list order (newest first)
