@@ -23,10 +23,12 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, Vali
 from pydantic_core import ErrorDetails
 
 from lb.model import (
+    ADMIN_DEFAULT,
     FLAG_SPELLINGS,
     TCP_IDLE_TIMEOUT,
     UDP_IDLE_TIMEOUT,
     UDP_MAX_FLOWS,
+    AdminSettings,
     AdminState,
     Backend,
     CheckKind,
@@ -181,12 +183,21 @@ class ServiceIn(_Model):
     idle_timeout: Duration | None = None
     retries: Annotated[int, Strict(), Field(ge=0, le=10)] = 1
     max_connections: Annotated[int, Strict(), Field(ge=0)] | None = None
+    access_log: Annotated[bool, Strict()] = False
     backends: list[BackendIn] = []
+
+
+class AdminIn(_Model):
+    enabled: Annotated[bool, Strict()] = True
+    listen: Addr = ADMIN_DEFAULT
+    allow_remote: Annotated[bool, Strict()] = False
+    token_file: Annotated[str, Strict(), Field(min_length=1)] | None = None
 
 
 class RootIn(_Model):
     services: list[Any] = Field(default_factory=list)
     shutdown_grace: Duration = 30.0
+    admin: AdminIn = AdminIn()
 
 
 _MESSAGES: dict[str, Callable[[ErrorDetails], str]] = {
@@ -240,7 +251,7 @@ def _known_fields(prefix: tuple[PathPart, ...], loc: tuple[PathPart, ...]) -> li
         if isinstance(part, int):
             continue
         ann = model.model_fields[str(part)].annotation
-        for candidate in (BackendIn, PersistenceIn, HealthCheckIn):
+        for candidate in (BackendIn, PersistenceIn, HealthCheckIn, AdminIn):
             if candidate in _type_args(ann):
                 model = candidate
                 break
@@ -311,6 +322,30 @@ def _semantic_problems(raw_services: list[Any]) -> Iterator[Problem]:
                     (*at, "max_connections"), "a udp service needs a bounded flow table (>= 1)"
                 )
         yield from _check_backends(svc, at)
+
+
+def _admin_problems(admin: object, raw_services: list[Any]) -> Iterator[Problem]:
+    if not isinstance(admin, Mapping) or admin.get("enabled") is False:
+        return
+    listen = _try(parse_endpoint, admin.get("listen", str(ADMIN_DEFAULT)))
+    remote = admin.get("allow_remote") is True
+    if listen is not None and not listen.ip.is_loopback and not remote:
+        yield Problem(
+            ("admin", "listen"),
+            f"{listen.ip} is not a loopback address: set admin.allow_remote: true "
+            "(with a token_file) to expose the admin API",
+        )
+    if remote and not admin.get("token_file"):
+        yield Problem(("admin", "token_file"), "required when allow_remote is true")
+    if listen is not None:
+        for i, svc in enumerate(raw_services):
+            if not isinstance(svc, Mapping) or svc.get("protocol", "tcp") != "tcp":
+                continue
+            other = _try(parse_endpoint, svc.get("listen"))
+            if other is not None and _overlaps(listen, other):
+                yield Problem(
+                    ("admin", "listen"), f"tcp {listen} is already used by services[{i}] ({other})"
+                )
 
 
 def _overlaps(a: Endpoint, b: Endpoint) -> bool:
@@ -456,6 +491,7 @@ def _build_service(s: ServiceIn) -> Service:
         max_connections=s.max_connections
         if s.max_connections is not None
         else (UDP_MAX_FLOWS if udp else 0),
+        access_log=s.access_log,
     )
 
 
@@ -490,14 +526,17 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         except ValidationError as e:
             problems += _pydantic_problems(e, ("services", i))
     problems += _semantic_problems(raw_services)
+    problems += _admin_problems(raw.get("admin"), raw_services)
     if problems:
         located = [Problem(p.path, p.message, p.line or _line_of(node, p.path)) for p in problems]
         located.sort(key=lambda p: p.line or 0)
         raise ConfigError(source, _dedupe(located))
     assert root is not None
+    a = root.admin
     return Config(
         services=tuple(_build_service(s) for s in services),
         shutdown_grace=root.shutdown_grace,
+        admin=AdminSettings(a.enabled, a.listen, a.allow_remote, a.token_file),
         source=source,
     )
 

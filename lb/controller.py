@@ -1,7 +1,9 @@
-"""The control loop: desired state from the config, live health from checks, into a dataplane.
+"""The control loop: desired state from the config, live health from checks, runtime edits
+from the admin API, into a dataplane.
 
-Sources produce a `Config`; health monitors report UP/DOWN per backend; the controller
-merges both into the desired `Service` values and applies them, one apply at a time.
+Sources produce a `Config`; health monitors report UP/DOWN per backend; operators override
+a backend's state or weight at run time. The controller merges the three into the
+desired `Service` values and applies them, one apply at a time.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -16,11 +19,12 @@ import aiohttp
 
 from lb.health.monitor import Monitor
 from lb.log import emit
-from lb.model import AdminState, Config, Endpoint, Service, ServiceKey
+from lb.model import AdminState, Backend, BackendState, Config, Endpoint, Service, ServiceKey
+from lb.stats import ServiceSnapshot
 
 log = logging.getLogger("lb.controller")
 
-MonitorKey = tuple[ServiceKey, Endpoint]
+BackendKey = tuple[ServiceKey, Endpoint]
 
 
 class Dataplane(Protocol):
@@ -28,26 +32,66 @@ class Dataplane(Protocol):
 
     async def apply(self, desired: list[Service]) -> None: ...
 
+    def observe(self) -> list[ServiceSnapshot]: ...
+
     async def close(self, grace: float) -> None: ...
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Override:
+    """A runtime edit of one backend, on top of what the config says."""
+
+    admin: AdminState | None = None
+    weight: int | None = None
+
+    def apply(self, b: Backend) -> Backend:
+        return dataclasses.replace(
+            b,
+            admin=b.admin if self.admin is None else self.admin,
+            weight=b.weight if self.weight is None else self.weight,
+        )
+
+
+class EditError(Exception):
+    """An admin edit that cannot be applied; `status` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
+
+
 class Controller:
-    def __init__(self, dataplane: Dataplane) -> None:
+    def __init__(
+        self,
+        dataplane: Dataplane,
+        on_sync: Callable[[str, float], None] | None = None,
+    ) -> None:
         self.dataplane = dataplane
         self.config = Config()
-        self.monitors: dict[MonitorKey, Monitor] = {}
+        self.monitors: dict[BackendKey, Monitor] = {}
+        self.overrides: dict[BackendKey, Override] = {}
+        self._on_sync = on_sync  # (dataplane name, seconds) after each apply
         self._lock = asyncio.Lock()
         self._dirty = False
         self._sync_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._shown: dict[BackendKey, tuple[BackendState, int]] = {}
 
     # --- desired state ------------------------------------------------------------------
+
+    def _configured(self, s: Service) -> list[Backend]:
+        """The service's backends with runtime overrides applied (health not yet)."""
+        out = []
+        for b in s.backends:
+            o = self.overrides.get((s.key, b.address))
+            out.append(o.apply(b) if o else b)
+        return out
 
     def desired(self) -> list[Service]:
         out = []
         for s in self.config.services:
             backends = []
-            for b in s.backends:
+            for b in self._configured(s):
                 m = self.monitors.get((s.key, b.address))
                 healthy = m.up if m is not None and m.running else True
                 backends.append(
@@ -56,6 +100,38 @@ class Controller:
             out.append(s.with_backends(tuple(backends)))
         return out
 
+    async def _apply(self, desired: list[Service]) -> None:
+        start = time.perf_counter()
+        await self.dataplane.apply(desired)
+        if self._on_sync is not None:
+            self._on_sync(self.dataplane.name, time.perf_counter() - start)
+        self._report_changes(desired)
+
+    def _report_changes(self, desired: list[Service]) -> None:
+        """One event per backend whose state or programmed weight changed, whatever the cause."""
+        shown: dict[BackendKey, tuple[BackendState, int]] = {}
+        for s in desired:
+            for b in s.backends:
+                key = (s.key, b.address)
+                now = (b.state, b.effective_weight)
+                shown[key] = now
+                before = self._shown.get(key)
+                if before is not None and before != now:
+                    emit(
+                        log,
+                        logging.INFO,
+                        "backend.state",
+                        f"backend {b.address} of service {s.name}: {before[0]} weight {before[1]}"
+                        f" -> {now[0]} weight {now[1]}",
+                        service=s.name,
+                        backend=str(b.address),
+                        state=str(now[0]),
+                        weight=now[1],
+                        previous_state=str(before[0]),
+                        previous_weight=before[1],
+                    )
+        self._shown = shown
+
     # --- lifecycle ----------------------------------------------------------------------
 
     async def start(self, config: Config) -> None:
@@ -63,18 +139,74 @@ class Controller:
         await self.reload(config)
 
     async def reload(self, config: Config) -> None:
-        """Apply a new config; on ApplyError nothing changed and the old config serves on."""
+        """Apply a new config; on ApplyError nothing changed and the old config serves on.
+
+        Runtime overrides stay for backends that are still there."""
         async with self._lock:
-            old = self.config
+            old_config, old_overrides = self.config, self.overrides
             self.config = config
+            present = {(s.key, b.address) for s in config.services for b in s.backends}
+            self.overrides = {k: o for k, o in old_overrides.items() if k in present}
             try:
-                await self.dataplane.apply(self.desired())
+                await self._apply(self.desired())
             except Exception:
-                self.config = old
+                self.config, self.overrides = old_config, old_overrides
                 raise
+            for key in old_overrides.keys() - self.overrides.keys():
+                emit(
+                    log,
+                    logging.INFO,
+                    "backend.override_dropped",
+                    f"runtime edit of {key[1]} in {key[0]} dropped: the backend left the config",
+                    service=str(key[0]),
+                    backend=str(key[1]),
+                )
             self._sync_monitors()
         # Monitors that went (or left maintenance) change the health seen above.
         self.request_sync()
+
+    async def edit_backend(
+        self,
+        service: str,
+        address: str,
+        *,
+        state: AdminState | None = None,
+        weight: int | None = None,
+        reset: bool = False,
+    ) -> Backend:
+        """A runtime edit, as if the file said so: applied whole or not at all."""
+        svc = next((s for s in self.config.services if s.name == service), None)
+        if svc is None:
+            raise EditError(404, f"no service named {service!r}")
+        backend = next((b for b in svc.backends if str(b.address) == address), None)
+        if backend is None:
+            try:
+                backend = next(b for b in svc.backends if b.address == Endpoint.parse(address))
+            except (ValueError, StopIteration):
+                raise EditError(404, f"service {service} has no backend {address}") from None
+        key = (svc.key, backend.address)
+        async with self._lock:
+            before = self.overrides.get(key, Override())
+            after = Override() if reset else before
+            if state is not None:
+                after = dataclasses.replace(after, admin=state)
+            if weight is not None:
+                after = dataclasses.replace(after, weight=weight)
+            if after == Override():
+                self.overrides.pop(key, None)
+            else:
+                self.overrides[key] = after
+            try:
+                await self._apply(self.desired())
+            except Exception:
+                if before == Override():
+                    self.overrides.pop(key, None)
+                else:
+                    self.overrides[key] = before
+                raise
+            self._sync_monitors()
+        self.request_sync()
+        return after.apply(backend)
 
     def _sync_monitors(self) -> None:
         if self._session is None:
@@ -82,11 +214,11 @@ class Controller:
                 connector=aiohttp.TCPConnector(force_close=True, limit=0),
                 headers={"User-Agent": "lb-health-check"},
             )
-        wanted: dict[MonitorKey, tuple[Service, Endpoint, AdminState]] = {}
+        wanted: dict[BackendKey, tuple[Service, Endpoint, AdminState]] = {}
         for s in self.config.services:
             if s.health_check is None:
                 continue
-            for b in s.backends:
+            for b in self._configured(s):
                 wanted[(s.key, b.address)] = (s, b.address, b.admin)
         for key in [k for k in self.monitors if k not in wanted]:
             m = self.monitors.pop(key)
@@ -110,7 +242,7 @@ class Controller:
                 m.restart_fresh()
                 m.start()
 
-    def _on_health(self, key: MonitorKey) -> Callable[[bool, str], None]:
+    def _on_health(self, key: BackendKey) -> Callable[[bool, str], None]:
         def changed(up: bool, reason: str) -> None:
             emit(
                 log,
@@ -137,7 +269,7 @@ class Controller:
             self._dirty = False
             async with self._lock:
                 try:
-                    await self.dataplane.apply(self.desired())
+                    await self._apply(self.desired())
                 except Exception:
                     log.exception("applying the desired state failed")
 

@@ -12,11 +12,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from lb.admin.server import AdminServer, AdminSetupError, Readiness, bind_admin, read_token
 from lb.config import ConfigError, load_config
 from lb.controller import Controller
 from lb.log import emit
+from lb.metrics import Metrics
 from lb.model import Config
 from lb.proxy.dataplane import ApplyError, UserspaceDataplane
+from lb.rates import INTERVAL, RateEstimator
 
 log = logging.getLogger("lb")
 
@@ -32,10 +35,19 @@ class Daemon:
     def __init__(self, config_path: Path, pid_file: Path | None) -> None:
         self.config_path = config_path
         self.pid_file = pid_file
-        self.controller = Controller(UserspaceDataplane())
+        self.dataplane = UserspaceDataplane()
+        self.controller = Controller(self.dataplane, on_sync=self._on_sync)
+        self.metrics = Metrics(self.dataplane.observe, lambda: self.controller.monitors)
+        self.rates = RateEstimator()
+        self.readiness = Readiness()
+        self.admin: AdminServer | None = None
         self.config = Config()
         self._stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
+        self._sampler: asyncio.Task[None] | None = None
+
+    def _on_sync(self, dataplane: str, seconds: float) -> None:
+        self.metrics.record_sync(dataplane, seconds)
 
     async def run(self) -> int:
         try:
@@ -53,15 +65,41 @@ class Daemon:
                 )
                 return 1
         try:
+            return await self._serve()
+        finally:
+            if self.pid_file is not None:
+                self.pid_file.unlink(missing_ok=True)
+
+    async def _serve(self) -> int:
+        settings = self.config.admin
+        if settings.enabled:
+            try:
+                token = read_token(settings)
+                sock = bind_admin(settings)
+            except AdminSetupError as e:
+                print(f"lb: {e}", file=sys.stderr)
+                return 1
+            self.admin = AdminServer(
+                settings=settings,
+                controller=self.controller,
+                metrics=self.metrics,
+                rates=self.rates,
+                readiness=self.readiness,
+                token=token,
+            )
+            await self.admin.start(sock)
+        try:
             await self.controller.start(self.config)
         except ApplyError as e:
             for err in e.errors:
                 print(f"lb: {err}", file=sys.stderr)
             await self.controller.shutdown(0)
-            if self.pid_file is not None:
-                self.pid_file.unlink(missing_ok=True)
+            if self.admin is not None:
+                await self.admin.stop()
             return 1
+        self.readiness.set_ready()
         loop = asyncio.get_running_loop()
+        self._sampler = loop.create_task(self._sample_rates())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
@@ -69,13 +107,16 @@ class Daemon:
             log,
             logging.INFO,
             "lb.started",
-            f"serving {len(self.config.services)} services from {self.config_path}",
+            f"serving {len(self.config.services)} services from {self.config_path}"
+            + (f", admin API on http://{settings.listen}" if self.admin else ""),
             services=len(self.config.services),
             config=str(self.config_path),
+            admin=str(settings.listen) if self.admin else None,
             pid=os.getpid(),
         )
         try:
             await self._stop.wait()
+            self.readiness.set_not_ready("stopping")
             if self._reloading is not None and not self._reloading.done():
                 self._reloading.cancel()  # a reload must not bind anything past this point
                 with contextlib.suppress(asyncio.CancelledError):
@@ -92,10 +133,27 @@ class Daemon:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            if self.pid_file is not None:
-                self.pid_file.unlink(missing_ok=True)
+            self._sampler.cancel()
+            if self.admin is not None:
+                await self.admin.stop()
         emit(log, logging.INFO, "lb.stopped", "stopped")
         return 0
+
+    async def _sample_rates(self) -> None:
+        """Feed the rate estimator every 2 s, as the kernel's estimator runs."""
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            keys: set[object] = set()
+            for s in self.dataplane.observe():
+                self.rates.sample(s.service.key, now, s.totals)
+                keys.add(s.service.key)
+                for b in s.backends:
+                    key = (s.service.key, b.address)
+                    self.rates.sample(key, now, b.totals)
+                    keys.add(key)
+            self.rates.forget_except(keys)
+            await asyncio.sleep(INTERVAL)
 
     def _on_hup(self) -> None:
         if self._reloading is None or self._reloading.done():
@@ -106,20 +164,17 @@ class Daemon:
             config = load_config(self.config_path)
         except ConfigError as e:
             for p in e.problems:
+                where = f"{p.where}: " if p.path else ""
                 emit(
                     log,
                     logging.ERROR,
                     "config.invalid",
-                    f"{p.where}: {p.message}" if p.path else p.message,
+                    where + p.message,
                     path=p.where,
                     line=p.line,
                 )
-            emit(
-                log,
-                logging.ERROR,
-                "config.reload_rejected",
-                f"reload of {self.config_path} rejected ({len(e.problems)} problems); "
-                "the current config serves on",
+            self._reload_failed(
+                f"reload of {self.config_path} rejected ({len(e.problems)} problems)"
             )
             return
         try:
@@ -134,20 +189,30 @@ class Daemon:
                     service=err.service,
                     listen=str(err.key),
                 )
+            self._reload_failed(f"reload of {self.config_path} rejected")
+            return
+        if config.admin != self.config.admin:
             emit(
                 log,
-                logging.ERROR,
-                "config.reload_rejected",
-                f"reload of {self.config_path} rejected; the current config serves on",
+                logging.WARNING,
+                "admin.unchanged",
+                "the admin settings changed: they take effect when lb restarts",
             )
-            return
         self.config = config
+        self.metrics.reloads.labels("success").inc()
+        n = len(config.services)
         emit(
             log,
             logging.INFO,
             "config.reloaded",
-            f"reloaded {self.config_path}: {len(config.services)} services",
-            services=len(config.services),
+            f"reloaded {self.config_path}: {n} services",
+            services=n,
+        )
+
+    def _reload_failed(self, message: str) -> None:
+        self.metrics.reloads.labels("failure").inc()
+        emit(
+            log, logging.ERROR, "config.reload_rejected", f"{message}; the current config serves on"
         )
 
 

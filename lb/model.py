@@ -199,6 +199,7 @@ class Service:
     idle_timeout: float = TCP_IDLE_TIMEOUT
     retries: int = 1
     max_connections: int = 0  # 0 = unlimited (TCP); UDP: the flow-table bound
+    access_log: bool = False  # log one line per connection / flow
 
     @property
     def key(self) -> ServiceKey:
@@ -219,8 +220,23 @@ class ServiceKey:
         return f"{self.protocol}/{self.listen}"
 
 
+#: Where the admin API listens unless the config says otherwise.
+ADMIN_DEFAULT = Endpoint(ipaddress.ip_address("127.0.0.1"), 9090)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """The admin HTTP API: loopback only unless `allow_remote`, which needs a token."""
+
+    enabled: bool = True
+    listen: Endpoint = ADMIN_DEFAULT
+    allow_remote: bool = False
+    token_file: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     services: tuple[Service, ...] = ()
     shutdown_grace: float = 30.0
+    admin: AdminSettings = AdminSettings()
     source: str = field(default="", compare=False)  # where it was loaded from, for messages

@@ -18,6 +18,8 @@ from tests.proc import LbProcess, run_cli
 
 def write(path: Path, services: list[tuple[str, int, list[str]]], extra: str = "") -> Path:
     out = extra
+    if "admin:" not in extra:  # never the default port: tests must not meet a stray lb
+        out += f"admin: {{listen: 127.0.0.1:{free_port()}}}\n"
     out += "services:\n"
     for name, port, backends in services:
         out += f"  - name: {name}\n    listen: 127.0.0.1:{port}\n    scheduler: rr\n    backends:"
@@ -193,7 +195,8 @@ async def test_invalid_reload_is_rejected_and_the_old_config_serves_on(tmp_path:
         n = len(lb.events)
         lb.signal(signal.SIGHUP)
         err = await lb.wait_event("config.invalid", after=n)
-        assert err["path"] == "services[0].scheduler" and err["line"] == 4
+        line = cfg.read_text().splitlines().index("    scheduler: fastest") + 1
+        assert err["path"] == "services[0].scheduler" and err["line"] == line
         await lb.wait_event("config.reload_rejected", after=n)
         assert await read_line("127.0.0.1", port) == "A"
     finally:

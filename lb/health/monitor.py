@@ -30,6 +30,10 @@ class Monitor:
         self.on_change = on_change
         self.state = CheckState.initial(check.rise, check.fall)
         self.last_reason = ""
+        self.checks = 0  # probes run
+        self.failures = 0  # probes failed
+        self.went_up = 0  # transitions to UP
+        self.went_down = 0  # transitions to DOWN
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -68,6 +72,12 @@ class Monitor:
             was_up = self.state.up
             self.state = self.state.observe(ok)
             self.last_reason = reason
+            self.checks += 1
+            self.failures += not ok
             if self.state.up != was_up:
+                if self.state.up:
+                    self.went_up += 1
+                else:
+                    self.went_down += 1
                 self.on_change(self.state.up, reason)
             await asyncio.sleep(self.check.interval)

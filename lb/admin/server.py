@@ -1,0 +1,245 @@
+"""The admin HTTP API (aiohttp): health, readiness, metrics, state, and runtime edits.
+
+Safe by default: loopback only unless the config says `allow_remote` (which needs a
+token); every mutation is a POST and needs the bearer token when one is configured;
+bodies are small and bounded; slow or idle clients are cut off; every error is a JSON
+body with a 4xx status, and no request can take the balancer down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
+
+from lb.admin.view import backend_json, service_json
+from lb.controller import Controller, EditError
+from lb.metrics import Metrics
+from lb.model import AdminSettings, AdminState
+from lb.proxy.sockets import explain_bind_error
+from lb.rates import RateEstimator
+
+log = logging.getLogger("lb.admin")
+
+MAX_BODY = 16 * 1024
+REQUEST_TIMEOUT = 10.0  # a whole request, body included
+IDLE_TIMEOUT = 10.0  # an idle or never-finished keep-alive connection
+
+
+class AdminSetupError(Exception):
+    """The admin API cannot start (bind failure, unreadable token file)."""
+
+
+class Readiness:
+    """Ready once the config is loaded, every listener bound and every source synced."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = "starting: the first sync is not done"
+
+    @property
+    def ready(self) -> bool:
+        return self.reason is None
+
+    def set_ready(self) -> None:
+        self.reason = None
+
+    def set_not_ready(self, reason: str) -> None:
+        self.reason = reason
+
+
+class EditIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    state: Literal["ready", "drain", "maint"] | None = None
+    weight: Annotated[int, Strict(), Field(ge=0, le=65535)] | None = None
+    reset: Annotated[bool, Strict()] = False
+
+
+def read_token(settings: AdminSettings) -> str | None:
+    if settings.token_file is None:
+        return None
+    try:
+        token = Path(settings.token_file).read_text().strip()
+    except OSError as e:
+        raise AdminSetupError(
+            f"cannot read admin.token_file {settings.token_file}: {e.strerror}"
+        ) from None
+    if not token:
+        raise AdminSetupError(f"admin.token_file {settings.token_file} is empty")
+    return token
+
+
+def bind_admin(settings: AdminSettings) -> socket.socket:
+    ep = settings.listen
+    sock = socket.socket(socket.AF_INET if ep.family == 4 else socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(ep.sockaddr())
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise AdminSetupError(
+            f"cannot listen on {ep} for the admin API: {explain_bind_error(e, ep)}"
+        ) from None
+    return sock
+
+
+def _error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message, "status": status}, status=status, headers=headers)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AdminServer:
+    def __init__(
+        self,
+        *,
+        settings: AdminSettings,
+        controller: Controller,
+        metrics: Metrics,
+        rates: RateEstimator,
+        readiness: Readiness,
+        token: str | None,
+    ) -> None:
+        self.settings = settings
+        self.controller = controller
+        self.metrics = metrics
+        self.rates = rates
+        self.readiness = readiness
+        self.token = token
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard, self._auth])
+        r = app.router
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/readyz", self.readyz)
+        r.add_get("/metrics", self.metrics_text)
+        r.add_get("/api/v1/services", self.services)
+        r.add_get("/api/v1/services/{service}", self.service)
+        r.add_post("/api/v1/services/{service}/backends/{address}", self.edit)
+        return app
+
+    async def start(self, sock: socket.socket) -> None:
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, keepalive_timeout=IDLE_TIMEOUT, handle_signals=False
+        )
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock, shutdown_timeout=1.0).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # --- middlewares ---------------------------------------------------------------------
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every failure becomes a JSON error; nothing escapes, nothing runs forever."""
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else {}
+            return _error(e.status, e.reason, **headers)
+        except TimeoutError:
+            return _error(408, "the request took too long")
+        except Exception:
+            log.exception("admin request %s %s failed", request.method, request.path)
+            return _error(500, "internal error (logged)")
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method == "POST" and self.token is not None:
+            given = request.headers.get("Authorization", "")
+            scheme, _, value = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), self.token):
+                return _error(401, "a bearer token is required", **{"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    # --- read side -----------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.readiness.ready:
+            return web.json_response({"ready": True})
+        return web.json_response({"ready": False, "reason": self.readiness.reason}, status=503)
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _services(self) -> list[dict[str, Any]]:
+        c = self.controller
+        return [service_json(s, c.monitors, c.overrides, self.rates) for s in c.dataplane.observe()]
+
+    async def services(self, request: web.Request) -> web.Response:
+        return web.json_response({"services": self._services()})
+
+    async def service(self, request: web.Request) -> web.Response:
+        name = request.match_info["service"]
+        for s in self._services():
+            if s["name"] == name:
+                return web.json_response(s)
+        return _error(404, f"no service named {name!r}")
+
+    # --- write side ----------------------------------------------------------------------
+
+    async def edit(self, request: web.Request) -> web.Response:
+        service = request.match_info["service"]
+        address = request.match_info["address"]
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            return _error(413, f"the body is over {MAX_BODY} bytes")
+        raw = await request.read()
+        try:
+            data = json.loads(raw or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            return _error(400, f"the body is not JSON: {e}")
+        if not isinstance(data, dict):
+            return _error(
+                400, 'the body must be a JSON object, e.g. {"state": "drain"} or {"weight": 2}'
+            )
+        try:
+            edit = EditIn.model_validate(data)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}"
+                for err in e.errors()
+            )
+            return _error(400, problems)
+        if edit.state is None and edit.weight is None and not edit.reset:
+            return _error(400, 'nothing to change: give "state", "weight" or "reset": true')
+        try:
+            backend = await self.controller.edit_backend(
+                service,
+                address,
+                state=AdminState(edit.state) if edit.state else None,
+                weight=edit.weight,
+                reset=edit.reset,
+            )
+        except EditError as e:
+            return _error(e.status, str(e))
+        c = self.controller
+        for snap in c.dataplane.observe():
+            if snap.service.name == service:
+                for b in snap.backends:
+                    if b.address == backend.address:
+                        return web.json_response(
+                            backend_json(snap, b, c.monitors, c.overrides, self.rates)
+                        )
+        return web.json_response({"address": str(backend.address), "applied": True})
