@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 from pathlib import Path
 
 from lb import __version__
+from lb.admin.client import AdminClient, AdminError
+from lb.admin.listing import render
 from lb.config import ConfigError, load_config
-from lb.model import Config
+from lb.model import AdminSettings, Config
 
 
 def _summary(config: Config) -> str:
@@ -72,6 +75,87 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_client(args: argparse.Namespace) -> AdminClient:
+    """Where the admin API is: --admin, then $LB_ADMIN, then the config's admin.listen."""
+    base = args.admin or os.environ.get("LB_ADMIN")
+    token_file = args.token_file or os.environ.get("LB_ADMIN_TOKEN_FILE")
+    settings = AdminSettings()
+    if args.config:
+        try:
+            settings = load_config(args.config).admin
+        except ConfigError as e:
+            raise AdminError(f"cannot use {args.config}: {e.problems[0].message}") from None
+    if base is None:
+        base = f"http://{settings.listen}"
+    elif "://" not in base:
+        base = f"http://{base}"
+    token = None
+    path = token_file or settings.token_file
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as e:
+            raise AdminError(f"cannot read the token file {path}: {e.strerror}") from None
+    return AdminClient(base, token)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    try:
+        services = _admin_client(args).services()
+    except AdminError as e:
+        print(f"lb: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"services": services}, indent=2))
+        return 0
+    mode = "stats" if args.stats else "rate" if args.rate else ""
+    print(render(services, numeric=args.numeric, mode=mode, exact=args.exact))
+    return 0
+
+
+def _edit(args: argparse.Namespace, body: dict[str, object]) -> int:
+    try:
+        b = _admin_client(args).edit(args.service, args.backend, body)
+    except AdminError as e:
+        print(f"lb: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.service} {b.get('address', args.backend)}: {b.get('state')}, "
+        f"weight {b.get('weight')} (effective {b.get('effective_weight')})"
+    )
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    return _edit(args, {"state": "drain"})
+
+
+def cmd_maint(args: argparse.Namespace) -> int:
+    return _edit(args, {"state": "maint"})
+
+
+def cmd_ready(args: argparse.Namespace) -> int:
+    return _edit(args, {"state": "ready"})
+
+
+def cmd_set_weight(args: argparse.Namespace) -> int:
+    return _edit(args, {"weight": args.weight})
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    return _edit(args, {"reset": True})
+
+
+def _weight(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is out of range 0-65535")
+    return value
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lb.demo import main as demo
 
@@ -106,6 +190,44 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--pid-file", required=True, help="the pid file `lb run --pid-file` wrote")
     rl.add_argument("-c", "--config", help="validate this file first; refuse to reload if invalid")
     rl.set_defaults(func=cmd_reload)
+
+    admin = argparse.ArgumentParser(add_help=False)
+    admin.add_argument(
+        "--admin", metavar="URL", help="the admin API (default: from -c, else 127.0.0.1:9090)"
+    )
+    admin.add_argument(
+        "-c", "--config", help="read the admin address and token file from this config"
+    )
+    admin.add_argument(
+        "--token-file", help="bearer token for changes (default: the config's admin.token_file)"
+    )
+
+    ls = sub.add_parser("list", parents=[admin], help="show services and backends, like ipvsadm -L")
+    ls.add_argument("-n", "--numeric", action="store_true", help="numeric addresses and ports")
+    group = ls.add_mutually_exclusive_group()
+    group.add_argument("--stats", action="store_true", help="connection, packet and byte counters")
+    group.add_argument(
+        "--rate", action="store_true", help="rates: connections, packets, bytes per second"
+    )
+    ls.add_argument("--exact", action="store_true", help="exact numbers (no K/M/G)")
+    ls.add_argument("--json", action="store_true", help="the admin API's JSON")
+    ls.set_defaults(func=cmd_list)
+
+    for name, func, text in (
+        ("drain", cmd_drain, "no new connections to BACKEND; open ones finish (weight 0)"),
+        ("maint", cmd_maint, "maintenance: like drain, and health checks stop"),
+        ("ready", cmd_ready, "back in service after drain or maint"),
+        ("reset", cmd_reset, "drop runtime edits of BACKEND: the config file's values apply"),
+    ):
+        edit = sub.add_parser(name, parents=[admin], help=text)
+        edit.add_argument("service")
+        edit.add_argument("backend", help="ADDRESS:PORT as in the config")
+        edit.set_defaults(func=func)
+    sw = sub.add_parser("set-weight", parents=[admin], help="set BACKEND's weight (0-65535) live")
+    sw.add_argument("service")
+    sw.add_argument("backend", help="ADDRESS:PORT as in the config")
+    sw.add_argument("weight", type=_weight)
+    sw.set_defaults(func=cmd_set_weight)
 
     d = sub.add_parser(
         "demo", help="start example backends and a balancer, show traffic being spread"

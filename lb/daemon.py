@@ -31,6 +31,14 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+class StartError(Exception):
+    """lb could not start; one line per reason."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        super().__init__("; ".join(lines))
+
+
 class Daemon:
     def __init__(self, config_path: Path, pid_file: Path | None) -> None:
         self.config_path = config_path
@@ -50,6 +58,7 @@ class Daemon:
         self.metrics.record_sync(dataplane, seconds)
 
     async def run(self) -> int:
+        """`lb run`: start, serve until SIGTERM/SIGINT (SIGHUP reloads), stop. The exit code."""
         try:
             self.config = load_config(self.config_path)
         except ConfigError as e:
@@ -64,21 +73,39 @@ class Daemon:
                     f"lb: cannot write the pid file {self.pid_file}: {e.strerror}", file=sys.stderr
                 )
                 return 1
+        loop = asyncio.get_running_loop()
         try:
-            return await self._serve()
+            try:
+                await self.start(self.config)
+            except StartError as e:
+                for line in e.lines:
+                    print(f"lb: {line}", file=sys.stderr)
+                return 1
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+            try:
+                await self._stop.wait()
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
+            await self.stop()
         finally:
             if self.pid_file is not None:
                 self.pid_file.unlink(missing_ok=True)
+        return 0
 
-    async def _serve(self) -> int:
-        settings = self.config.admin
+    async def start(self, config: Config) -> None:
+        """Bind the admin API and every listener and apply `config`; StartError if not all
+        of it can be done (then nothing is left bound)."""
+        self.config = config
+        settings = config.admin
         if settings.enabled:
             try:
                 token = read_token(settings)
                 sock = bind_admin(settings)
             except AdminSetupError as e:
-                print(f"lb: {e}", file=sys.stderr)
-                return 1
+                raise StartError([str(e)]) from None
             self.admin = AdminServer(
                 settings=settings,
                 controller=self.controller,
@@ -89,55 +116,47 @@ class Daemon:
             )
             await self.admin.start(sock)
         try:
-            await self.controller.start(self.config)
+            await self.controller.start(config)
         except ApplyError as e:
-            for err in e.errors:
-                print(f"lb: {err}", file=sys.stderr)
             await self.controller.shutdown(0)
             if self.admin is not None:
                 await self.admin.stop()
-            return 1
+            raise StartError([str(err) for err in e.errors]) from None
         self.readiness.set_ready()
-        loop = asyncio.get_running_loop()
-        self._sampler = loop.create_task(self._sample_rates())
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_rates())
         emit(
             log,
             logging.INFO,
             "lb.started",
-            f"serving {len(self.config.services)} services from {self.config_path}"
+            f"serving {len(config.services)} services from {self.config_path}"
             + (f", admin API on http://{settings.listen}" if self.admin else ""),
-            services=len(self.config.services),
+            services=len(config.services),
             config=str(self.config_path),
             admin=str(settings.listen) if self.admin else None,
             pid=os.getpid(),
         )
-        try:
-            await self._stop.wait()
-            self.readiness.set_not_ready("stopping")
-            if self._reloading is not None and not self._reloading.done():
-                self._reloading.cancel()  # a reload must not bind anything past this point
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._reloading
-            grace = self.config.shutdown_grace
-            emit(
-                log,
-                logging.INFO,
-                "lb.stopping",
-                f"stopping: no new connections, {grace:g}s grace",
-                grace=grace,
-            )
-            await self.controller.shutdown(grace)
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+
+    async def stop(self) -> None:
+        """Not ready any more; no new connections; open ones get the grace period."""
+        self.readiness.set_not_ready("stopping")
+        if self._reloading is not None and not self._reloading.done():
+            self._reloading.cancel()  # a reload must not bind anything past this point
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reloading
+        grace = self.config.shutdown_grace
+        emit(
+            log,
+            logging.INFO,
+            "lb.stopping",
+            f"stopping: no new connections, {grace:g}s grace",
+            grace=grace,
+        )
+        await self.controller.shutdown(grace)
+        if self._sampler is not None:
             self._sampler.cancel()
-            if self.admin is not None:
-                await self.admin.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         emit(log, logging.INFO, "lb.stopped", "stopped")
-        return 0
 
     async def _sample_rates(self) -> None:
         """Feed the rate estimator every 2 s, as the kernel's estimator runs."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -150,6 +150,7 @@ class Metrics:
         snapshots: Callable[[], list[ServiceSnapshot]],
         monitors: Callable[[], Mapping[tuple[ServiceKey, Endpoint], Monitor]],
     ) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
         self.registry = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.registry)
         Info("lb_build", "The running lb.", registry=self.registry).info({"version": __version__})

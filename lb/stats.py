@@ -20,6 +20,18 @@ class ErrorReason(enum.StrEnum):
     LIMIT = "limit"  # a connection or flow limit was reached (service, or every backend's)
     NO_BACKEND = "no_backend"  # the scheduler had no usable backend
 
+    def describe(self) -> str:
+        return _DESCRIBE[self]
+
+
+_DESCRIBE = {
+    ErrorReason.REFUSED: "refused by the backend",
+    ErrorReason.CONNECT_FAILED: "failed to connect",
+    ErrorReason.TIMEOUT: "timed out connecting",
+    ErrorReason.LIMIT: "over a connection limit",
+    ErrorReason.NO_BACKEND: "with no usable backend",
+}
+
 
 class Counters:
     """Totals for a service or one of its backends."""

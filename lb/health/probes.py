@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
 import aiohttp
@@ -21,7 +22,7 @@ async def tcp_probe(target: Endpoint, limit: float) -> tuple[bool, str]:
     except TimeoutError:
         return False, f"connect timed out after {limit:g}s"
     except OSError as e:
-        return False, e.strerror or str(e)
+        return False, _explain(e)
     finally:
         sock.close()
     return True, "connected"
@@ -44,7 +45,12 @@ async def http_probe(
     except aiohttp.ClientError as e:
         return False, str(e) or type(e).__name__
     except OSError as e:
-        return False, e.strerror or str(e)
+        return False, _explain(e)
+
+
+def _explain(e: OSError) -> str:
+    """ "connection refused", not "[Errno 111] Connect call failed ('1.2.3.4', 80)"."""
+    return os.strerror(e.errno).lower() if e.errno else str(e)
 
 
 async def probe(

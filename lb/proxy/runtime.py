@@ -10,10 +10,53 @@ from lb.log import emit
 from lb.model import Backend, Endpoint, Service
 from lb.plan import AddDest, DelDest, EditDest, plan_dests
 from lb.sched import Dest
-from lb.stats import BackendSnapshot, Counters, ServiceSnapshot
+from lb.stats import BackendSnapshot, Counters, ErrorReason, ServiceSnapshot
 from lb.virtual_service import VirtualService
 
 log = logging.getLogger("lb.proxy")
+access_log = logging.getLogger("lb.access")
+
+#: Connection errors are logged once per service, backend and reason per this many seconds,
+#: with a count of the ones in between: a failing backend must not flood the log.
+ERROR_LOG_INTERVAL = 10.0
+
+
+class ErrorLog:
+    """One log event per error class (service, backend, reason) at most every interval."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self._last: dict[tuple[Endpoint | None, ErrorReason], float] = {}
+        self._pending: dict[tuple[Endpoint | None, ErrorReason], int] = {}
+
+    def note(self, now: float, backend: Endpoint | None, reason: ErrorReason) -> None:
+        key = (backend, reason)
+        last = self._last.get(key)
+        if last is not None and now - last < ERROR_LOG_INTERVAL:
+            self._pending[key] = self._pending.get(key, 0) + 1
+            return
+        self._emit(now, key, self._pending.pop(key, 0) + 1)
+
+    def flush(self, now: float) -> None:
+        for key in [k for k in self._pending if now - self._last[k] >= ERROR_LOG_INTERVAL]:
+            self._emit(now, key, self._pending.pop(key))
+
+    def _emit(self, now: float, key: tuple[Endpoint | None, ErrorReason], count: int) -> None:
+        backend, reason = key
+        self._last[key] = now
+        where = (
+            f"backend {backend} of service {self.service}" if backend else f"service {self.service}"
+        )
+        emit(
+            log,
+            logging.WARNING,
+            "connection.error",
+            f"{where}: {count} connection{'s' if count > 1 else ''} {reason.describe()}",
+            service=self.service,
+            backend=str(backend) if backend else None,
+            reason=reason.value,
+            count=count,
+        )
 
 
 class ServiceRuntime:
@@ -31,12 +74,54 @@ class ServiceRuntime:
         self.counters = Counters()
         self.backend_counters: dict[Endpoint, Counters] = {}
         self.listening = False
+        self.error_log = ErrorLog(service.name)
+
+    # --- reporting ----------------------------------------------------------------------
+
+    def refused(self, reason: ErrorReason) -> None:
+        """A client was refused or a datagram dropped (counted for the service)."""
+        self.counters.error(reason)
+        self.error_log.note(self.loop.time(), None, reason)
+
+    def failed(self, dest: Dest, counters: Counters, reason: ErrorReason) -> None:
+        """An attempt to reach a backend failed (counted for the backend)."""
+        counters.error(reason)
+        self.error_log.note(self.loop.time(), dest.endpoint, reason)
+
+    def access(
+        self,
+        peer: tuple[str, int] | None,
+        backend: Endpoint | None,
+        end: str,
+        *,
+        bytes_in: int,
+        bytes_out: int,
+        seconds: float,
+    ) -> None:
+        """The optional access log: one event per connection or flow, when it ends."""
+        host, port = peer[:2] if peer else ("?", 0)
+        client = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        emit(
+            access_log,
+            logging.INFO,
+            "access",
+            f"{client} -> {backend or '-'}: {end}, {bytes_in} bytes in, {bytes_out} out,"
+            f" {seconds:.3f}s",
+            service=self.service.name,
+            client=client,
+            backend=str(backend) if backend else None,
+            end=end,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            duration=round(seconds, 6),
+        )
 
     # --- configuration -----------------------------------------------------------------
 
     def update(self, service: Service) -> None:
         """Take a new desired state for this service (same protocol and listen address)."""
         self.service = service
+        self.error_log.service = service.name
         core = self.core
         if (core.scheduler_name, core.flags, core.persistence) != (
             service.scheduler,
@@ -69,6 +154,7 @@ class ServiceRuntime:
     def tick(self) -> None:
         """Periodic housekeeping: run the core's timers, delete drained destinations."""
         self.reconcile()
+        self.error_log.flush(self.loop.time())
         live = self.core.known_endpoints()
         for endpoint in list(self.backend_counters):
             if endpoint not in live:

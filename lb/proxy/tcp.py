@@ -20,7 +20,7 @@ import socket
 from collections.abc import Callable
 from typing import cast
 
-from lb.model import Service
+from lb.model import Endpoint, Service
 from lb.proxy import sockets
 from lb.proxy.runtime import ServiceRuntime
 from lb.sched import Dest
@@ -77,7 +77,7 @@ class TcpService(ServiceRuntime):
         """A client connected: refuse it over the limit, else start its relay."""
         limit = self.service.max_connections
         if limit and len(self.relays) >= limit:
-            self.counters.error(ErrorReason.LIMIT)
+            self.refused(ErrorReason.LIMIT)
             sockets.reset(transport)
             return
         transport.pause_reading()
@@ -156,6 +156,7 @@ class ClientSide(_Side):
         n = len(data)
         relay.svc_counters.bytes_in += n
         relay.counters.bytes_in += n
+        relay.bytes_in += n
         relay.last = relay.loop.time()
 
 
@@ -169,6 +170,7 @@ class BackendSide(_Side):
         n = len(data)
         relay.svc_counters.bytes_out += n
         relay.counters.bytes_out += n
+        relay.bytes_out += n
         relay.last = relay.loop.time()
 
 
@@ -177,6 +179,8 @@ class Relay:
 
     __slots__ = (
         "backend",
+        "bytes_in",
+        "bytes_out",
         "client",
         "client_transport",
         "conn",
@@ -188,6 +192,7 @@ class Relay:
         "last",
         "loop",
         "reset_seen",
+        "started",
         "svc",
         "svc_counters",
         "task",
@@ -209,7 +214,8 @@ class Relay:
         self.reset_seen = False
         self.idle_handle: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
-        self.last = self.loop.time()
+        self.last = self.started = self.loop.time()
+        self.bytes_in = self.bytes_out = 0
 
     # --- connecting ----------------------------------------------------------------------
 
@@ -261,14 +267,14 @@ class Relay:
                     return
                 self._established(backend, counters)
                 return
-            counters.error(reason)
+            svc.failed(conn.dest, counters, reason)
             core.release(conn, self.loop.time())
             self.conn = None
             tried.append(conn.dest)
-        svc.counters.error(reason)
+        svc.refused(reason)
         if not self.client.lost:
             sockets.reset(self.client_transport)
-        self._finish()
+        self._finish(refused=reason)
 
     def _established(self, backend: BackendSide, counters: Counters) -> None:
         self.backend = backend
@@ -286,6 +292,7 @@ class Relay:
             self.early.clear()
             self.svc_counters.bytes_in += n
             counters.bytes_in += n
+            self.bytes_in += n
         if self.client.eof:
             backend.transport.write_eof()
         else:
@@ -363,18 +370,41 @@ class Relay:
                 else:
                     side.transport.close()
 
-    def _finish(self) -> None:
+    def _finish(self, refused: ErrorReason | None = None) -> None:
         if self.finished:
             return
         self.finished = True
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
+        now = self.loop.time()
+        backend = None
         if self.conn is not None:
-            now = self.loop.time()
+            backend = self.conn.dest.endpoint
             if self.established:
                 self.svc.core.close(self.conn, now, reset=self.reset_seen)
             else:
                 self.svc.core.release(self.conn, now)
             self.conn = None
         self.svc.forget(self)
+        if self.svc.service.access_log:
+            self._log_access(now, backend, refused)
+
+    def _log_access(
+        self, now: float, backend: Endpoint | None, refused: ErrorReason | None
+    ) -> None:
+        if refused is not None:
+            end = refused.value
+        elif not self.established:
+            end = "client_gone"
+        else:
+            end = "reset" if self.reset_seen else "closed"
+        peer = self.client_transport.get_extra_info("peername")
+        self.svc.access(
+            peer,
+            backend,
+            end,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            seconds=now - self.started,
+        )

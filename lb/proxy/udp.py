@@ -31,7 +31,7 @@ _ANY_V4 = bytes(4)
 
 
 class Flow:
-    __slots__ = ("client", "conn", "counters", "last", "sock")
+    __slots__ = ("bytes_in", "bytes_out", "client", "conn", "counters", "last", "sock", "started")
 
     def __init__(
         self, client: Any, sock: socket.socket, conn: Conn, counters: Counters, now: float
@@ -40,7 +40,8 @@ class Flow:
         self.sock = sock
         self.conn = conn
         self.counters = counters
-        self.last = now
+        self.last = self.started = now
+        self.bytes_in = self.bytes_out = 0  # for the access log
 
 
 class UdpService(ServiceRuntime):
@@ -105,22 +106,23 @@ class UdpService(ServiceRuntime):
             try:
                 flow.sock.send(data)
             except (BlockingIOError, InterruptedError):
-                svc_counters.error(ErrorReason.LIMIT)  # backend socket buffer full: dropped
+                self.refused(ErrorReason.LIMIT)  # backend socket buffer full: dropped
                 continue
             except ConnectionRefusedError:  # ICMP port unreachable from an earlier datagram
-                flow.counters.error(ErrorReason.REFUSED)
+                self.failed(flow.conn.dest, flow.counters, ErrorReason.REFUSED)
                 continue
             except OSError:
-                flow.counters.error(ErrorReason.CONNECT_FAILED)
+                self.failed(flow.conn.dest, flow.counters, ErrorReason.CONNECT_FAILED)
                 continue
             svc_counters.packets_in += 1
             svc_counters.bytes_in += n
             flow.counters.packets_in += 1
             flow.counters.bytes_in += n
+            flow.bytes_in += n
 
     def _new_flow(self, client: Any, now: float) -> Flow | None:
         if len(self.flows) >= self.service.max_connections:
-            self.counters.error(ErrorReason.LIMIT)
+            self.refused(ErrorReason.LIMIT)
             return None
         core = self.core
         client_ip = (
@@ -128,7 +130,7 @@ class UdpService(ServiceRuntime):
         )
         conn = core.connect(client_ip, client[1], now)
         if conn is None:
-            self.counters.error(ErrorReason.LIMIT if core.at_limit() else ErrorReason.NO_BACKEND)
+            self.refused(ErrorReason.LIMIT if core.at_limit() else ErrorReason.NO_BACKEND)
             return None
         counters = self.counters_for(conn.dest)
         family = socket.AF_INET if conn.dest.endpoint.family == 4 else socket.AF_INET6
@@ -139,8 +141,8 @@ class UdpService(ServiceRuntime):
         except OSError:
             sock.close()
             core.release(conn, now)
-            counters.error(ErrorReason.CONNECT_FAILED)
-            self.counters.error(ErrorReason.CONNECT_FAILED)
+            self.failed(conn.dest, counters, ErrorReason.CONNECT_FAILED)
+            self.refused(ErrorReason.CONNECT_FAILED)
             return None
         flow = Flow(client, sock, conn, counters, now)
         self.loop.add_reader(sock.fileno(), self._on_backend, flow)
@@ -158,20 +160,21 @@ class UdpService(ServiceRuntime):
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionRefusedError:
-                flow.counters.error(ErrorReason.REFUSED)
+                self.failed(flow.conn.dest, flow.counters, ErrorReason.REFUSED)
                 continue
             except OSError:
                 break
             try:
                 front.sendto(data, flow.client)
             except OSError:
-                svc_counters.error(ErrorReason.LIMIT)
+                self.refused(ErrorReason.LIMIT)
                 continue
             n = len(data)
             svc_counters.packets_out += 1
             svc_counters.bytes_out += n
             flow.counters.packets_out += 1
             flow.counters.bytes_out += n
+            flow.bytes_out += n
         flow.last = self.loop.time()
         if flow.client in self.flows:
             self.flows.move_to_end(flow.client)
@@ -198,3 +201,12 @@ class UdpService(ServiceRuntime):
         self.loop.remove_reader(flow.sock.fileno())
         flow.sock.close()
         self.core.release(flow.conn, now)
+        if self.service.access_log:
+            self.access(
+                flow.client,
+                flow.conn.dest.endpoint,
+                "expired",
+                bytes_in=flow.bytes_in,
+                bytes_out=flow.bytes_out,
+                seconds=now - flow.started,
+            )

@@ -1,0 +1,109 @@
+"""`lb list`: the admin API's state in the layout of `ipvsadm -Ln` (and --stats, --rate),
+with a dataplane column for services and a state column for backends."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from lb import __version__
+
+Service = dict[str, Any]
+STATS_COLUMNS = "   Conns   InPkts  OutPkts  InBytes OutBytes"
+RATE_COLUMNS = "     CPS    InPPS   OutPPS    InBPS   OutBPS"
+FORWARD = {"userspace": "Proxy", "ipvs": "Masq", "nftables": "Masq"}
+
+
+def largenum(n: float, exact: bool) -> str:
+    """ipvsadm's print_largenum(): 8 columns, K/M/G past 8 digits unless --exact."""
+    n = int(n)
+    if exact or n < 100_000_000:
+        return f"{n:8d}"
+    for div, unit in ((1000, "K"), (1_000_000, "M"), (1_000_000_000, "G")):
+        if n // div < 10_000_000:
+            return f"{n // div:7d}{unit}"
+    return f"{n // 1_000_000_000_000:7d}T"
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def resolver(numeric: bool) -> Callable[[str], str]:
+    """Without -n, names for addresses and ports, as ipvsadm shows them."""
+
+    def show(address: str) -> str:
+        if numeric:
+            return address
+        host, port = _split(address)
+        try:
+            name, service = socket.getnameinfo((host, port), 0)
+        except OSError:
+            return address
+        return f"[{name}]:{service}" if ":" in name else f"{name}:{service}"
+
+    return show
+
+
+def _service_head(s: Service, show: Callable[[str], str]) -> str:
+    head = f"{s['protocol'].upper():<4} {show(s['listen'])} {s['scheduler']}"
+    if s["flags"]:
+        head += f" ({','.join(s['flags'])})"
+    p = s["persistence"]
+    if p:
+        head += f" persistent {p['timeout']}"
+        if p["netmask"] not in ("255.255.255.255", 128):
+            head += f" mask {p['netmask']}"
+    return head
+
+
+def render(services: list[Service], *, numeric: bool, mode: str = "", exact: bool = False) -> str:
+    show = resolver(numeric)
+    services = sorted(services, key=lambda s: (s["protocol"], s["listen"]))
+    lines = [f"IP Virtual Server version 1.2.1 (lb {__version__})"]
+    if mode:
+        columns = STATS_COLUMNS if mode == "stats" else RATE_COLUMNS
+        lines += [
+            f"{'Prot LocalAddress:Port':<33}{columns} Dataplane",
+            f"{'  -> RemoteAddress:Port':<78} State",
+        ]
+    else:
+        lines += [
+            "Prot LocalAddress:Port Scheduler Flags                      Dataplane",
+            "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn State",
+        ]
+    for s in services:
+        if mode:
+            lines.append(
+                f"{_service_head_short(s, show):<33}{_numbers(s, mode, exact)} {s['dataplane']}"
+            )
+        else:
+            lines.append(f"{_service_head(s, show):<59} {s['dataplane']}")
+        for b in s["backends"]:
+            name = f"  -> {show(b['address'])}"
+            if mode:
+                lines.append(f"{name:<33}{_numbers(b, mode, exact)} {b['state']}")
+            else:
+                fwd = FORWARD.get(s["dataplane"], "Masq")
+                weight, active, inactive = b["effective_weight"], b["active"], b["inactive"]
+                lines.append(
+                    f"{name:<33} {fwd:<7} {weight:<6} {active:<10} {inactive:<10} {b['state']}"
+                )
+    return "\n".join(lines)
+
+
+def _service_head_short(s: Service, show: Callable[[str], str]) -> str:
+    return f"{s['protocol'].upper():<4} {show(s['listen'])}"
+
+
+def _numbers(item: dict[str, Any], mode: str, exact: bool) -> str:
+    if mode == "rate":
+        r = item["rates"]
+        values = [r["cps"], r["in_pps"], r["out_pps"], r["in_bps"], r["out_bps"]]
+    else:
+        c = item["connections"]
+        packets = c["packets"] or {"in": 0, "out": 0}
+        values = [c["total"], packets["in"], packets["out"], c["bytes"]["in"], c["bytes"]["out"]]
+    return " ".join(largenum(v, exact) for v in values)
