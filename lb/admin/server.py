@@ -132,10 +132,14 @@ class AdminServer:
 
     async def start(self, sock: socket.socket) -> None:
         self._runner = web.AppRunner(
-            self.app(), access_log=None, keepalive_timeout=IDLE_TIMEOUT, handle_signals=False
+            self.app(),
+            access_log=None,
+            keepalive_timeout=IDLE_TIMEOUT,
+            handle_signals=False,
+            shutdown_timeout=1.0,
         )
         await self._runner.setup()
-        await web.SockSite(self._runner, sock, shutdown_timeout=1.0).start()
+        await web.SockSite(self._runner, sock).start()
 
     async def stop(self) -> None:
         if self._runner is not None:
