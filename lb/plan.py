@@ -12,7 +12,7 @@ inactive connections reach zero (kube-proxy's graceful termination).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lb.model import Backend, Endpoint
@@ -43,14 +43,25 @@ class DelDest:
 DestOp = AddDest | EditDest | DelDest
 
 
-def plan_dests(current: Sequence[DestView], desired: Sequence[Backend]) -> list[DestOp]:
-    """The edits that take `current` (kernel list order) to `desired` (file order)."""
+def drained(d: DestView) -> bool:
+    return d.conns == 0
+
+
+def plan_dests(
+    current: Sequence[DestView],
+    desired: Sequence[Backend],
+    may_delete: Callable[[DestView], bool] = drained,
+) -> list[DestOp]:
+    """The edits that take `current` (kernel list order) to `desired` (file order).
+
+    `may_delete` says when a destination that left may go: by default once it has no
+    connections; a dataplane can add a grace timeout."""
     wanted = {b.address for b in desired}
     ops: list[DestOp] = []
     for d in current:
         if d.endpoint in wanted:
             continue
-        if d.conns == 0:
+        if may_delete(d):
             ops.append(DelDest(d.endpoint))
         elif d.weight != 0:
             ops.append(EditDest(d.endpoint, 0, d.u_threshold, d.l_threshold))

@@ -1,0 +1,191 @@
+"""The host set-up the IPVS dataplane owns, and nothing else.
+
+- a dummy device (default `lb0`) holding each offloaded VIP as a /32 (or /128): the VIPs
+  on it are how lb recognises its own IPVS services, after a restart or a `kill -9` too;
+- the sysctls IPVS NAT needs on one host (ipvs-reference.md);
+- an nftables table of its own (`lb_ipvs`) that masquerades what the kernel path cannot
+  carry otherwise: clients on this host (their source is the VIP) and hairpin traffic (a
+  backend reaching itself through the VIP).
+`cleanup()` removes all of it: the owned IPVS services, the device, the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from lb.log import emit
+from lb.model import IPAddress
+
+log = logging.getLogger("lb.offload")
+
+SYSCTLS = {
+    "net/ipv4/ip_forward": "1",
+    "net/ipv4/vs/conntrack": "1",
+    "net/ipv4/vs/expire_nodest_conn": "1",
+    "net/ipv4/vs/expire_quiescent_template": "1",
+}
+NFT_TABLE = "lb_ipvs"
+
+
+class HostError(Exception):
+    pass
+
+
+async def _run(*cmd: str, stdin: str | None = None) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate(stdin.encode() if stdin is not None else None)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace").strip()
+
+
+class Host:
+    def __init__(self, device: str = "lb0", proc_sys: Path = Path("/proc/sys")) -> None:
+        self.device = device
+        self.proc_sys = proc_sys
+        self._nat: tuple[frozenset[IPAddress], frozenset[tuple[IPAddress, IPAddress]]] | None = None
+
+    # --- set-up ----------------------------------------------------------------------------
+
+    async def load_modules(self) -> None:
+        """ip_vs and friends; missing modprobe or module is not fatal here, netlink will say."""
+        if shutil.which("modprobe"):
+            await _run("modprobe", "-a", "ip_vs", "dummy", "nf_tables", "nft_nat", "nft_masq")
+
+    async def setup(self) -> None:
+        await self._ensure_device()
+        for key, value in SYSCTLS.items():
+            path = self.proc_sys / key
+            try:
+                if path.read_text().strip() != value:
+                    path.write_text(value)
+            except OSError as e:
+                raise HostError(
+                    f"cannot set sysctl {key.replace('/', '.')}={value}: {e.strerror}"
+                ) from None
+
+    async def _ensure_device(self) -> None:
+        from pyroute2 import AsyncIPRoute
+
+        async with AsyncIPRoute() as ipr:
+            links = [link async for link in await ipr.link("dump", ifname=self.device)]
+            if not links:
+                try:
+                    await ipr.link("add", ifname=self.device, kind="dummy")
+                except Exception as e:
+                    raise HostError(f"cannot create the dummy device {self.device}: {e}") from None
+                emit(
+                    log,
+                    logging.INFO,
+                    "offload.device",
+                    f"created {self.device}",
+                    device=self.device,
+                )
+            index = await self._index(ipr)
+            await ipr.link("set", index=index, state="up")
+
+    async def _index(self, ipr: object) -> int:
+        links = [link async for link in await ipr.link("dump", ifname=self.device)]  # type: ignore[attr-defined]
+        if not links:
+            raise HostError(f"no device {self.device}")
+        return int(links[0]["index"])
+
+    # --- VIPs --------------------------------------------------------------------------------
+
+    async def vips(self) -> set[IPAddress]:
+        """The addresses on the device: the VIPs lb owns."""
+        from pyroute2 import AsyncIPRoute
+
+        async with AsyncIPRoute() as ipr:
+            links = [link async for link in await ipr.link("dump", ifname=self.device)]
+            if not links:
+                return set()
+            index = links[0]["index"]
+            return {
+                ipaddress.ip_address(a.get("IFA_ADDRESS"))
+                async for a in await ipr.addr("dump", index=index)
+                if a.get("IFA_ADDRESS")
+            }
+
+    async def local_addresses(self) -> dict[IPAddress, str]:
+        """Every address of this network namespace, and the device holding it."""
+        from pyroute2 import AsyncIPRoute
+
+        async with AsyncIPRoute() as ipr:
+            names = {link["index"]: link.get("ifname") async for link in await ipr.link("dump")}
+            return {
+                ipaddress.ip_address(a.get("IFA_ADDRESS")): names.get(a["index"], "?")
+                async for a in await ipr.addr("dump")
+                if a.get("IFA_ADDRESS")
+            }
+
+    async def set_vips(self, wanted: Iterable[IPAddress]) -> None:
+        """Exactly these VIPs on the device (added before the listeners bind them)."""
+        from pyroute2 import AsyncIPRoute
+
+        wanted = set(wanted)
+        have = await self.vips()
+        if wanted == have:
+            return
+        async with AsyncIPRoute() as ipr:
+            index = await self._index(ipr)
+            for ip in sorted(wanted - have, key=str):
+                await ipr.addr("add", index=index, address=str(ip), prefixlen=ip.max_prefixlen)
+            for ip in sorted(have - wanted, key=str):
+                await ipr.addr("del", index=index, address=str(ip), prefixlen=ip.max_prefixlen)
+
+    # --- masquerade ----------------------------------------------------------------------
+
+    async def set_nat(
+        self, vips: Iterable[IPAddress], hairpin: Iterable[tuple[IPAddress, IPAddress]]
+    ) -> None:
+        """One atomic nft transaction: the table, its sets and rules, rebuilt whole."""
+        v4 = frozenset(ip for ip in vips if ip.version == 4)
+        pairs = frozenset((a, b) for a, b in hairpin if a.version == 4)
+        if self._nat == (v4, pairs):
+            return
+        if not shutil.which("nft"):
+            raise HostError(
+                "nft is not installed (Debian package nftables): no masquerade for local clients"
+            )
+        elements = ", ".join(str(ip) for ip in sorted(v4, key=int))
+        hp = ", ".join(f"{a} . {b}" for a, b in sorted(pairs, key=lambda p: (int(p[0]), int(p[1]))))
+        script = f"""table ip {NFT_TABLE}
+delete table ip {NFT_TABLE}
+table ip {NFT_TABLE} {{
+    set vips {{ type ipv4_addr; {f"elements = {{ {elements} }};" if elements else ""} }}
+    set hairpin {{ type ipv4_addr . ipv4_addr; {f"elements = {{ {hp} }};" if hp else ""} }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        ip saddr @vips masquerade comment "clients on this host: their source is the VIP"
+        ip saddr . ip daddr @hairpin masquerade comment "a backend reaching itself"
+    }}
+}}
+"""
+        code, out = await _run("nft", "-f", "-", stdin=script)
+        if code != 0:
+            raise HostError(f"nft: {out}")
+        self._nat = (v4, pairs)
+
+    # --- clean-up ------------------------------------------------------------------------------
+
+    async def remove(self) -> None:
+        """Delete the device and the nft table (the IPVS services go first, see cleanup)."""
+        from pyroute2 import AsyncIPRoute
+
+        async with AsyncIPRoute() as ipr:
+            links = [link async for link in await ipr.link("dump", ifname=self.device)]
+            if links:
+                await ipr.link("del", index=links[0]["index"])
+        if shutil.which("nft"):
+            await _run("nft", "delete", "table", "ip", NFT_TABLE)
+        self._nat = None

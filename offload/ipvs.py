@@ -1,0 +1,180 @@
+"""The IPVS dataplane: make the kernel's virtual services match a desired set.
+
+`apply(desired)` dumps what the kernel has, diffs, and adds / sets / deletes services and
+destinations, with the destination edits from `lb.plan` (the same order the userspace
+reference uses, so the kernel's list order and scheduler state match it). Idempotent:
+nothing to change means no netlink write. It only touches services it owns, those on a
+VIP of its own device; any other IPVS service (keepalived's, say) is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from lb.log import emit
+from lb.model import Endpoint, IPAddress, Service, ServiceKey
+from lb.plan import AddDest, DelDest, EditDest, plan_dests
+from lb.stats import BackendSnapshot, ErrorReason, ServiceSnapshot, Totals
+from lb.virtual_service import DestView
+from offload.ipvs_netlink import FWD_LOCAL, IpvsClient, KDest, KService, KStats
+from offload.policy import kernel_service
+
+log = logging.getLogger("lb.offload")
+
+NO_ERRORS: dict[ErrorReason, int] = dict.fromkeys(ErrorReason, 0)
+
+
+def _totals(s: KStats) -> Totals:
+    return Totals(s.conns, s.inbytes, s.outbytes, s.inpkts, s.outpkts, dict(NO_ERRORS))
+
+
+class IpvsDataplane:
+    name = "ipvs"
+
+    def __init__(
+        self,
+        client: IpvsClient,
+        owned_vips: Callable[[], Awaitable[set[IPAddress]]],
+        drain_timeout: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.owned_vips = owned_vips
+        self.drain_timeout = drain_timeout
+        self.clock = clock
+        self.foreign: set[ServiceKey] = set()  # IPVS services on these keys that are not ours
+        self._desired: dict[ServiceKey, Service] = {}
+        self._services: dict[ServiceKey, KService] = {}
+        self._dests: dict[ServiceKey, list[KDest]] = {}
+        self._quiesced: dict[tuple[ServiceKey, Endpoint], float] = {}
+
+    # --- apply ---------------------------------------------------------------------------
+
+    async def apply(self, desired: list[Service]) -> None:
+        now = self.clock()
+        vips = await self.owned_vips()
+        kernel = {k.key: k for k in await self.client.services()}
+        self.foreign = {key for key in kernel if key.listen.ip not in vips}
+        wanted: dict[ServiceKey, Service] = {}
+        for s in desired:
+            if s.key in self.foreign:
+                continue  # never modify a service that is not ours
+            wanted[s.key] = s
+            await self._apply_service(s, kernel.get(s.key), now)
+        for key in kernel.keys() - wanted.keys() - self.foreign:
+            await self.client.del_service(key)
+            emit(
+                log,
+                logging.INFO,
+                "ipvs.service_deleted",
+                f"IPVS service {key} deleted",
+                service=str(key),
+            )
+        self._desired = wanted
+        self._quiesced = {k: t for k, t in self._quiesced.items() if k[0] in wanted}
+        await self.refresh()
+
+    async def _apply_service(self, s: Service, have: KService | None, now: float) -> None:
+        want = kernel_service(s)
+        if have is None:
+            await self.client.add_service(want)
+            emit(
+                log,
+                logging.INFO,
+                "ipvs.service_added",
+                f"IPVS service {s.key} ({s.name}) added",
+                service=s.name,
+                key=str(s.key),
+            )
+            current: list[KDest] = []
+        else:
+            if have != want:
+                await self.client.set_service(want)
+            current = await self.client.dests(s.key)
+        local = s.listen
+
+        def may_delete(view: DestView) -> bool:
+            if view.conns == 0:
+                return True
+            since = self._quiesced.setdefault((s.key, view.endpoint), now)
+            return now - since >= self.drain_timeout
+
+        views = [
+            DestView(d.endpoint, d.weight, d.u_threshold, d.l_threshold, d.active + d.inactive)
+            for d in current
+        ]
+        for op in plan_dests(views, s.backends, may_delete):
+            if isinstance(op, AddDest):
+                self._quiesced.pop((s.key, op.endpoint), None)
+                fwd = FWD_LOCAL if op.endpoint == local else 0
+                await self.client.add_dest(
+                    s.key, KDest(op.endpoint, op.weight, op.u_threshold, op.l_threshold, fwd)
+                )
+            elif isinstance(op, EditDest):
+                fwd = FWD_LOCAL if op.endpoint == local else 0
+                await self.client.set_dest(
+                    s.key, KDest(op.endpoint, op.weight, op.u_threshold, op.l_threshold, fwd)
+                )
+            elif isinstance(op, DelDest):
+                self._quiesced.pop((s.key, op.endpoint), None)
+                await self.client.del_dest(s.key, op.endpoint)
+
+    # --- observation ---------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Re-read counters and connection counts (a dump per owned service)."""
+        services = {k.key: k for k in await self.client.services()}
+        self._services = {k: v for k, v in services.items() if k in self._desired}
+        self._dests = {k: await self.client.dests(k) for k in self._services}
+
+    def dests(self, key: ServiceKey) -> list[KDest]:
+        return self._dests.get(key, [])
+
+    def drained(self, key: ServiceKey, keep: Endpoint | None = None) -> bool:
+        """No connections left on the NAT destinations (`keep`: the local one, if any)."""
+        return all(d.active + d.inactive == 0 for d in self.dests(key) if d.endpoint != keep)
+
+    def has(self, key: ServiceKey) -> bool:
+        return key in self._services
+
+    def observe(self) -> list[ServiceSnapshot]:
+        out = []
+        for key, k in self._services.items():
+            s = self._desired[key]
+            wanted = {b.address: b for b in s.backends}
+            backends = tuple(
+                BackendSnapshot(
+                    address=d.endpoint,
+                    backend=wanted.get(d.endpoint),
+                    weight=d.weight,
+                    active=d.active,
+                    inactive=d.inactive,
+                    persistent=d.persistent,
+                    overloaded=False,
+                    totals=_totals(d.stats),
+                )
+                for d in self._dests.get(key, [])
+            )
+            out.append(
+                ServiceSnapshot(
+                    service=s,
+                    dataplane=self.name,
+                    listening=True,
+                    open=sum(d.active for d in self._dests.get(key, [])),
+                    totals=_totals(k.stats),
+                    backends=backends,
+                )
+            )
+        return out
+
+    async def remove_all(self) -> None:
+        """Delete every service this dataplane owns (shutdown, `lb cleanup`)."""
+        vips = await self.owned_vips()
+        for k in await self.client.services():
+            if k.key.listen.ip in vips:
+                await self.client.del_service(k.key)
+        self._desired.clear()
+        self._services.clear()
+        self._dests.clear()

@@ -1,0 +1,170 @@
+"""Which services go to the kernel, and how they look there: pure code, time passed in.
+
+A service is offloaded when it is *expressible* (everything it uses exists in IPVS) and,
+in `auto` mode, *stable* (unchanged for `hold_down`). Churn (too many changes within
+`hold_down`) sends it back to userspace; calm brings it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+from lb.model import (
+    TCP_IDLE_TIMEOUT,
+    UDP_IDLE_TIMEOUT,
+    AdminState,
+    Backend,
+    Protocol,
+    SchedFlag,
+    SchedulerName,
+    Service,
+    ServiceKey,
+)
+from offload.ipvs_netlink import F_PERSISTENT, F_SCHED1, F_SCHED2, KService
+
+
+class Mode(enum.StrEnum):
+    USERSPACE = "userspace"
+    IPVS = "ipvs"
+    AUTO = "auto"
+
+
+def kernel_service(s: Service) -> KService:
+    """The IPVS service for `s`: scheduler, flags, persistence timeout and netmask."""
+    flags = 0
+    if SchedFlag.FALLBACK in s.flags:
+        flags |= F_SCHED1
+    if SchedFlag.PORT in s.flags:
+        flags |= F_SCHED2
+    timeout: int = 0
+    prefix: int = s.listen.ip.max_prefixlen
+    if s.persistence is not None:
+        flags |= F_PERSISTENT
+        timeout, prefix = s.persistence.timeout, s.persistence.prefix_len
+    return KService(s.key, s.scheduler.value, flags, timeout, prefix)
+
+
+def not_expressible(s: Service) -> str | None:
+    """Why IPVS NAT cannot carry `s` as configured, or None if it can."""
+    ip = s.listen.ip
+    if ip.version == 6:
+        return "IPv6 services are not offloaded yet"
+    if ip.is_unspecified:
+        return "a wildcard listen address cannot be an IPVS VIP"
+    if ip.is_loopback:
+        return "a loopback VIP cannot be NATed by IPVS (use another address)"
+    for b in s.backends:
+        if b.address.family != s.listen.family:
+            return f"IPVS NAT cannot change address family (backend {b.address})"
+        if b.address.ip.is_loopback:
+            return f"backend {b.address} is on loopback, which IPVS NAT cannot reach"
+    if s.protocol is Protocol.TCP and s.retries > 0:
+        return f"connect retry is userspace-only (retries: {s.retries}; set retries: 0 to offload)"
+    if s.protocol is Protocol.TCP and s.max_connections:
+        return "a service connection limit (max_connections) is userspace-only"
+    default_idle = TCP_IDLE_TIMEOUT if s.protocol is Protocol.TCP else UDP_IDLE_TIMEOUT
+    if s.idle_timeout != default_idle:
+        return (
+            f"IPVS has one idle timeout per protocol for the whole host: idle_timeout must be "
+            f"the default ({default_idle:g}s) to offload"
+        )
+    if s.access_log:
+        return "the access log is userspace-only"
+    return None
+
+
+def demoting_form(s: Service) -> Service:
+    """How a service looks in the kernel while it moves back to userspace: new connections
+    to the VIP:port itself (a local destination: the kernel hands them to the userspace
+    listener unchanged), the NAT destinations quiesced so theirs finish. rr, no flags and no
+    persistence, so that every new connection reaches the local destination."""
+    backends = [
+        Backend(b.address, 0, AdminState.READY, b.max_connections, b.resume_below)
+        for b in s.backends
+    ]
+    backends.append(Backend(s.listen, 1))
+    return Service(s.name, s.protocol, s.listen, SchedulerName.RR, backends=tuple(backends))
+
+
+def orphan_form(s: Service) -> Service:
+    """A service that left the config while in the kernel: no new connections, its own
+    finish, then it goes."""
+    return dataclasses.replace(s, backends=tuple(Backend(b.address, 0) for b in s.backends))
+
+
+@dataclass
+class _Track:
+    service: Service
+    changed: float
+    changes: deque[float]
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    kernel: bool
+    reason: str
+
+
+class OffloadPolicy:
+    def __init__(self, mode: Mode, hold_down: float, churn_limit: int) -> None:
+        self.mode = mode
+        self.hold_down = hold_down
+        self.churn_limit = churn_limit
+        self.unavailable: str | None = None  # why IPVS cannot be used at all
+        self._track: dict[ServiceKey, _Track] = {}
+
+    def observe(self, services: list[Service], now: float) -> None:
+        """Note which services changed (config, backends, weights, health) and when."""
+        seen = set()
+        for s in services:
+            seen.add(s.key)
+            t = self._track.get(s.key)
+            if t is None:
+                self._track[s.key] = _Track(s, now, deque([now]))
+            elif t.service != s:
+                t.service = s
+                t.changed = now
+                t.changes.append(now)
+        for key in [k for k in self._track if k not in seen]:
+            del self._track[key]
+
+    def want(self, key: ServiceKey, now: float, in_kernel: bool) -> Want:
+        t = self._track.get(key)
+        if t is None:
+            return Want(False, "not in the config")
+        if self.mode is Mode.USERSPACE:
+            return Want(False, "dataplane: userspace")
+        if self.unavailable is not None:
+            return Want(False, self.unavailable)
+        reason = not_expressible(t.service)
+        if reason is not None:
+            return Want(False, reason)
+        if self.mode is Mode.IPVS:
+            return Want(True, "dataplane: ipvs")
+        while t.changes and t.changes[0] <= now - self.hold_down:
+            t.changes.popleft()
+        if in_kernel and len(t.changes) >= self.churn_limit:
+            return Want(False, f"churn: {len(t.changes)} changes in the last {self.hold_down:g}s")
+        calm = now - t.changed
+        if not in_kernel and calm < self.hold_down:
+            return Want(
+                False, f"waiting for {self.hold_down:g}s without changes ({calm:.0f}s so far)"
+            )
+        return Want(True, "stable")
+
+    def next_check(self, now: float) -> float | None:
+        """When a service that is waiting becomes eligible (for a timer)."""
+        times = [
+            t.changed + self.hold_down
+            for t in self._track.values()
+            if t.changed + self.hold_down > now
+        ]
+        times += [
+            t.changes[0] + self.hold_down
+            for t in self._track.values()
+            if t.changes and t.changes[0] + self.hold_down > now
+        ]
+        return min(times) if times else None
