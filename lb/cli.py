@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lb.daemon import run
 
     log.setup(args.log_level, args.log_format)
-    return run(Path(args.config), Path(args.pid_file) if args.pid_file else None)
+    return run(Path(args.config), Path(args.pid_file) if args.pid_file else None, args.dataplane)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -146,6 +146,37 @@ def cmd_reset(args: argparse.Namespace) -> int:
     return _edit(args, {"reset": True})
 
 
+def cmd_offload_plan(args: argparse.Namespace) -> int:
+    from offload.commands import plan
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
+    print(plan(config, args.dataplane or config.dataplane))
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from offload.commands import run_cleanup
+
+    device = args.device
+    if device is None and args.config:
+        try:
+            device = load_config(args.config).offload.device
+        except ConfigError as e:
+            print(e.render(), file=sys.stderr)
+            return 2
+    try:
+        for line in run_cleanup(device or "lb0"):
+            print(line)
+    except PermissionError:
+        print("lb: cleanup needs root (CAP_NET_ADMIN)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _weight(text: str) -> int:
     try:
         value = int(text)
@@ -177,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="serve a config file until SIGTERM (SIGHUP reloads it)")
     r.add_argument("-c", "--config", required=True, help="the YAML config file")
     r.add_argument("--pid-file", help="write the process id here (for `lb reload`)")
+    r.add_argument(
+        "--dataplane",
+        choices=["userspace", "ipvs", "auto"],
+        help="override the config's dataplane: userspace, ipvs (kernel IPVS, required), "
+        "auto (userspace, stable services promoted to IPVS when available)",
+    )
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     r.add_argument(
         "--log-format",
@@ -190,6 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--pid-file", required=True, help="the pid file `lb run --pid-file` wrote")
     rl.add_argument("-c", "--config", help="validate this file first; refuse to reload if invalid")
     rl.set_defaults(func=cmd_reload)
+
+    off = sub.add_parser("offload", help="kernel offload: `lb offload plan -c lb.yaml`")
+    off_sub = off.add_subparsers(dest="offload_command", required=True, metavar="COMMAND")
+    op = off_sub.add_parser(
+        "plan", help="print what IPVS would be given (ipvsadm-save lines), no root needed"
+    )
+    op.add_argument("-c", "--config", required=True)
+    op.add_argument(
+        "--dataplane", choices=["userspace", "ipvs", "auto"], help="as `lb run --dataplane`"
+    )
+    op.set_defaults(func=cmd_offload_plan)
+
+    cu = sub.add_parser(
+        "cleanup", help="remove lb's IPVS services, its dummy device and nftables table"
+    )
+    cu.add_argument("-c", "--config", help="read offload.device from this config")
+    cu.add_argument("--device", help="the dummy device (default lb0)")
+    cu.set_defaults(func=cmd_cleanup)
 
     admin = argparse.ArgumentParser(add_help=False)
     admin.add_argument(

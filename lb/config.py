@@ -35,6 +35,7 @@ from lb.model import (
     Config,
     Endpoint,
     HealthCheck,
+    OffloadSettings,
     Persistence,
     Protocol,
     SchedulerName,
@@ -194,10 +195,21 @@ class AdminIn(_Model):
     token_file: Annotated[str, Strict(), Field(min_length=1)] | None = None
 
 
+class OffloadIn(_Model):
+    hold_down: Duration = 10.0
+    churn_limit: Annotated[int, Strict(), Field(ge=1, le=1000)] = 3
+    drain_timeout: Duration = 300.0
+    device: Annotated[
+        str, Strict(), Field(min_length=1, max_length=15, pattern=r"^[A-Za-z0-9_.-]+$")
+    ] = "lb0"
+
+
 class RootIn(_Model):
     services: list[Any] = Field(default_factory=list)
     shutdown_grace: Duration = 30.0
     admin: AdminIn = AdminIn()
+    dataplane: Literal["userspace", "ipvs", "auto"] = "userspace"
+    offload: OffloadIn = OffloadIn()
 
 
 _MESSAGES: dict[str, Callable[[ErrorDetails], str]] = {
@@ -251,7 +263,7 @@ def _known_fields(prefix: tuple[PathPart, ...], loc: tuple[PathPart, ...]) -> li
         if isinstance(part, int):
             continue
         ann = model.model_fields[str(part)].annotation
-        for candidate in (BackendIn, PersistenceIn, HealthCheckIn, AdminIn):
+        for candidate in (BackendIn, PersistenceIn, HealthCheckIn, AdminIn, OffloadIn):
             if candidate in _type_args(ann):
                 model = candidate
                 break
@@ -532,11 +544,13 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         located.sort(key=lambda p: p.line or 0)
         raise ConfigError(source, _dedupe(located))
     assert root is not None
-    a = root.admin
+    a, o = root.admin, root.offload
     return Config(
         services=tuple(_build_service(s) for s in services),
         shutdown_grace=root.shutdown_grace,
         admin=AdminSettings(a.enabled, a.listen, a.allow_remote, a.token_file),
+        dataplane=root.dataplane,
+        offload=OffloadSettings(o.hold_down, o.churn_limit, o.drain_timeout, o.device),
         source=source,
     )
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -61,16 +60,11 @@ class EditError(Exception):
 
 
 class Controller:
-    def __init__(
-        self,
-        dataplane: Dataplane,
-        on_sync: Callable[[str, float], None] | None = None,
-    ) -> None:
+    def __init__(self, dataplane: Dataplane) -> None:
         self.dataplane = dataplane
         self.config = Config()
         self.monitors: dict[BackendKey, Monitor] = {}
         self.overrides: dict[BackendKey, Override] = {}
-        self._on_sync = on_sync  # (dataplane name, seconds) after each apply
         self._lock = asyncio.Lock()
         self._dirty = False
         self._sync_task: asyncio.Task[None] | None = None
@@ -101,10 +95,7 @@ class Controller:
         return out
 
     async def _apply(self, desired: list[Service]) -> None:
-        start = time.perf_counter()
         await self.dataplane.apply(desired)
-        if self._on_sync is not None:
-            self._on_sync(self.dataplane.name, time.perf_counter() - start)
         self._report_changes(desired)
 
     def _report_changes(self, desired: list[Service]) -> None:

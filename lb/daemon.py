@@ -9,7 +9,7 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 from lb.admin.server import AdminServer, AdminSetupError, Readiness, bind_admin, read_token
@@ -20,6 +20,11 @@ from lb.metrics import Metrics
 from lb.model import Config
 from lb.proxy.dataplane import ApplyError, UserspaceDataplane
 from lb.rates import INTERVAL, RateEstimator
+from offload.host import Host, HostError
+from offload.ipvs import IpvsDataplane
+from offload.ipvs_netlink import IpvsUnavailable, NetlinkIpvs
+from offload.manager import OffloadManager
+from offload.policy import Mode, OffloadPolicy
 
 log = logging.getLogger("lb")
 
@@ -40,11 +45,15 @@ class StartError(Exception):
 
 
 class Daemon:
-    def __init__(self, config_path: Path, pid_file: Path | None) -> None:
+    def __init__(
+        self, config_path: Path, pid_file: Path | None, dataplane: str | None = None
+    ) -> None:
         self.config_path = config_path
         self.pid_file = pid_file
-        self.dataplane = UserspaceDataplane()
-        self.controller = Controller(self.dataplane, on_sync=self._on_sync)
+        self.mode_override = dataplane
+        self.userspace = UserspaceDataplane()
+        self.dataplane = OffloadManager(self.userspace, on_sync=self._on_sync)
+        self.controller = Controller(self.dataplane)
         self.metrics = Metrics(self.dataplane.observe, lambda: self.controller.monitors)
         self.rates = RateEstimator()
         self.readiness = Readiness()
@@ -99,6 +108,7 @@ class Daemon:
         """Bind the admin API and every listener and apply `config`; StartError if not all
         of it can be done (then nothing is left bound)."""
         self.config = config
+        await self._enable_offload(config)
         settings = config.admin
         if settings.enabled:
             try:
@@ -136,6 +146,46 @@ class Daemon:
             pid=os.getpid(),
         )
 
+    async def _enable_offload(self, config: Config) -> None:
+        """Open the kernel dataplane the mode asks for: `ipvs` insists, `auto` falls back."""
+        mode = Mode(self.mode_override or config.dataplane)
+        o = config.offload
+        policy = OffloadPolicy(mode, o.hold_down, o.churn_limit)
+        if mode is Mode.USERSPACE:
+            self.dataplane.enable(policy, None, None, o.drain_timeout)
+            return
+        host = Host(o.device)
+        try:
+            await host.load_modules()
+            client = await NetlinkIpvs().open()
+            try:
+                await host.setup()
+            except HostError:
+                await client.close()
+                raise
+        except (IpvsUnavailable, HostError) as e:
+            if mode is Mode.IPVS:
+                raise StartError([f"dataplane ipvs: {e}"]) from None
+            policy.unavailable = f"IPVS unavailable: {e}"
+            emit(
+                log,
+                logging.WARNING,
+                "offload.unavailable",
+                f"dataplane auto: IPVS unavailable ({e}); every service stays in userspace",
+            )
+            self.dataplane.enable(policy, None, None, o.drain_timeout)
+            return
+        ipvs = IpvsDataplane(client, host.vips, o.drain_timeout)
+        self.dataplane.enable(policy, ipvs, host, o.drain_timeout)
+        emit(
+            log,
+            logging.INFO,
+            "offload.enabled",
+            f"dataplane {mode}: IPVS ready on {o.device}",
+            mode=str(mode),
+            device=o.device,
+        )
+
     async def stop(self) -> None:
         """Not ready any more; no new connections; open ones get the grace period."""
         self.readiness.set_not_ready("stopping")
@@ -163,12 +213,13 @@ class Daemon:
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
-            keys: set[object] = set()
+            keys: set[Hashable] = set()
             for s in self.dataplane.observe():
-                self.rates.sample(s.service.key, now, s.totals)
-                keys.add(s.service.key)
+                key: Hashable = (s.service.key, s.dataplane)
+                self.rates.sample(key, now, s.totals)
+                keys.add(key)
                 for b in s.backends:
-                    key = (s.service.key, b.address)
+                    key = ((s.service.key, b.address), s.dataplane)
                     self.rates.sample(key, now, b.totals)
                     keys.add(key)
             self.rates.forget_except(keys)
@@ -210,6 +261,13 @@ class Daemon:
                 )
             self._reload_failed(f"reload of {self.config_path} rejected")
             return
+        if (config.dataplane, config.offload) != (self.config.dataplane, self.config.offload):
+            emit(
+                log,
+                logging.WARNING,
+                "offload.unchanged",
+                "the dataplane or offload settings changed: they take effect when lb restarts",
+            )
         if config.admin != self.config.admin:
             emit(
                 log,
@@ -244,6 +302,6 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
-def run(config_path: Path, pid_file: Path | None) -> int:
+def run(config_path: Path, pid_file: Path | None, dataplane: str | None = None) -> int:
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        return runner.run(Daemon(config_path, pid_file).run())
+        return runner.run(Daemon(config_path, pid_file, dataplane).run())

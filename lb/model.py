@@ -235,8 +235,20 @@ class AdminSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class OffloadSettings:
+    """How services move to a kernel dataplane (`dataplane: ipvs | auto`)."""
+
+    hold_down: float = 10.0  # auto: unchanged this long before a service is promoted
+    churn_limit: int = 3  # auto: this many changes within hold_down demote a service
+    drain_timeout: float = 300.0  # the longest a removed or demoted destination drains
+    device: str = "lb0"  # the dummy device holding the offloaded VIPs
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     services: tuple[Service, ...] = ()
     shutdown_grace: float = 30.0
     admin: AdminSettings = AdminSettings()
+    dataplane: str = "userspace"  # userspace | ipvs | auto
+    offload: OffloadSettings = OffloadSettings()
     source: str = field(default="", compare=False)  # where it was loaded from, for messages

@@ -49,21 +49,15 @@ class OffloadManager:
 
     def __init__(
         self,
-        mode: Mode,
         userspace: UserspaceDataplane,
-        ipvs: IpvsDataplane | None,
-        host: Host | None,
-        policy: OffloadPolicy,
         *,
-        drain_timeout: float = 300.0,
         on_sync: Callable[[str, float], None] | None = None,
     ) -> None:
-        self.mode = mode
         self.userspace = userspace
-        self.ipvs = ipvs
-        self.host = host
-        self.policy = policy
-        self.drain_timeout = drain_timeout
+        self.ipvs: IpvsDataplane | None = None
+        self.host: Host | None = None
+        self.policy = OffloadPolicy(Mode.USERSPACE, 10.0, 3)
+        self.drain_timeout = 300.0
         self._on_sync = on_sync
         self._desired: list[Service] = []
         self._placement: dict[ServiceKey, Placement] = {}
@@ -74,6 +68,19 @@ class OffloadManager:
         self._lock = asyncio.Lock()
         self._tick: asyncio.Task[None] | None = None
         self._local: dict[IPAddress, str] = {}
+
+    def enable(
+        self,
+        policy: OffloadPolicy,
+        ipvs: IpvsDataplane | None,
+        host: Host | None,
+        drain_timeout: float,
+    ) -> None:
+        """Set the mode before the first apply (ipvs/host None: no kernel path here)."""
+        self.policy = policy
+        self.ipvs = ipvs
+        self.host = host
+        self.drain_timeout = drain_timeout
 
     # --- the Dataplane surface -------------------------------------------------------------
 

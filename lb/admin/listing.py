@@ -91,6 +91,15 @@ def render(services: list[Service], *, numeric: bool, mode: str = "", exact: boo
                 lines.append(
                     f"{name:<33} {fwd:<7} {weight:<6} {active:<10} {inactive:<10} {b['state']}"
                 )
+    stays = [
+        f"  {s['name']} ({s['protocol']} {s['listen']}): {s['offload']['reason']}"
+        for s in services
+        if s.get("offload")
+        and s["offload"]["placement"] == "userspace"
+        and s["offload"]["reason"] != "dataplane: userspace"
+    ]
+    if stays:
+        lines += ["", "Not offloaded:", *stays]
     return "\n".join(lines)
 
 

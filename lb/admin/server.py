@@ -190,7 +190,15 @@ class AdminServer:
 
     def _services(self) -> list[dict[str, Any]]:
         c = self.controller
-        return [service_json(s, c.monitors, c.overrides, self.rates) for s in c.dataplane.observe()]
+        explain = getattr(c.dataplane, "explain", None)
+        out = []
+        for s in c.dataplane.observe():
+            offload = None
+            if explain is not None:
+                o = explain(s.service.key)
+                offload = (str(o.placement), o.reason)
+            out.append(service_json(s, c.monitors, c.overrides, self.rates, offload))
+        return out
 
     async def services(self, request: web.Request) -> web.Response:
         return web.json_response({"services": self._services()})

@@ -65,7 +65,7 @@ def backend_json(
         "persistent": b.persistent,
         "overloaded": b.overloaded,
         "connections": _totals(b.totals, udp),
-        "rates": _rates(rates, key),
+        "rates": _rates(rates, (key, s.dataplane)),
         "health": None if m is None else {
             "running": m.running, "checks": m.checks, "failures": m.failures, "last": m.last_reason
         },
@@ -77,6 +77,7 @@ def service_json(
     monitors: Mapping[BackendKey, Monitor],
     overrides: Mapping[BackendKey, Override],
     rates: RateEstimator,
+    offload: tuple[str, str] | None = None,
 ) -> JSON:
     svc = s.service
     p = svc.persistence
@@ -99,6 +100,7 @@ def service_json(
         "listening": s.listening,
         "open": s.open,
         "connections": _totals(s.totals, svc.protocol is Protocol.UDP),
-        "rates": _rates(rates, svc.key),
+        "rates": _rates(rates, (svc.key, s.dataplane)),
+        "offload": None if offload is None else {"placement": offload[0], "reason": offload[1]},
         "backends": [backend_json(s, b, monitors, overrides, rates) for b in s.backends],
     }

@@ -1,0 +1,96 @@
+"""`lb offload plan` and `lb cleanup`."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+from lb.model import Config, Protocol, Service
+from offload.host import NFT_TABLE, Host
+from offload.ipvs_netlink import IpvsUnavailable, NetlinkIpvs
+from offload.policy import kernel_service, not_expressible
+
+
+def save_lines(s: Service) -> list[str]:
+    """The service as `ipvsadm-save -n` would print it once offloaded (backends in the
+    order they are added, the file's)."""
+    k = kernel_service(s)
+    proto = "-t" if s.protocol is Protocol.TCP else "-u"
+    head = f"-A {proto} {s.listen} -s {k.scheduler}"
+    if s.flags:
+        head += " -b " + ",".join(f"{s.scheduler}-{f}" for f in sorted(s.flags))
+    if s.persistence is not None:
+        head += f" -p {s.persistence.timeout}"
+        if s.persistence.prefix_len != s.listen.ip.max_prefixlen:
+            head += f" -M {ipaddress.IPv4Network(f'0.0.0.0/{s.persistence.prefix_len}').netmask}"
+    lines = [head]
+    for b in s.backends:
+        line = f"-a {proto} {s.listen} -r {b.address} -m -w {b.effective_weight}"
+        if b.max_connections:
+            line += f" -x {b.max_connections}"
+        if b.resume_below:
+            line += f" -y {b.resume_below}"
+        lines.append(line)
+    return lines
+
+
+def plan(config: Config, mode: str) -> str:
+    out = [f"# lb offload plan for {config.source} (dataplane {mode})"]
+    if mode == "userspace":
+        out.append(
+            "# dataplane userspace: nothing goes to the kernel; with ipvs or auto it would get:"
+        )
+    elif mode == "auto":
+        out.append("# auto: each service below moves to IPVS once unchanged for offload.hold_down")
+    stays = []
+    for s in config.services:
+        reason = not_expressible(s)
+        if reason is None:
+            out += save_lines(s)
+        else:
+            stays.append(f"#   {s.name} ({s.protocol} {s.listen}): {reason}")
+    if stays:
+        out.append("# stays in userspace:")
+        out += stays
+    return "\n".join(out)
+
+
+async def cleanup(device: str) -> list[str]:
+    """Remove every trace of the IPVS dataplane: its services, its device, its nft table."""
+    host = Host(device)
+    done = []
+    try:
+        vips = await host.vips()
+    except Exception as e:  # no such device, no netlink rights: say so, go on
+        vips = set()
+        done.append(f"cannot read {device}: {e}")
+    if vips:
+        try:
+            client = await NetlinkIpvs().open()
+        except IpvsUnavailable as e:
+            done.append(f"IPVS: {e}")
+        else:
+            try:
+                for k in await client.services():
+                    if k.key.listen.ip in vips:
+                        await client.del_service(k.key)
+                        done.append(f"deleted IPVS service {k.key}")
+            finally:
+                await client.close()
+    had_device = bool(vips) or await _has_device(host)
+    await host.remove()
+    if had_device:
+        done.append(f"deleted device {device}")
+    done.append(f"deleted nftables table ip {NFT_TABLE} (if it existed)")
+    return done
+
+
+async def _has_device(host: Host) -> bool:
+    from pyroute2 import AsyncIPRoute
+
+    async with AsyncIPRoute() as ipr:
+        return bool([link async for link in await ipr.link("dump", ifname=host.device)])
+
+
+def run_cleanup(device: str) -> list[str]:
+    return asyncio.run(cleanup(device))
