@@ -77,19 +77,12 @@ async def cleanup(device: str) -> list[str]:
                         done.append(f"deleted IPVS service {k.key}")
             finally:
                 await client.close()
-    had_device = bool(vips) or await _has_device(host)
+    had_device = bool(vips) or await host.has_device()
     await host.remove()
     if had_device:
         done.append(f"deleted device {device}")
     done.append(f"deleted nftables table ip {NFT_TABLE} (if it existed)")
     return done
-
-
-async def _has_device(host: Host) -> bool:
-    from pyroute2 import AsyncIPRoute
-
-    async with AsyncIPRoute() as ipr:
-        return bool([link async for link in await ipr.link("dump", ifname=host.device)])
 
 
 def run_cleanup(device: str) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lb.log import emit
 from lb.model import IPAddress
+from offload.nlthread import NetlinkThread
 
 log = logging.getLogger("lb.offload")
 
@@ -52,6 +53,7 @@ class Host:
     def __init__(self, device: str = "lb0", proc_sys: Path = Path("/proc/sys")) -> None:
         self.device = device
         self.proc_sys = proc_sys
+        self._nl = NetlinkThread.shared()  # pyroute2 needs asyncio's own loop
         self._nat: tuple[frozenset[IPAddress], frozenset[tuple[IPAddress, IPAddress]]] | None = None
 
     # --- set-up ----------------------------------------------------------------------------
@@ -62,7 +64,7 @@ class Host:
             await _run("modprobe", "-a", "ip_vs", "dummy", "nf_tables", "nft_nat", "nft_masq")
 
     async def setup(self) -> None:
-        await self._ensure_device()
+        await self._nl.run(self._ensure_device())
         for key, value in SYSCTLS.items():
             path = self.proc_sys / key
             try:
@@ -103,6 +105,9 @@ class Host:
 
     async def vips(self) -> set[IPAddress]:
         """The addresses on the device: the VIPs lb owns."""
+        return await self._nl.run(self._vips())
+
+    async def _vips(self) -> set[IPAddress]:
         from pyroute2 import AsyncIPRoute
 
         async with AsyncIPRoute() as ipr:
@@ -110,14 +115,19 @@ class Host:
             if not links:
                 return set()
             index = links[0]["index"]
-            return {
+            addresses = {
                 ipaddress.ip_address(a.get("IFA_ADDRESS"))
                 async for a in await ipr.addr("dump", index=index)
                 if a.get("IFA_ADDRESS")
             }
+            # The kernel gives the device an IPv6 link-local address of its own: not a VIP.
+            return {ip for ip in addresses if not ip.is_link_local}
 
     async def local_addresses(self) -> dict[IPAddress, str]:
         """Every address of this network namespace, and the device holding it."""
+        return await self._nl.run(self._local_addresses())
+
+    async def _local_addresses(self) -> dict[IPAddress, str]:
         from pyroute2 import AsyncIPRoute
 
         async with AsyncIPRoute() as ipr:
@@ -130,10 +140,12 @@ class Host:
 
     async def set_vips(self, wanted: Iterable[IPAddress]) -> None:
         """Exactly these VIPs on the device (added before the listeners bind them)."""
+        await self._nl.run(self._set_vips(set(wanted)))
+
+    async def _set_vips(self, wanted: set[IPAddress]) -> None:
         from pyroute2 import AsyncIPRoute
 
-        wanted = set(wanted)
-        have = await self.vips()
+        have = await self._vips()
         if wanted == have:
             return
         async with AsyncIPRoute() as ipr:
@@ -178,14 +190,26 @@ table ip {NFT_TABLE} {{
 
     # --- clean-up ------------------------------------------------------------------------------
 
+    async def has_device(self) -> bool:
+        return await self._nl.run(self._has_device())
+
+    async def _has_device(self) -> bool:
+        from pyroute2 import AsyncIPRoute
+
+        async with AsyncIPRoute() as ipr:
+            return bool([link async for link in await ipr.link("dump", ifname=self.device)])
+
     async def remove(self) -> None:
         """Delete the device and the nft table (the IPVS services go first, see cleanup)."""
+        await self._nl.run(self._remove_device())
+        if shutil.which("nft"):
+            await _run("nft", "delete", "table", "ip", NFT_TABLE)
+        self._nat = None
+
+    async def _remove_device(self) -> None:
         from pyroute2 import AsyncIPRoute
 
         async with AsyncIPRoute() as ipr:
             links = [link async for link in await ipr.link("dump", ifname=self.device)]
             if links:
                 await ipr.link("del", index=links[0]["index"])
-        if shutil.which("nft"):
-            await _run("nft", "delete", "table", "ip", NFT_TABLE)
-        self._nat = None

@@ -12,11 +12,13 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 from typing import Protocol as TypingProtocol
 
 from lb.model import Endpoint, Protocol, ServiceKey
+from offload.nlthread import NetlinkThread
 
 # Service flags (include/uapi/linux/ip_vs.h)
 F_PERSISTENT = 0x0001
@@ -125,13 +127,18 @@ def _prefix(netmask: str, family: int) -> int:
 
 
 class NetlinkIpvs:
-    """IpvsClient over pyroute2's AsyncIPVS."""
+    """IpvsClient over pyroute2's AsyncIPVS (on the netlink thread: see nlthread.py)."""
 
     def __init__(self) -> None:
         self.writes = 0
         self._sock: Any = None
+        self._nl = NetlinkThread.shared()
 
     async def open(self) -> NetlinkIpvs:
+        await self._nl.run(self._open())
+        return self
+
+    async def _open(self) -> None:
         try:
             from pyroute2 import AsyncIPVS
             from pyroute2.netlink.exceptions import NetlinkError
@@ -153,12 +160,11 @@ class NetlinkIpvs:
                 ) from None
             raise IpvsUnavailable(f"IPVS netlink: {e}") from None
         self._sock = sock
-        return self
 
     async def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._nl.loop.call_soon_threadsafe(sock.close)
 
     # --- building pyroute2 requests ------------------------------------------------------
 
@@ -199,6 +205,9 @@ class NetlinkIpvs:
     # --- reads ---------------------------------------------------------------------------
 
     async def services(self) -> list[KService]:
+        return await self._nl.run(self._services())
+
+    async def _services(self) -> list[KService]:
         out = []
         for msg in await self._sock.service("dump"):
             a = dict(msg.get("IPVS_CMD_ATTR_SERVICE")["attrs"])
@@ -224,6 +233,9 @@ class NetlinkIpvs:
         return out
 
     async def dests(self, key: ServiceKey) -> list[KDest]:
+        return await self._nl.run(self._dests(key))
+
+    async def _dests(self, key: ServiceKey) -> list[KDest]:
         out = []
         for msg in await self._sock.dest("dump", service=self._service_obj(key)):
             a = dict(msg.get("IPVS_CMD_ATTR_DEST")["attrs"])
@@ -246,26 +258,27 @@ class NetlinkIpvs:
 
     # --- writes --------------------------------------------------------------------------
 
-    async def add_service(self, svc: KService) -> None:
+    async def _write(self, coro: Coroutine[Any, Any, Any]) -> None:
         self.writes += 1
-        await self._sock.service("add", service=self._service_obj(svc.key, svc))
+        await self._nl.run(coro)
+
+    async def add_service(self, svc: KService) -> None:
+        await self._write(self._sock.service("add", service=self._service_obj(svc.key, svc)))
 
     async def set_service(self, svc: KService) -> None:
-        self.writes += 1
-        await self._sock.service("set", service=self._service_obj(svc.key, svc))
+        await self._write(self._sock.service("set", service=self._service_obj(svc.key, svc)))
 
     async def del_service(self, key: ServiceKey) -> None:
-        self.writes += 1
-        await self._sock.service("del", service=self._service_obj(key))
+        await self._write(self._sock.service("del", service=self._service_obj(key)))
 
     async def add_dest(self, key: ServiceKey, dest: KDest) -> None:
-        self.writes += 1
-        await self._sock.dest("add", service=self._service_obj(key), dest=self._dest_obj(dest))
+        svc = self._service_obj(key)
+        await self._write(self._sock.dest("add", service=svc, dest=self._dest_obj(dest)))
 
     async def set_dest(self, key: ServiceKey, dest: KDest) -> None:
-        self.writes += 1
-        await self._sock.dest("set", service=self._service_obj(key), dest=self._dest_obj(dest))
+        svc = self._service_obj(key)
+        await self._write(self._sock.dest("set", service=svc, dest=self._dest_obj(dest)))
 
     async def del_dest(self, key: ServiceKey, endpoint: Endpoint) -> None:
-        self.writes += 1
-        await self._sock.dest("del", service=self._service_obj(key), dest=self._dest_obj(endpoint))
+        svc = self._service_obj(key)
+        await self._write(self._sock.dest("del", service=svc, dest=self._dest_obj(endpoint)))

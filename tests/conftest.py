@@ -10,6 +10,10 @@ import uvloop
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# The real-kernel tier runs inside a virtme-ng guest (tests/test_kernel_tier.py boots it),
+# never directly on the host.
+collect_ignore = [] if os.environ.get("LB_KERNEL_TIER") == "1" else ["kernel"]
+
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item

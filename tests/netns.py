@@ -14,6 +14,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -49,6 +50,7 @@ class Topology:
     client_ips: list[str] = field(default_factory=lambda: [f"10.99.1.{i}" for i in range(2, 8)])
     backend_ips: list[str] = field(default_factory=lambda: ["10.99.2.2", "10.99.2.3", "10.99.2.4"])
     vip: str = "10.99.0.10"
+    vip_on: str | None = "lo"  # None: the test (or lb, for IPVS) puts the VIP somewhere
 
     @property
     def client(self) -> str:
@@ -102,7 +104,8 @@ class Topology:
         for ip in self.backend_ips:
             sh("ip", "-n", self.backends, "addr", "add", f"{ip}/24", "dev", f"b{t}")
         # The VIP as a /32 on the balancer's loopback (these kernels have no dummy driver).
-        sh("ip", "-n", self.lb, "addr", "add", f"{self.vip}/32", "dev", "lo")
+        if self.vip_on is not None:
+            sh("ip", "-n", self.lb, "addr", "add", f"{self.vip}/32", "dev", self.vip_on)
         for ns, dev in (
             (self.client, f"c{t}"),
             (self.lb, f"l{t}"),
@@ -119,8 +122,8 @@ class Topology:
 
 
 @contextlib.contextmanager
-def topology() -> Iterator[Topology]:
-    topo = Topology(tag=f"{os.getpid() % 100000}")
+def topology(**kwargs: Any) -> Iterator[Topology]:
+    topo = Topology(tag=f"{os.getpid() % 100000}", **kwargs)
     topo.destroy()
     topo.create()
     try:

@@ -51,7 +51,7 @@ class LbProcess:
             except ValueError:
                 pass
 
-    async def wait_event(self, name: str, timeout: float = 10.0, after: int = 0) -> dict[str, Any]:
+    async def wait_event(self, name: str, timeout: float = 30.0, after: int = 0) -> dict[str, Any]:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             for e in self.events[after:]:

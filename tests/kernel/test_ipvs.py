@@ -1,0 +1,190 @@
+"""lb with the IPVS dataplane on a real kernel: forwarding, persistence, weights, drain,
+DOWN backends, foreign services, clean-up and crash recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+from tests.kernel.conftest import (
+    LB_SIDE,
+    Backends,
+    admin,
+    ask,
+    ask_udp,
+    client_conn,
+    config_yaml,
+    ipvs_save,
+    ipvsadm,
+    run_in,
+    running_lb,
+    service_yaml,
+)
+from tests.netns import Topology
+from tests.proc import LbProcess, run_cli
+
+WEB = service_yaml(
+    "web",
+    80,
+    ["{address: 10.99.2.2:8080}", "{address: 10.99.2.3:8080}", "{address: 10.99.2.4:8080}"],
+    "    scheduler: rr\n    retries: 0\n",
+)
+DNS = service_yaml("dns", 53, ["{address: 10.99.2.5:5353}"], "    scheduler: rr\n", proto="udp")
+
+
+async def test_nat_forwarding_with_port_mapping(
+    topo: Topology, backends: Backends, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(config_yaml([WEB, DNS], "ipvs"))
+    async with running_lb(topo, cfg):
+        listing = ipvsadm(topo)
+        assert "TCP  10.99.0.10:80 rr" in listing and "UDP  10.99.0.10:53 rr" in listing
+        assert "-> 10.99.2.2:8080               Masq    1" in listing
+        answers = [await ask(topo, "10.99.1.2") for _ in range(6)]
+        # rr over the kernel's list (newest first); the backend sees the client: NAT, not a proxy
+        assert answers == [
+            f"{ip} saw 10.99.1.2" for ip in ["10.99.2.4", "10.99.2.3", "10.99.2.2"] * 2
+        ]
+        data, source = await ask_udp(topo, "10.99.1.3", b"query")
+        assert data == b"10.99.2.5 saw 10.99.1.3:query" and source == ("10.99.0.10", 53)
+
+
+async def test_persistence_in_the_kernel(
+    topo: Topology, backends: Backends, tmp_path: Path
+) -> None:
+    web = WEB.replace(
+        "    retries: 0\n",
+        "    retries: 0\n    persistence: {timeout: 60, netmask: 255.255.255.0}\n",
+    )
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(config_yaml([web], "ipvs"))
+    async with running_lb(topo, cfg):
+        assert "persistent 60 mask 255.255.255.0" in ipvsadm(topo)
+        seen = {(await ask(topo, ip)).split()[0] for ip in topo.client_ips[:8] for _ in range(2)}
+        assert len(seen) == 1
+
+
+async def test_weights_drain_and_down_backends(
+    topo: Topology, backends: Backends, tmp_path: Path
+) -> None:
+    web = service_yaml(
+        "web",
+        80,
+        ["{address: 10.99.2.2:8080, weight: 2}", "{address: 10.99.2.3:8080, weight: 1}"],
+        "    scheduler: wrr\n    retries: 0\n"
+        "    health_check: {type: tcp, interval: 300ms, timeout: 300ms, rise: 1, fall: 1}\n",
+    )
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(config_yaml([web], "ipvs"))
+    async with running_lb(topo, cfg) as lb:
+        picks = [(await ask(topo, "10.99.1.2")).split()[0] for _ in range(6)]
+        assert picks.count("10.99.2.2") == 4 and picks.count("10.99.2.3") == 2
+        # drain 10.99.2.2 under a live connection: weight 0 in the kernel, no new connections,
+        # the open one carries on
+        reader, writer = await client_conn(topo, "10.99.1.4")
+        held = (await reader.readline()).decode().split()[0]
+        answer = await admin(
+            topo, lb, "POST", f"/api/v1/services/web/backends/{held}:8080", {"state": "drain"}
+        )
+        assert answer["effective_weight"] == 0
+        assert f"-> {held}:8080               Masq    0" in ipvsadm(topo)
+        other = "10.99.2.3" if held == "10.99.2.2" else "10.99.2.2"
+        assert {(await ask(topo, "10.99.1.2")).split()[0] for _ in range(4)} == {other}
+        writer.write(b"still there")
+        assert await asyncio.wait_for(reader.readexactly(11), 5) == b"still there"
+        writer.close()
+        await admin(
+            topo, lb, "POST", f"/api/v1/services/web/backends/{held}:8080", {"state": "ready"}
+        )
+        # a backend that fails its check is quiesced in the kernel (weight 0), not removed
+        victim = next(s for s in backends.servers if s.sockets[0].getsockname()[0] == other)
+        victim.close()
+        await lb.wait_event("backend.health", timeout=30)
+        for _ in range(50):
+            if f"-> {other}:8080               Masq    0" in ipvsadm(topo):
+                break
+            await asyncio.sleep(0.2)
+        assert f"-> {other}:8080               Masq    0" in ipvsadm(topo)
+        assert {(await ask(topo, "10.99.1.2")).split()[0] for _ in range(3)} == {held}
+
+
+async def test_foreign_service_is_never_touched(
+    topo: Topology, backends: Backends, tmp_path: Path
+) -> None:
+    run_in(topo, "ipvsadm", "-A", "-t", "10.99.0.99:80", "-s", "sh")
+    run_in(topo, "ipvsadm", "-a", "-t", "10.99.0.99:80", "-r", "10.99.2.2:8080", "-m", "-w", "7")
+    foreign = [line for line in ipvs_save(topo) if "10.99.0.99" in line]
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(config_yaml([WEB], "ipvs"))
+    async with running_lb(topo, cfg) as lb:
+        lb.signal(signal.SIGHUP)
+        await lb.wait_event("config.reloaded")
+        assert [line for line in ipvs_save(topo) if "10.99.0.99" in line] == foreign
+        lb.signal(signal.SIGTERM)
+        assert await lb.wait() == 0
+    assert ipvs_save(topo) == sorted(foreign)  # lb removed its own, and only its own
+    code, out, _ = await run_cli("cleanup", prefix=["ip", "netns", "exec", topo.lb])
+    assert code == 0 and "deleted IPVS service" not in out
+    assert ipvs_save(topo) == sorted(foreign)
+
+
+async def test_crash_recovery_and_cleanup(
+    topo: Topology, backends: Backends, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(config_yaml([WEB], "ipvs"))
+    lb = await LbProcess.start(cfg, prefix=["ip", "netns", "exec", topo.lb])
+    await lb.wait_event("lb.started", timeout=60)
+    before = ipvs_save(topo)
+    lb.proc.send_signal(signal.SIGKILL)  # no chance to clean up
+    await lb.proc.wait()
+    assert ipvs_save(topo) == before  # the kernel keeps forwarding meanwhile
+    assert (await ask(topo, "10.99.1.2")).endswith("saw 10.99.1.2")
+    async with running_lb(topo, cfg):
+        assert ipvs_save(topo) == before  # adopted: nothing duplicated, nothing leaked
+        assert (await ask(topo, "10.99.1.2")).endswith("saw 10.99.1.2")
+    # a config without the service: the restarted lb removes the leftover
+    lb = await LbProcess.start(cfg, prefix=["ip", "netns", "exec", topo.lb])
+    await lb.wait_event("lb.started", timeout=60)
+    lb.proc.send_signal(signal.SIGKILL)
+    await lb.proc.wait()
+    cfg.write_text(config_yaml([], "ipvs"))
+    async with running_lb(topo, cfg):
+        for _ in range(50):
+            if not ipvs_save(topo):
+                break
+            await asyncio.sleep(0.2)
+        assert ipvs_save(topo) == []
+    # and `lb cleanup` after a crash leaves nothing behind
+    cfg.write_text(config_yaml([WEB], "ipvs"))
+    lb = await LbProcess.start(cfg, prefix=["ip", "netns", "exec", topo.lb])
+    await lb.wait_event("lb.started", timeout=60)
+    lb.proc.send_signal(signal.SIGKILL)
+    await lb.proc.wait()
+    code, out, err = await run_cli("cleanup", prefix=["ip", "netns", "exec", topo.lb])
+    assert code == 0, err
+    assert "deleted IPVS service tcp/10.99.0.10:80" in out
+    assert ipvs_save(topo) == []
+    links = run_in(topo, "ip", "-br", "link")
+    assert "lb0" not in links
+    assert "lb_ipvs" not in run_in(topo, "nft", "list", "tables")
+
+
+async def test_userspace_listener_stays_bound_and_lb_list_shows_ipvs(
+    topo: Topology, backends: Backends, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(config_yaml([WEB], "ipvs"))
+    async with running_lb(topo, cfg) as lb:
+        started = next(e for e in lb.events if e.get("event") == "lb.started")
+        code, out, err = await run_cli(
+            "list", "-n", "--admin", started["admin"], prefix=["ip", "netns", "exec", topo.lb]
+        )
+        assert code == 0, err
+        assert "TCP  10.99.0.10:80 rr" in out and "ipvs" in out and "Masq" in out
+        assert "0.0.0.0" not in out
+        listening = run_in(topo, "ss", "-ltn")
+        assert "10.99.0.10:80" in listening
+        assert LB_SIDE not in (await ask(topo, "10.99.1.2"))

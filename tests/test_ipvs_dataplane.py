@@ -1,0 +1,242 @@
+"""The IPVS reconciler against an in-memory kernel: order, idempotency, ownership, drain."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from lb.config import parse_config
+from lb.model import IPAddress, Service
+from offload.ipvs import IpvsDataplane
+from offload.ipvs_netlink import F_PERSISTENT, F_SCHED2, KDest, KService
+from offload.policy import Mode, OffloadPolicy, demoting_form, kernel_service, not_expressible
+from tests.fake_ipvs import FakeIpvs
+
+VIP = ipaddress.ip_address("10.0.0.1")
+
+
+def services(text: str) -> list[Service]:
+    return list(parse_config(text).services)
+
+
+WEB = """
+services:
+  - name: web
+    listen: 10.0.0.1:80
+    scheduler: wrr
+    retries: 0
+    persistence: {timeout: 120, netmask: 255.255.255.0}
+    backends:
+      - {address: 10.0.1.1:8080, weight: 3}
+      - {address: 10.0.1.2:8080, weight: 1}
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def dataplane(
+    fake: FakeIpvs, owned: set[IPAddress] | None = None, clock: Clock | None = None
+) -> IpvsDataplane:
+    owned = {VIP} if owned is None else owned
+
+    async def vips() -> set[IPAddress]:
+        return owned
+
+    return IpvsDataplane(fake, vips, drain_timeout=60.0, clock=clock or Clock())
+
+
+def order(fake: FakeIpvs, svc: Service) -> list[str]:
+    return [f"{d.endpoint} w{d.weight}" for d in fake.lists[svc.key]]
+
+
+async def test_adds_in_file_order_so_the_kernel_list_matches_userspace() -> None:
+    fake = FakeIpvs()
+    (web,) = services(WEB)
+    await dataplane(fake).apply([web])
+    assert fake.log == [
+        "add-service tcp/10.0.0.1:80 wrr",
+        "add-dest 10.0.1.1:8080 w3",
+        "add-dest 10.0.1.2:8080 w1",
+    ]
+    assert order(fake, web) == ["10.0.1.2:8080 w1", "10.0.1.1:8080 w3"]  # newest first
+    k = fake.svcs[web.key]
+    assert (k.flags, k.timeout, k.prefix_len) == (F_PERSISTENT, 120, 24)
+
+
+async def test_second_apply_writes_nothing() -> None:
+    fake = FakeIpvs()
+    (web,) = services(WEB)
+    dp = dataplane(fake)
+    await dp.apply([web])
+    writes = fake.writes
+    await dp.apply([web])
+    await dp.apply(services(WEB))  # equal values, new objects
+    assert fake.writes == writes
+
+
+async def test_edits_are_minimal() -> None:
+    fake = FakeIpvs()
+    dp = dataplane(fake)
+    await dp.apply(services(WEB))
+    fake.log.clear()
+    await dp.apply(
+        services(WEB.replace("weight: 3", "weight: 5").replace("scheduler: wrr", "scheduler: rr"))
+    )
+    assert fake.log == ["set-service tcp/10.0.0.1:80 rr", "set-dest 10.0.1.1:8080 w5"]
+
+
+async def test_foreign_services_are_never_touched() -> None:
+    fake = FakeIpvs()
+    (web,) = services(WEB)
+    keepalived = KService(web.key, "rr")  # same VIP:port, but not on our device
+    fake.svcs[web.key] = keepalived
+    fake.lists[web.key] = [KDest(web.backends[0].address, 7)]
+    other = services(WEB.replace("10.0.0.1:80", "10.9.9.9:80"))[0]
+    fake.svcs[other.key] = KService(other.key, "wlc")
+    fake.lists[other.key] = []
+    dp = dataplane(fake, owned=set())
+    await dp.apply([web])
+    await dp.apply([])
+    assert fake.writes == 0 and web.key in dp.foreign
+    assert fake.svcs[web.key] is keepalived and other.key in fake.svcs
+
+
+async def test_owned_services_no_longer_wanted_are_deleted() -> None:
+    fake = FakeIpvs()
+    dp = dataplane(fake)
+    await dp.apply(services(WEB))
+    await dp.apply([])
+    assert fake.svcs == {}
+
+
+async def test_removed_backend_drains_then_goes_or_after_the_grace() -> None:
+    fake = FakeIpvs()
+    clock = Clock()
+    dp = dataplane(fake, clock=clock)
+    (web,) = services(WEB)
+    await dp.apply([web])
+    b2 = web.backends[1].address
+    fake.set_conns(web.key, b2, active=2, inactive=1)
+    fewer = services(WEB.replace("      - {address: 10.0.1.2:8080, weight: 1}\n", ""))
+    await dp.apply(fewer)
+    assert order(fake, web) == ["10.0.1.2:8080 w0", "10.0.1.1:8080 w3"]  # quiesced, kept
+    clock.now = 30
+    await dp.apply(fewer)
+    assert len(fake.lists[web.key]) == 2
+    fake.set_conns(web.key, b2, active=0, inactive=0)
+    await dp.apply(fewer)
+    assert order(fake, web) == ["10.0.1.1:8080 w3"]
+    # and with connections that never end: gone after drain_timeout
+    await dp.apply([web])
+    fake.set_conns(web.key, b2, active=1)
+    clock.now = 100
+    await dp.apply(fewer)
+    clock.now = 159
+    await dp.apply(fewer)
+    assert len(fake.lists[web.key]) == 2
+    clock.now = 160
+    await dp.apply(fewer)
+    assert order(fake, web) == ["10.0.1.1:8080 w3"]
+
+
+async def test_down_backend_is_quiesced_not_removed() -> None:
+    fake = FakeIpvs()
+    dp = dataplane(fake)
+    (web,) = services(WEB)
+    await dp.apply([web])
+    import dataclasses
+
+    down = web.with_backends((web.backends[0], dataclasses.replace(web.backends[1], healthy=False)))
+    await dp.apply([down])
+    assert order(fake, web) == ["10.0.1.2:8080 w0", "10.0.1.1:8080 w3"]
+
+
+async def test_demoting_form_sends_new_connections_to_the_local_listener() -> None:
+    fake = FakeIpvs()
+    dp = dataplane(fake)
+    (web,) = services(WEB)
+    await dp.apply([web])
+    fake.set_conns(web.key, web.backends[0].address, active=3)
+    await dp.apply([demoting_form(web)])
+    k = fake.svcs[web.key]
+    assert (k.scheduler, k.flags) == ("rr", 0)
+    assert order(fake, web) == ["10.0.0.1:80 w1", "10.0.1.2:8080 w0", "10.0.1.1:8080 w0"]
+    assert fake.lists[web.key][0].fwd == 1  # local
+    assert not dp.drained(web.key, keep=web.listen)
+    fake.set_conns(web.key, web.backends[0].address, active=0)
+    await dp.refresh()
+    assert dp.drained(web.key, keep=web.listen)
+
+
+async def test_observe_reports_kernel_counts_as_ipvs() -> None:
+    fake = FakeIpvs()
+    dp = dataplane(fake)
+    (web,) = services(WEB)
+    await dp.apply([web])
+    fake.set_conns(web.key, web.backends[0].address, active=4, inactive=2)
+    await dp.refresh()
+    (snap,) = dp.observe()
+    assert snap.dataplane == "ipvs" and snap.open == 4
+    assert [(str(b.address), b.active, b.inactive) for b in snap.backends] == [
+        ("10.0.1.2:8080", 0, 0),
+        ("10.0.1.1:8080", 4, 2),
+    ]
+
+
+def test_kernel_form_of_flags() -> None:
+    (dns,) = services(
+        "services:\n - {name: d, protocol: udp, listen: 10.0.0.1:53, scheduler: sh, scheduler_flags: [sh-port]}\n"
+    )
+    assert kernel_service(dns).flags == F_SCHED2 and kernel_service(dns).prefix_len == 32
+
+
+def test_what_cannot_be_offloaded_says_why() -> None:
+    def why(extra: str, listen: str = "10.0.0.1:80", backend: str = "10.0.1.1:80") -> str | None:
+        text = f"services:\n - name: s\n   listen: '{listen}'\n{extra}   backends: [{{address: '{backend}'}}]\n"
+        return not_expressible(services(text)[0])
+
+    assert why("   retries: 0\n") is None
+    assert "connect retry is userspace-only (retries: 1" in str(why(""))
+    assert "max_connections" in str(why("   retries: 0\n   max_connections: 5\n"))
+    assert "loopback VIP" in str(why("   retries: 0\n", listen="127.0.0.1:80"))
+    assert "loopback" in str(why("   retries: 0\n", backend="127.0.0.1:80"))
+    assert "idle timeout" in str(why("   retries: 0\n   idle_timeout: 1m\n"))
+    assert "access log" in str(why("   retries: 0\n   access_log: true\n"))
+    assert "IPv6" in str(
+        why("   retries: 0\n", listen="[2001:db8::1]:80", backend="[2001:db8::2]:80")
+    )
+    udp = "services:\n - {name: u, protocol: udp, listen: 10.0.0.1:53, backends: [{address: 10.0.1.1:53}]}\n"
+    assert not_expressible(services(udp)[0]) is None  # the UDP flow bound is not a blocker
+
+
+def test_auto_policy_waits_for_calm_and_demotes_on_churn() -> None:
+    (web,) = services(WEB)
+    p = OffloadPolicy(Mode.AUTO, hold_down=10, churn_limit=3)
+    p.observe([web], 0)
+    assert not p.want(web.key, 5, False).kernel
+    assert "waiting for 10s" in p.want(web.key, 5, False).reason
+    assert p.want(web.key, 10, False).kernel
+    assert p.next_check(5) == 10
+    changed = services(WEB.replace("weight: 3", "weight: 4"))
+    p.observe(changed, 11)
+    assert p.want(web.key, 11, True).kernel  # one change: stays in the kernel
+    p.observe(services(WEB), 12)
+    p.observe(changed, 13)
+    w = p.want(web.key, 13, True)
+    assert not w.kernel and w.reason.startswith("churn: 3 changes")
+    assert p.want(web.key, 23, False).kernel  # calm again
+    p.unavailable = "IPVS unavailable: no ip_vs"
+    assert p.want(web.key, 100, False) == type(w)(False, "IPVS unavailable: no ip_vs")
+
+
+def test_ipvs_mode_offloads_at_once_and_userspace_never() -> None:
+    (web,) = services(WEB)
+    for mode, expected in ((Mode.IPVS, True), (Mode.USERSPACE, False)):
+        p = OffloadPolicy(mode, 10, 3)
+        p.observe([web], 0)
+        assert p.want(web.key, 0, False).kernel is expected
