@@ -231,6 +231,13 @@ class Daemon:
 
     async def reload(self) -> None:
         try:
+            await self._reload()
+        except Exception as e:  # a bug: say so loudly, keep serving
+            log.exception("reload failed")
+            self._reload_failed(f"reload of {self.config_path} failed: {type(e).__name__}: {e}")
+
+    async def _reload(self) -> None:
+        try:
             config = load_config(self.config_path)
         except ConfigError as e:
             for p in e.problems:

@@ -85,6 +85,18 @@ def test_dh_hashes_the_vip_so_every_client_gets_the_same_dest() -> None:
     h = Harness("dh", vip=vip).add("A", 5).add("B", 1).add("C", 1)
     expected = h.order()[golden_hash(int(vip.ip)) % 3]
     assert {h.pick(f"172.16.0.{i}") for i in range(1, 50)} == {expected}
+    table = list(h.vs.sched.table)  # type: ignore[attr-defined]
+    h.edit(expected, 0)  # no upd_dest hook: the table stays, the quiesced dest refuses
+    assert h.vs.sched.table == table and h.pick() == "-"  # type: ignore[attr-defined]
+    h.edit(expected, 2)
+    assert h.pick() == expected
+
+
+def test_every_scheduler_survives_every_edit() -> None:
+    for sched in ("rr", "wrr", "lc", "wlc", "sed", "nq", "sh", "mh", "dh"):
+        h = Harness(sched).add("A", 2).add("B", 3)
+        h.edit("B", 1).edit("A", 0).delete("A").add("C", 4).edit("C", 4)
+        assert h.pick() in "BC", sched
 
 
 # --- SipHash / mh -------------------------------------------------------------------------

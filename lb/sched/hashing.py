@@ -74,21 +74,17 @@ class DestinationHash(Recomputing):
     def __init__(self, target: Target) -> None:
         super().__init__(target)
         self.table: list[Dest | None] = [None] * TAB_SIZE
-        self._reassign()
+        self.changed()
 
-    def _reassign(self) -> None:
+    def changed(self) -> None:
+        """ip_vs_dh_reassign()"""
         dests = self.target.dests
         self.table = (
             [dests[i % len(dests)] for i in range(TAB_SIZE)] if dests else [None] * TAB_SIZE
         )
 
-    def add_dest(self, dest: Dest) -> None:
-        self._reassign()
-
-    # No upd_dest: like the kernel module, weight edits leave the table alone.
-
-    def del_dest(self, dest: Dest, index: int) -> None:
-        self._reassign()
+    def upd_dest(self, dest: Dest) -> None:
+        """The kernel module has no upd_dest hook: weight edits leave the table alone."""
 
     def schedule(self, req: Request) -> Dest | None:
         d = self.table[hash_32(self.target.vip_fold)]
