@@ -5,13 +5,15 @@ path the reference for the kernel one."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import signal
+import socket
 from pathlib import Path
 
 from tests.kernel.conftest import (
     Backends,
-    ask,
+    client_conn,
     config_yaml,
     ipvsadm,
     run_in,
@@ -28,9 +30,16 @@ STEPS: list[list[tuple[str, int, str]]] = [
     [(A, 2, "ready"), (B, 3, "ready")],
     [(A, 2, "ready"), (B, 3, "ready"), (C, 1, "ready")],
     [(A, 2, "ready"), (B, 1, "ready"), (C, 1, "ready")],  # an edit
-    [(B, 1, "ready"), (C, 1, "ready"), (D, 4, "ready")],  # a removal and an add
-    [(B, 1, "ready"), (C, 1, "drain"), (D, 4, "ready")],  # a drain (weight 0)
+    [(A, 4, "ready"), (B, 2, "ready"), (C, 6, "ready")],  # edits to a common divisor (wrr di=2)
+    [(B, 2, "ready"), (C, 6, "ready"), (D, 4, "ready")],  # A leaves (quiesced: it has
+    # connections, then deleted once they are gone: see LINGER) and D comes
+    [(B, 2, "ready"), (C, 6, "drain"), (D, 4, "ready")],  # a drain (weight 0)
 ]
+#: Clients end their connections with a reset, so that closed connections count as inactive
+#: for the CLOSE timeout (10 s) rather than TIME_WAIT (120 s), in userspace and in the kernel
+#: alike. After step 5 the test waits that long, so A is deleted in both before step 6.
+LINGER = 12.0
+WAIT_AFTER = {5}
 
 #: port -> (scheduler, flags); clients per step: the round robins from one address, the
 #: hashes from many.
@@ -57,6 +66,23 @@ def config(step: int, dataplane: str) -> str:
     return config_yaml(services, dataplane)
 
 
+async def pick(topo: Topology, source: str, port: int, sport: int) -> str:
+    """The backend this connection reached ("-": none), then a reset to end it."""
+    try:
+        reader, writer = await client_conn(topo, source, port, sport)
+    except ConnectionRefusedError:
+        return "-"  # IPVS with no usable destination answers ICMP port unreachable
+    try:
+        line = (await asyncio.wait_for(reader.readline(), 10)).decode()
+    except ConnectionResetError:
+        line = ""  # the userspace proxy with no usable backend resets the client
+    sock = writer.get_extra_info("socket")
+    if sock is not None:  # (None: already reset)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    writer.transport.abort()
+    return line.split()[0] if line else "-"
+
+
 async def run_scenario(topo: Topology, cfg: Path, dataplane: str) -> dict[int, list[str]]:
     picks: dict[int, list[str]] = {port: [] for port in SERVICES}
     ports = itertools.count(20000)  # every connection its own source port, the same in both runs
@@ -68,20 +94,17 @@ async def run_scenario(topo: Topology, cfg: Path, dataplane: str) -> dict[int, l
                 cfg.write_text(config(step, dataplane))
                 lb.signal(signal.SIGHUP)
                 await lb.wait_event("config.reloaded", after=n)
+            if step in WAIT_AFTER:
+                await asyncio.sleep(LINGER)  # the leaver's connections expire: it is deleted
             for port, (sched, _) in SERVICES.items():
                 sources = (
                     [topo.client_ips[0]] * 10 if sched in ("rr", "wrr") else topo.client_ips[:24]
                 )
                 for src in sources:
-                    try:
-                        answer = (await ask(topo, src, port, next(ports))).split()[0]
-                    except (ConnectionRefusedError, ConnectionResetError):
-                        # no usable backend: userspace resets the client, IPVS answers
-                        # with ICMP port unreachable; either way this client got none
-                        answer = "-"
-                    picks[port].append(answer)
+                    picks[port].append(await pick(topo, src, port, next(ports)))
         if dataplane == "ipvs":
-            assert "Masq" in ipvsadm(topo)
+            listing = ipvsadm(topo)
+            assert "Masq" in listing and "10.99.2.2:8080" not in listing  # A was deleted
     return picks
 
 
