@@ -18,7 +18,16 @@ from lb.model import Endpoint, IPAddress, Service, ServiceKey
 from lb.plan import AddDest, DelDest, EditDest, plan_dests
 from lb.stats import BackendSnapshot, ErrorReason, ServiceSnapshot, Totals
 from lb.virtual_service import DestView
-from offload.ipvs_netlink import FWD_LOCAL, IpvsClient, KDest, KService, KStats
+from offload.ipvs_netlink import (
+    FWD_LOCAL,
+    IpvsClient,
+    KConn,
+    KDest,
+    KService,
+    KStats,
+    carries_data,
+    read_conn_table,
+)
 from offload.policy import kernel_service
 
 log = logging.getLogger("lb.offload")
@@ -39,8 +48,11 @@ class IpvsDataplane:
         owned_vips: Callable[[], Awaitable[set[IPAddress]]],
         drain_timeout: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        conn_table: Callable[[], list[KConn] | None] = read_conn_table,
     ) -> None:
         self.client = client
+        self.conn_table = conn_table
+        self._conns: list[KConn] | None = None
         self.owned_vips = owned_vips
         self.drain_timeout = drain_timeout
         self.clock = clock
@@ -128,13 +140,24 @@ class IpvsDataplane:
         services = {k.key: k for k in await self.client.services()}
         self._services = {k: v for k, v in services.items() if k in self._desired}
         self._dests = {k: await self.client.dests(k) for k in self._services}
+        self._conns = self.conn_table()
 
     def dests(self, key: ServiceKey) -> list[KDest]:
         return self._dests.get(key, [])
 
     def drained(self, key: ServiceKey, keep: Endpoint | None = None) -> bool:
-        """No connections left on the NAT destinations (`keep`: the local one, if any)."""
-        return all(d.active + d.inactive == 0 for d in self.dests(key) if d.endpoint != keep)
+        """No connection that can still carry data on the service's NAT destinations
+        (`keep`: the local one, if any). Closed TCP connections in TIME_WAIT and UDP entries
+        idle for a while do not count; without the connection table, every entry does."""
+        if self._conns is None:
+            return all(d.active + d.inactive == 0 for d in self.dests(key) if d.endpoint != keep)
+        return not any(
+            c.vip == key.listen
+            and c.protocol is key.protocol
+            and c.dest != keep
+            and carries_data(c)
+            for c in self._conns
+        )
 
     def has(self, key: ServiceKey) -> bool:
         return key in self._services

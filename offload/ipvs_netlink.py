@@ -14,6 +14,7 @@ import socket
 import sys
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -73,6 +74,59 @@ class KDest:
     inactive: int = field(default=0, compare=False)
     persistent: int = field(default=0, compare=False)
     stats: KStats = field(default=KStats(), compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class KConn:
+    """One entry of the kernel's connection table (/proc/net/ip_vs_conn)."""
+
+    protocol: Protocol
+    client: Endpoint
+    vip: Endpoint
+    dest: Endpoint
+    state: str
+    expires: int  # seconds
+
+
+#: TCP states in which a connection can no longer carry data.
+TCP_DONE = frozenset({"TIME_WAIT", "CLOSE", "NONE"})
+#: A UDP entry idle this long is taken as finished (it would live UDP_TIMEOUT seconds).
+UDP_IDLE_DONE = 10
+UDP_TIMEOUT = 300
+
+
+def _hex_endpoint(addr: str, port: str) -> Endpoint:
+    return Endpoint(ipaddress.IPv4Address(int(addr, 16)), int(port, 16))
+
+
+def read_conn_table(path: str = "/proc/net/ip_vs_conn") -> list[KConn] | None:
+    """The IPv4 TCP and UDP entries (templates left out); None if the table is unreadable.
+    There is no netlink dump of connections: this file is the only listing."""
+    try:
+        lines = Path(path).read_text().splitlines()[1:]
+    except OSError:
+        return None
+    out = []
+    for line in lines:
+        f = line.split()
+        if len(f) < 9 or f[0] not in ("TCP", "UDP") or len(f[1]) != 8:
+            continue
+        client, vip, dest = (
+            _hex_endpoint(f[1], f[2]),
+            _hex_endpoint(f[3], f[4]),
+            _hex_endpoint(f[5], f[6]),
+        )
+        if client.port == 0 or vip.port == 0:
+            continue  # a persistence template
+        out.append(KConn(Protocol(f[0].lower()), client, vip, dest, f[7], int(f[8])))
+    return out
+
+
+def carries_data(c: KConn) -> bool:
+    """Whether this connection may still move bytes (so it must not be cut)."""
+    if c.protocol is Protocol.TCP:
+        return c.state not in TCP_DONE
+    return UDP_TIMEOUT - c.expires < UDP_IDLE_DONE
 
 
 class IpvsClient(TypingProtocol):

@@ -88,7 +88,7 @@ class OffloadManager:
         loop = asyncio.get_running_loop()
         async with self._lock:
             self._desired = list(desired)
-            await self._hold_vips()
+            await self._sync_vips(remove=False)
             start = loop.time()
             await self.userspace.apply(desired)
             if self._on_sync is not None:
@@ -129,25 +129,24 @@ class OffloadManager:
 
     # --- decisions ---------------------------------------------------------------------------
 
-    async def _hold_vips(self) -> None:
-        """Put every VIP lb may offload on the device before the listeners bind it."""
+    async def _sync_vips(self, *, remove: bool) -> None:
+        """Before the listeners bind: add the VIPs lb may offload. After IPVS changed: drop
+        those nothing needs any more. A VIP stays while an IPVS service on it exists: the
+        VIPs on the device are how lb knows which IPVS services are its own."""
         if self.host is None or self.ipvs is None:
             return
+        device = self.host.device
         self._local = await self.host.local_addresses()
-        wanted: set[IPAddress] = set()
-        for s in self._desired:
-            ip = s.listen.ip
-            if (
-                not_expressible(s) is None
-                and self._local.get(ip, self.host.device) == self.host.device
-            ):
-                wanted.add(ip)
-        for key in self._orphans:
-            wanted.add(key.listen.ip)
-        for rt in self.userspace.retired:  # removed services still finishing connections
-            if self._local.get(rt.service.listen.ip) == self.host.device:
-                wanted.add(rt.service.listen.ip)
-        await self.host.set_vips(wanted)
+        held = {ip for ip, dev in self._local.items() if dev == device}
+        wanted = {
+            s.listen.ip
+            for s in self._desired
+            if not_expressible(s) is None and self._local.get(s.listen.ip, device) == device
+        }
+        wanted |= {key.listen.ip for key in self._orphans}
+        wanted |= {rt.service.listen.ip for rt in self.userspace.retired} & held  # still finishing
+        wanted |= {k.key.listen.ip for k in await self.ipvs.client.services()} & held
+        await self.host.set_vips(wanted if remove else wanted | held)
 
     def _want(self, s: Service, now: float) -> tuple[bool, str]:
         if (
@@ -181,7 +180,7 @@ class OffloadManager:
             want, reason = self._want(s, now)
             self._reasons[s.key] = reason
             current = self._placement.get(s.key, Placement.USERSPACE)
-            if want and current is not Placement.KERNEL:
+            if want and current is Placement.USERSPACE:
                 self._placement[s.key] = Placement.KERNEL
                 self._demote_started.pop(s.key, None)
                 emit(
@@ -234,6 +233,7 @@ class OffloadManager:
         if self._on_sync is not None:
             self._on_sync("ipvs", loop.time() - start)
         await self._set_nat(kernel)
+        await self._sync_vips(remove=True)
 
     async def _set_nat(self, kernel: list[Service]) -> None:
         if self.host is None:

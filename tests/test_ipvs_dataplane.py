@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 from lb.config import parse_config
-from lb.model import IPAddress, Service
+from lb.model import Endpoint, IPAddress, Service
 from offload.ipvs import IpvsDataplane
-from offload.ipvs_netlink import F_PERSISTENT, F_SCHED2, KDest, KService
+from offload.ipvs_netlink import (
+    F_PERSISTENT,
+    F_SCHED2,
+    KConn,
+    KDest,
+    KService,
+    carries_data,
+    read_conn_table,
+)
 from offload.policy import Mode, OffloadPolicy, demoting_form, kernel_service, not_expressible
 from tests.fake_ipvs import FakeIpvs
 
@@ -240,3 +249,47 @@ def test_ipvs_mode_offloads_at_once_and_userspace_never() -> None:
         p = OffloadPolicy(mode, 10, 3)
         p.observe([web], 0)
         assert p.want(web.key, 0, False).kernel is expected
+
+
+def test_connection_table_parsing(tmp_path: Path) -> None:
+    table = tmp_path / "ip_vs_conn"
+    table.write_text(
+        "Pro FromIP   FPrt ToIP     TPrt DestIP   DPrt State       Expires PEName PEData\n"
+        "TCP 0A630102 9C40 0A63000A 0050 0A630202 1F90 ESTABLISHED     898\n"
+        "TCP 0A630103 9C41 0A63000A 0050 0A630203 1F90 TIME_WAIT        60\n"
+        "UDP 0A630104 D431 0A63000A 0035 0A630205 14E9 UDP             295\n"
+        "UDP 0A630105 D432 0A63000A 0035 0A630205 14E9 UDP             200\n"
+        "TCP 0A630100 0000 0A63000A 0050 0A630202 1F90 NONE            100\n"
+    )
+    conns = read_conn_table(str(table))
+    assert conns is not None and len(conns) == 4  # the template (client port 0) is left out
+    first = conns[0]
+    assert (str(first.client), str(first.vip), str(first.dest), first.state) == (
+        "10.99.1.2:40000",
+        "10.99.0.10:80",
+        "10.99.2.2:8080",
+        "ESTABLISHED",
+    )
+    assert [carries_data(c) for c in conns] == [True, False, True, False]
+    assert read_conn_table(str(tmp_path / "missing")) is None
+
+
+async def test_drained_looks_at_connection_states(tmp_path: Path) -> None:
+    fake = FakeIpvs()
+    (web,) = services(WEB)
+    table: list[KConn] = []
+    dp = IpvsDataplane(fake, _owned, conn_table=lambda: table)
+    await dp.apply([web])
+    vip, dest = web.listen, web.backends[0].address
+    table.append(
+        KConn(web.protocol, Endpoint.parse("10.9.9.9:1000"), vip, dest, "ESTABLISHED", 800)
+    )
+    await dp.refresh()
+    assert not dp.drained(web.key)
+    table[0] = KConn(web.protocol, Endpoint.parse("10.9.9.9:1000"), vip, dest, "TIME_WAIT", 100)
+    await dp.refresh()
+    assert dp.drained(web.key)  # a TIME_WAIT entry carries nothing any more
+
+
+async def _owned() -> set[IPAddress]:
+    return {VIP}

@@ -60,7 +60,7 @@ def test_kernel_tier(tmp_path: Path) -> None:
     extra = os.environ.get("LB_KERNEL_PYTEST_ARGS", "")  # e.g. "-k parity" while developing
     inner = (
         f"cd {ROOT} && LB_KERNEL_TIER=1 PYTHONDONTWRITEBYTECODE=1 "
-        f"{sys.executable} -m pytest tests/kernel -p no:cacheprovider -ra -v {extra} "
+        f"{sys.executable} -m pytest tests/kernel -p no:cacheprovider -ra -v --timeout=420 {extra} "
         f"--junitxml={results}/junit.xml > {results}/log.txt 2>&1; echo $? > {results}/rc"
     )
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}

@@ -178,7 +178,7 @@ ADMIN_PORT = 9090  # inside the balancer's own namespace: nothing else is there
 def config_yaml(services: list[str], dataplane: str, extra: str = "") -> str:
     return (
         f"dataplane: {dataplane}\nshutdown_grace: 2s\nadmin: {{listen: 127.0.0.1:{ADMIN_PORT}}}\n"
-        f"{extra}services:\n" + "".join(services)
+        f"{extra}services:" + ("\n" + "".join(services) if services else " []\n")
     )
 
 

@@ -33,7 +33,7 @@ def config(weight: int) -> str:
         "    scheduler: wrr\n    retries: 0\n",
     )
     return config_yaml(
-        [web], "auto", "offload: {hold_down: 2s, churn_limit: 3, drain_timeout: 60s}\n"
+        [web], "auto", "offload: {hold_down: 5s, churn_limit: 3, drain_timeout: 60s}\n"
     )
 
 
