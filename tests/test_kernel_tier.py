@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,19 +65,30 @@ def test_kernel_tier(tmp_path: Path) -> None:
         f"--junitxml={results}/junit.xml > {results}/log.txt 2>&1; echo $? > {results}/rc"
     )
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(
+    # The guest reads the host's files over 9p, slowly, and cannot write bytecode: compile
+    # it here once (the environment may say PYTHONDONTWRITEBYTECODE).
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "lb", "offload", "tests"], cwd=ROOT, check=True
+    )
+    proc = subprocess.Popen(
         [vng, "--run", str(image), "--disable-kvm", "--memory", "2G", "--cpus", "2",
          "--rwdir", str(results), "--exec", inner],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=TIMEOUT,
+        start_new_session=True,  # so that a timeout takes qemu down too
     )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
     log = (results / "log.txt").read_text() if (results / "log.txt").exists() else ""
     rc = (results / "rc").read_text().strip() if (results / "rc").exists() else None
     if rc is None:
         pytest.fail(
-            f"the guest did not run the tier (vng exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+            f"the guest did not run the tier (vng exit {proc.returncode}):\n{stdout[-4000:]}\n{stderr[-4000:]}"
         )
     summary = re.findall(r"^(?:PASSED|FAILED|ERROR|SKIPPED).*$|^=+ .* =+$", log, re.M)
     print("\n".join(summary))

@@ -22,6 +22,8 @@ import pytest
 from tests.netns import Topology, inside, socket_in, topology
 from tests.proc import LbProcess
 
+#: Python in the guest reads every module over 9p under emulation: lb takes ~30 s to start.
+START = 150.0
 CLIENT_IPS = [f"10.99.1.{i}" for i in range(2, 40)]
 BACKEND_IPS = ["10.99.2.2", "10.99.2.3", "10.99.2.4", "10.99.2.5"]
 LB_SIDE = "10.99.2.1"  # the balancer's address towards the backends
@@ -189,7 +191,7 @@ async def running_lb(
     lb = await LbProcess.start(cfg, prefix=["ip", "netns", "exec", topo.lb])
     try:
         if expect_start:
-            await lb.wait_event("lb.started", timeout=60)
+            await lb.wait_event("lb.started", timeout=START)
         yield lb
     finally:
         await lb.stop()

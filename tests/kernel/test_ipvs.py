@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tests.kernel.conftest import (
     LB_SIDE,
+    START,
     Backends,
     admin,
     ask,
@@ -136,7 +137,7 @@ async def test_crash_recovery_and_cleanup(
     cfg = tmp_path / "lb.yaml"
     cfg.write_text(config_yaml([WEB], "ipvs"))
     lb = await LbProcess.start(cfg, prefix=["ip", "netns", "exec", topo.lb])
-    await lb.wait_event("lb.started", timeout=60)
+    await lb.wait_event("lb.started", timeout=START)
     before = ipvs_save(topo)
     lb.proc.send_signal(signal.SIGKILL)  # no chance to clean up
     await lb.proc.wait()
@@ -147,7 +148,7 @@ async def test_crash_recovery_and_cleanup(
         assert (await ask(topo, "10.99.1.2")).endswith("saw 10.99.1.2")
     # a config without the service: the restarted lb removes the leftover
     lb = await LbProcess.start(cfg, prefix=["ip", "netns", "exec", topo.lb])
-    await lb.wait_event("lb.started", timeout=60)
+    await lb.wait_event("lb.started", timeout=START)
     lb.proc.send_signal(signal.SIGKILL)
     await lb.proc.wait()
     cfg.write_text(config_yaml([], "ipvs"))
@@ -160,7 +161,7 @@ async def test_crash_recovery_and_cleanup(
     # and `lb cleanup` after a crash leaves nothing behind
     cfg.write_text(config_yaml([WEB], "ipvs"))
     lb = await LbProcess.start(cfg, prefix=["ip", "netns", "exec", topo.lb])
-    await lb.wait_event("lb.started", timeout=60)
+    await lb.wait_event("lb.started", timeout=START)
     lb.proc.send_signal(signal.SIGKILL)
     await lb.proc.wait()
     code, out, err = await run_cli("cleanup", prefix=["ip", "netns", "exec", topo.lb])
