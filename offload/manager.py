@@ -137,7 +137,7 @@ class OffloadManager:
             return
         device = self.host.device
         self._local = await self.host.local_addresses()
-        held = {ip for ip, dev in self._local.items() if dev == device}
+        held = {ip for ip, dev in self._local.items() if dev == device and not ip.is_link_local}
         wanted = {
             s.listen.ip
             for s in self._desired
