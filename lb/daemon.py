@@ -175,7 +175,7 @@ class Daemon:
             )
             self.dataplane.enable(policy, None, None, o.drain_timeout)
             return
-        ipvs = IpvsDataplane(client, host.vips, o.drain_timeout)
+        ipvs = IpvsDataplane(client, host.vips, o.drain_timeout, hold=host.hold)
         self.dataplane.enable(policy, ipvs, host, o.drain_timeout)
         emit(
             log,

@@ -5,7 +5,10 @@
 - the sysctls IPVS NAT needs on one host (ipvs-reference.md);
 - an nftables table of its own (`lb_ipvs`) that masquerades what the kernel path cannot
   carry otherwise: clients on this host (their source is the VIP) and hairpin traffic (a
-  backend reaching itself through the VIP).
+  backend reaching itself through the VIP); and that holds back new connections to a
+  VIP:port for the few netlink calls during which its IPVS service has no scheduler or no
+  destination yet (IPVS would answer them with a port unreachable: a refused connection;
+  a dropped SYN is sent again by the client, a second later).
 `cleanup()` removes all of it: the owned IPVS services, the device, the table.
 """
 
@@ -15,11 +18,12 @@ import asyncio
 import ipaddress
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from lb.log import emit
-from lb.model import IPAddress
+from lb.model import IPAddress, ServiceKey
 from offload.nlthread import NetlinkThread
 
 log = logging.getLogger("lb.offload")
@@ -55,6 +59,7 @@ class Host:
         self.proc_sys = proc_sys
         self._nl = NetlinkThread.shared()  # pyroute2 needs asyncio's own loop
         self._nat: tuple[frozenset[IPAddress], frozenset[tuple[IPAddress, IPAddress]]] | None = None
+        self._nft_warned = False
 
     # --- set-up ----------------------------------------------------------------------------
 
@@ -176,10 +181,15 @@ delete table ip {NFT_TABLE}
 table ip {NFT_TABLE} {{
     set vips {{ type ipv4_addr; {f"elements = {{ {elements} }};" if elements else ""} }}
     set hairpin {{ type ipv4_addr . ipv4_addr; {f"elements = {{ {hp} }};" if hp else ""} }}
+    set hold {{ type ipv4_addr . inet_proto . inet_service; }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
         ip saddr @vips masquerade comment "clients on this host: their source is the VIP"
         ip saddr . ip daddr @hairpin masquerade comment "a backend reaching itself"
+    }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        ct state new ip daddr . meta l4proto . th dport @hold drop comment "being built"
     }}
 }}
 """
@@ -187,6 +197,36 @@ table ip {NFT_TABLE} {{
         if code != 0:
             raise HostError(f"nft: {out}")
         self._nat = (v4, pairs)
+
+    @asynccontextmanager
+    async def hold(self, key: ServiceKey) -> AsyncIterator[None]:
+        """Drop new connections to `key` (clients retry them) while its IPVS service is being
+        created or changes scheduler. Without nft, a warning and no hold."""
+        if key.listen.ip.version != 4:
+            yield
+            return
+        element = f"{{ {key.listen.ip} . {key.protocol.value} . {key.listen.port} }}"
+        try:
+            if self._nat is None:
+                await self.set_nat((), ())
+            code, out = await _run("nft", "add", "element", "ip", NFT_TABLE, "hold", element)
+            if code != 0:
+                raise HostError(f"nft: {out}")
+        except HostError as e:
+            if not self._nft_warned:
+                self._nft_warned = True
+                emit(
+                    log,
+                    logging.WARNING,
+                    "offload.hold",
+                    f"cannot hold new connections while an IPVS service is built: {e}",
+                )
+            yield
+            return
+        try:
+            yield
+        finally:
+            await _run("nft", "delete", "element", "ip", NFT_TABLE, "hold", element)
 
     # --- clean-up ------------------------------------------------------------------------------
 

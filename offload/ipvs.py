@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from lb.log import emit
 from lb.model import Endpoint, IPAddress, Service, ServiceKey
@@ -34,6 +35,13 @@ log = logging.getLogger("lb.offload")
 
 NO_ERRORS: dict[ErrorReason, int] = dict.fromkeys(ErrorReason, 0)
 
+Hold = Callable[[ServiceKey], AbstractAsyncContextManager[None]]
+
+
+@asynccontextmanager
+async def _no_hold(key: ServiceKey) -> AsyncIterator[None]:
+    yield
+
 
 def _totals(s: KStats) -> Totals:
     return Totals(s.conns, s.inbytes, s.outbytes, s.inpkts, s.outpkts, dict(NO_ERRORS))
@@ -47,10 +55,13 @@ class IpvsDataplane:
         client: IpvsClient,
         owned_vips: Callable[[], Awaitable[set[IPAddress]]],
         drain_timeout: float = 300.0,
+        *,
         clock: Callable[[], float] = time.monotonic,
         conn_table: Callable[[], list[KConn] | None] = read_conn_table,
+        hold: Hold = _no_hold,
     ) -> None:
         self.client = client
+        self.hold = hold
         self.conn_table = conn_table
         self._conns: list[KConn] | None = None
         self.owned_vips = owned_vips
@@ -89,22 +100,31 @@ class IpvsDataplane:
         await self.refresh()
 
     async def _apply_service(self, s: Service, have: KService | None, now: float) -> None:
+        """Between adding a service and its first destination, and while its scheduler is
+        swapped, IPVS refuses new connections (port unreachable): those moments are held
+        (new connections dropped, so clients send their SYN again) until the service works."""
         want = kernel_service(s)
         if have is None:
-            await self.client.add_service(want)
-            emit(
-                log,
-                logging.INFO,
-                "ipvs.service_added",
-                f"IPVS service {s.key} ({s.name}) added",
-                service=s.name,
-                key=str(s.key),
-            )
-            current: list[KDest] = []
-        else:
-            if have != want:
+            async with self.hold(s.key):
+                await self.client.add_service(want)
+                emit(
+                    log,
+                    logging.INFO,
+                    "ipvs.service_added",
+                    f"IPVS service {s.key} ({s.name}) added",
+                    service=s.name,
+                    key=str(s.key),
+                )
+                await self._apply_dests(s, [], now)
+            return
+        if have.scheduler != want.scheduler:
+            async with self.hold(s.key):
                 await self.client.set_service(want)
-            current = await self.client.dests(s.key)
+        elif have != want:
+            await self.client.set_service(want)
+        await self._apply_dests(s, await self.client.dests(s.key), now)
+
+    async def _apply_dests(self, s: Service, current: list[KDest], now: float) -> None:
         local = s.listen
 
         def may_delete(view: DestView) -> bool:

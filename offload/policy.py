@@ -81,11 +81,12 @@ def demoting_form(s: Service) -> Service:
     to the VIP:port itself (a local destination: the kernel hands them to the userspace
     listener unchanged), the NAT destinations quiesced so theirs finish. rr, no flags and no
     persistence, so that every new connection reaches the local destination."""
-    backends = [
+    # The local destination first: it is added before the others are quiesced, so that the
+    # service always has a destination to give new connections to.
+    backends = [Backend(s.listen, 1)] + [
         Backend(b.address, 0, AdminState.READY, b.max_connections, b.resume_below)
         for b in s.backends
     ]
-    backends.append(Backend(s.listen, 1))
     return Service(s.name, s.protocol, s.listen, SchedulerName.RR, backends=tuple(backends))
 
 

@@ -3,6 +3,8 @@ one is exercised in the kernel tier, tests/kernel/)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from lb.model import Endpoint, ServiceKey
@@ -63,6 +65,15 @@ class FakeIpvs:
 
     async def close(self) -> None:
         pass
+
+    @asynccontextmanager
+    async def hold(self, key: ServiceKey) -> AsyncIterator[None]:
+        """What Host.hold does to new connections, as entries in the log."""
+        self.log.append(f"hold {key}")
+        try:
+            yield
+        finally:
+            self.log.append(f"release {key}")
 
     def set_conns(
         self, key: ServiceKey, endpoint: Endpoint, active: int, inactive: int = 0

@@ -56,7 +56,7 @@ def dataplane(
     async def vips() -> set[IPAddress]:
         return owned
 
-    return IpvsDataplane(fake, vips, drain_timeout=60.0, clock=clock or Clock())
+    return IpvsDataplane(fake, vips, drain_timeout=60.0, clock=clock or Clock(), hold=fake.hold)
 
 
 def order(fake: FakeIpvs, svc: Service) -> list[str]:
@@ -68,9 +68,11 @@ async def test_adds_in_file_order_so_the_kernel_list_matches_userspace() -> None
     (web,) = services(WEB)
     await dataplane(fake).apply([web])
     assert fake.log == [
+        "hold tcp/10.0.0.1:80",  # no new connection meets a service without destinations
         "add-service tcp/10.0.0.1:80 wrr",
         "add-dest 10.0.1.1:8080 w3",
         "add-dest 10.0.1.2:8080 w1",
+        "release tcp/10.0.0.1:80",
     ]
     assert order(fake, web) == ["10.0.1.2:8080 w1", "10.0.1.1:8080 w3"]  # newest first
     k = fake.svcs[web.key]
@@ -96,7 +98,12 @@ async def test_edits_are_minimal() -> None:
     await dp.apply(
         services(WEB.replace("weight: 3", "weight: 5").replace("scheduler: wrr", "scheduler: rr"))
     )
-    assert fake.log == ["set-service tcp/10.0.0.1:80 rr", "set-dest 10.0.1.1:8080 w5"]
+    assert fake.log == [
+        "hold tcp/10.0.0.1:80",  # a scheduler swap leaves the service without one for a moment
+        "set-service tcp/10.0.0.1:80 rr",
+        "release tcp/10.0.0.1:80",
+        "set-dest 10.0.1.1:8080 w5",
+    ]
 
 
 async def test_foreign_services_are_never_touched() -> None:
@@ -171,9 +178,20 @@ async def test_demoting_form_sends_new_connections_to_the_local_listener() -> No
     (web,) = services(WEB)
     await dp.apply([web])
     fake.set_conns(web.key, web.backends[0].address, active=3)
+    fake.log.clear()
     await dp.apply([demoting_form(web)])
     k = fake.svcs[web.key]
     assert (k.scheduler, k.flags) == ("rr", 0)
+    # held while the scheduler is swapped; the local destination comes before the quiescing,
+    # so that new connections always have somewhere to go
+    assert fake.log == [
+        "hold tcp/10.0.0.1:80",
+        "set-service tcp/10.0.0.1:80 rr",
+        "release tcp/10.0.0.1:80",
+        "add-dest 10.0.0.1:80 w1",
+        "set-dest 10.0.1.1:8080 w0",
+        "set-dest 10.0.1.2:8080 w0",
+    ]
     assert order(fake, web) == ["10.0.0.1:80 w1", "10.0.1.2:8080 w0", "10.0.1.1:8080 w0"]
     assert fake.lists[web.key][0].fwd == 1  # local
     assert not dp.drained(web.key, keep=web.listen)

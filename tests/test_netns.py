@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require_root
-from tests.netns import Topology, socket_in, topology
+from tests.netns import Topology, inside, socket_in, topology
 from tests.proc import LbProcess
 
 pytestmark = pytest.mark.netns
@@ -151,3 +152,45 @@ async def test_udp_through_namespaces_replies_from_the_vip(topo: Topology, tmp_p
         await lb.stop()
         assert backend.transport is not None
         backend.transport.close()
+
+
+async def test_host_hold_delays_new_connections_to_one_service_only(topo: Topology) -> None:
+    """While an IPVS service is built, Host.hold drops new connections to its VIP:port (the
+    client sends its SYN again) and leaves every other port alone; nftables, natively."""
+    from lb.model import Endpoint, Protocol, ServiceKey
+    from offload.host import NFT_TABLE, Host
+
+    listeners = []
+    for port in (80, 81):
+        sock = socket_in(topo.lb)
+        sock.bind((topo.vip, port))
+        sock.listen(16)
+        sock.setblocking(False)
+        listeners.append(sock)
+
+    async def connect(port: int, timeout: float) -> None:
+        sock = socket_in(topo.client)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_connect(sock, (topo.vip, port)), timeout
+            )
+        finally:
+            sock.close()
+
+    host = Host("lbt-none")
+    key = ServiceKey(Protocol.TCP, Endpoint(ipaddress.ip_address(topo.vip), 80))
+    with inside(topo.lb):  # nft runs in the balancer's namespace
+        try:
+            async with host.hold(key):
+                with pytest.raises(TimeoutError):
+                    await connect(80, 0.5)  # held: no answer, not a refusal
+                await connect(81, 2)  # another port of the same VIP is not held
+                late = asyncio.ensure_future(connect(80, 5))
+                await asyncio.sleep(0.3)
+            await late  # its SYN, sent again after the hold, gets through
+            await connect(80, 2)
+        finally:
+            subprocess.run(["nft", "delete", "table", "ip", NFT_TABLE], capture_output=True)
+    for sock in listeners:
+        sock.close()
