@@ -20,10 +20,11 @@ import logging
 import shutil
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from lb.log import emit
-from lb.model import IPAddress, ServiceKey
+from lb.model import Endpoint, IPAddress, Protocol, Service, ServiceKey
 from offload.nlthread import NetlinkThread
 
 log = logging.getLogger("lb.offload")
@@ -39,6 +40,30 @@ NFT_TABLE = "lb_ipvs"
 
 class HostError(Exception):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class NatPath:
+    """Packets from `source` to `backend` (after IPVS's DNAT) that need masquerade."""
+
+    source: IPAddress
+    protocol: Protocol
+    backend: Endpoint
+
+    def sort_key(self) -> tuple[int, int, str, int]:
+        return (int(self.source), int(self.backend.ip), self.protocol.value, self.backend.port)
+
+
+def nat_paths(services: Iterable[Service]) -> set[NatPath]:
+    """What the kernel's services need masqueraded: clients on this host (their source
+    address is the VIP) and hairpin (a backend reaching itself through the VIP)."""
+    return {
+        NatPath(source, s.protocol, b.address)
+        for s in services
+        for b in s.backends
+        if b.address != s.listen
+        for source in (s.listen.ip, b.address.ip)
+    }
 
 
 async def _run(*cmd: str, stdin: str | None = None) -> tuple[int, str]:
@@ -58,7 +83,7 @@ class Host:
         self.device = device
         self.proc_sys = proc_sys
         self._nl = NetlinkThread.shared()  # pyroute2 needs asyncio's own loop
-        self._nat: tuple[frozenset[IPAddress], frozenset[tuple[IPAddress, IPAddress]]] | None = None
+        self._nat: frozenset[NatPath] | None = None
         self._nft_warned = False
 
     # --- set-up ----------------------------------------------------------------------------
@@ -162,30 +187,34 @@ class Host:
 
     # --- masquerade ----------------------------------------------------------------------
 
-    async def set_nat(
-        self, vips: Iterable[IPAddress], hairpin: Iterable[tuple[IPAddress, IPAddress]]
-    ) -> None:
-        """One atomic nft transaction: the table, its sets and rules, rebuilt whole."""
-        v4 = frozenset(ip for ip in vips if ip.version == 4)
-        pairs = frozenset((a, b) for a, b in hairpin if a.version == 4)
-        if self._nat == (v4, pairs):
+    async def set_nat(self, paths: Iterable[NatPath]) -> None:
+        """Masquerade exactly these (source, backend) paths, in one atomic nft transaction
+        that rebuilds the table whole. A path is a client on this host (its source is the
+        VIP) or a backend reaching itself through the VIP (hairpin); matching the backend's
+        address and port too keeps other packets that leave from a VIP (the userspace
+        listener's replies, say) untouched."""
+        wanted = frozenset(p for p in paths if p.source.version == 4)
+        if self._nat == wanted:
             return
         if not shutil.which("nft"):
             raise HostError(
                 "nft is not installed (Debian package nftables): no masquerade for local clients"
             )
-        elements = ", ".join(str(ip) for ip in sorted(v4, key=int))
-        hp = ", ".join(f"{a} . {b}" for a, b in sorted(pairs, key=lambda p: (int(p[0]), int(p[1]))))
+        elements = ", ".join(
+            f"{p.source} . {p.backend.ip} . {p.protocol.value} . {p.backend.port}"
+            for p in sorted(wanted, key=NatPath.sort_key)
+        )
         script = f"""table ip {NFT_TABLE}
 delete table ip {NFT_TABLE}
 table ip {NFT_TABLE} {{
-    set vips {{ type ipv4_addr; {f"elements = {{ {elements} }};" if elements else ""} }}
-    set hairpin {{ type ipv4_addr . ipv4_addr; {f"elements = {{ {hp} }};" if hp else ""} }}
+    set masq_paths {{
+        type ipv4_addr . ipv4_addr . inet_proto . inet_service;
+        {f"elements = {{ {elements} }};" if elements else ""}
+    }}
     set hold {{ type ipv4_addr . inet_proto . inet_service; }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
-        ip saddr @vips masquerade comment "clients on this host: their source is the VIP"
-        ip saddr . ip daddr @hairpin masquerade comment "a backend reaching itself"
+        ip saddr . ip daddr . meta l4proto . th dport @masq_paths masquerade
     }}
     chain input {{
         type filter hook input priority filter; policy accept;
@@ -196,7 +225,7 @@ table ip {NFT_TABLE} {{
         code, out = await _run("nft", "-f", "-", stdin=script)
         if code != 0:
             raise HostError(f"nft: {out}")
-        self._nat = (v4, pairs)
+        self._nat = wanted
 
     @asynccontextmanager
     async def hold(self, key: ServiceKey) -> AsyncIterator[None]:
@@ -208,7 +237,7 @@ table ip {NFT_TABLE} {{
         element = f"{{ {key.listen.ip} . {key.protocol.value} . {key.listen.port} }}"
         try:
             if self._nat is None:
-                await self.set_nat((), ())
+                await self.set_nat(())
             code, out = await _run("nft", "add", "element", "ip", NFT_TABLE, "hold", element)
             if code != 0:
                 raise HostError(f"nft: {out}")

@@ -105,21 +105,34 @@ class IpvsDataplane:
         (new connections dropped, so clients send their SYN again) until the service works."""
         want = kernel_service(s)
         if have is None:
+            held = self.clock()
             async with self.hold(s.key):
                 await self.client.add_service(want)
-                emit(
-                    log,
-                    logging.INFO,
-                    "ipvs.service_added",
-                    f"IPVS service {s.key} ({s.name}) added",
-                    service=s.name,
-                    key=str(s.key),
-                )
                 await self._apply_dests(s, [], now)
+            emit(
+                log,
+                logging.INFO,
+                "ipvs.service_added",
+                f"IPVS service {s.key} ({s.name}) added",
+                service=s.name,
+                key=str(s.key),
+                held_ms=round((self.clock() - held) * 1000, 1),
+            )
             return
         if have.scheduler != want.scheduler:
+            held = self.clock()
             async with self.hold(s.key):
                 await self.client.set_service(want)
+            emit(
+                log,
+                logging.INFO,
+                "ipvs.scheduler_changed",
+                f"IPVS service {s.key} ({s.name}) now schedules with {want.scheduler}",
+                service=s.name,
+                key=str(s.key),
+                scheduler=want.scheduler,
+                held_ms=round((self.clock() - held) * 1000, 1),
+            )
         elif have != want:
             await self.client.set_service(want)
         await self._apply_dests(s, await self.client.dests(s.key), now)

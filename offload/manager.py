@@ -23,7 +23,7 @@ from lb.log import emit
 from lb.model import IPAddress, Service, ServiceKey
 from lb.proxy.dataplane import UserspaceDataplane
 from lb.stats import ServiceSnapshot
-from offload.host import Host, HostError
+from offload.host import Host, HostError, nat_paths
 from offload.ipvs import IpvsDataplane
 from offload.policy import Mode, OffloadPolicy, demoting_form, not_expressible, orphan_form
 
@@ -238,15 +238,8 @@ class OffloadManager:
     async def _set_nat(self, kernel: list[Service]) -> None:
         if self.host is None:
             return
-        vips = {s.listen.ip for s in kernel}
-        hairpin = {
-            (b.address.ip, b.address.ip)
-            for s in kernel
-            for b in s.backends
-            if b.address != s.listen
-        }
         try:
-            await self.host.set_nat(vips, hairpin)
+            await self.host.set_nat(nat_paths(kernel))
         except HostError as e:
             emit(
                 log,

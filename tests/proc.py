@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,17 @@ class LbProcess:
             text = line.decode().rstrip()
             self.lines.append(text)
             try:
-                self.events.append(json.loads(text))
+                event = json.loads(text)
             except ValueError:
-                pass
+                continue
+            event["_seen"] = time.monotonic()  # when the test saw it, to line up with clients
+            self.events.append(event)
+
+    def timeline(self, since: float) -> str:
+        """The events seen so far, each with its time since `since` (time.monotonic())."""
+        return "\n".join(
+            f"{e['_seen'] - since:7.2f}s {e.get('event')}: {e.get('msg', '')}" for e in self.events
+        )
 
     async def wait_event(self, name: str, timeout: float = 30.0, after: int = 0) -> dict[str, Any]:
         deadline = asyncio.get_running_loop().time() + timeout

@@ -194,3 +194,49 @@ async def test_host_hold_delays_new_connections_to_one_service_only(topo: Topolo
             subprocess.run(["nft", "delete", "table", "ip", NFT_TABLE], capture_output=True)
     for sock in listeners:
         sock.close()
+
+
+async def test_host_masquerades_only_the_paths_to_backends(topo: Topology) -> None:
+    """The masquerade lb sets up for the kernel path catches a client on the balancer
+    itself reaching a backend through the VIP, and nothing else that leaves from the VIP.
+    nft's DNAT stands in for IPVS here (this kernel has none)."""
+    from lb.config import parse_config
+    from offload.host import NFT_TABLE, Host, nat_paths
+
+    servers = await start_backends(topo)
+    (web,) = parse_config(
+        f"services: [{{name: web, listen: '{topo.vip}:80', backends: [{{address: '10.99.2.2:8080'}}]}}]"
+    ).services
+
+    async def from_vip(port: int) -> str:
+        sock = socket_in(topo.lb)
+        sock.setblocking(False)
+        if port != 80:
+            sock.bind((topo.vip, 0))
+        target = (topo.vip, 80) if port == 80 else ("10.99.2.3", port)
+        await asyncio.get_running_loop().sock_connect(sock, target)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        line = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
+        writer.close()
+        return line
+
+    dnat = f"""table ip lbt_dnat {{
+    chain out {{
+        type nat hook output priority -100; policy accept;
+        ip daddr {topo.vip} tcp dport 80 dnat to 10.99.2.2:8080
+    }}
+}}
+"""
+    with inside(topo.lb):
+        try:
+            subprocess.run(["nft", "-f", "-"], input=dnat.encode(), check=True)
+            await Host("lbt-none").set_nat(nat_paths([web]))
+            # a client on the balancer: its source is the VIP, the backend sees the balancer
+            assert await from_vip(80) == "10.99.2.2 saw 10.99.2.1"
+            # another packet from the VIP, not to a backend path: left alone
+            assert await from_vip(8080) == f"10.99.2.3 saw {topo.vip}"
+        finally:
+            for table in (NFT_TABLE, "lbt_dnat"):
+                subprocess.run(["nft", "delete", "table", "ip", table], capture_output=True)
+    for server in servers:
+        server.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 from tests.kernel.conftest import (
@@ -46,6 +47,7 @@ class Load:
         self.ok = 0
         self.failed: list[str] = []
         self.paths: list[str] = []  # "kernel" (the backend saw the client) or "userspace"
+        self.started = time.monotonic()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -58,10 +60,14 @@ class Load:
         source = self.topo.client_ips[i]
         while not self._stop.is_set():
             payload = os.urandom(4096)
+            stage = "connect"
+            began = time.monotonic() - self.started
             try:
                 reader, writer = await client_conn(self.topo, source)
+                stage = "greeting"
                 line = (await asyncio.wait_for(reader.readline(), 10)).decode()
                 writer.write(payload)
+                stage = "echo"
                 echoed = await asyncio.wait_for(reader.readexactly(len(payload)), 10)
                 writer.close()
                 if echoed != payload:
@@ -70,7 +76,9 @@ class Load:
                 self.paths.append("userspace" if line.split()[-1] == LB_SIDE else "kernel")
                 self.ok += 1
             except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
-                self.failed.append(f"{type(e).__name__}: {e}")
+                self.failed.append(
+                    f"{source} began at {began:.2f}s, {stage}: {type(e).__name__}: {e}"
+                )
 
     async def stop(self) -> None:
         self._stop.set()
@@ -149,7 +157,7 @@ async def test_promote_and_demote_under_load_lose_nothing(
         await lb.wait_event("offload.promote", timeout=60, after=n)  # calm again
         await asyncio.sleep(2)
         await load.stop()
-    assert load.failed == [], load.failed[:5]
+    assert load.failed == [], "\n".join(load.failed[:5]) + "\n" + lb.timeline(load.started)
     assert in_user.error is None and in_user.sent == in_user.received > 0
     assert in_kernel.error is None and in_kernel.sent == in_kernel.received > 0
     assert load.ok > 50
