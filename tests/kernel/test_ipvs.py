@@ -22,7 +22,7 @@ from tests.kernel.conftest import (
     running_lb,
     service_yaml,
 )
-from tests.netns import Topology
+from tests.netns import Topology, socket_in
 from tests.proc import LbProcess, run_cli
 
 WEB = service_yaml(
@@ -50,6 +50,17 @@ async def test_nat_forwarding_with_port_mapping(
         ]
         data, source = await ask_udp(topo, "10.99.1.3", b"query")
         assert data == b"10.99.2.5 saw 10.99.1.3:query" and source == ("10.99.0.10", 53)
+        # A client on the balancer itself: its source address is the VIP, so the kernel path
+        # needs lb's masquerade; IPVS's connection table shows it carried the connection.
+        sock = socket_in(topo.lb)
+        sock.setblocking(False)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (topo.vip, 80)), 10)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        line = (await asyncio.wait_for(reader.readline(), 10)).decode().split()
+        assert line[0] in topo.backend_ips and line[-1] == LB_SIDE
+        conns = run_in(topo, "ipvsadm", "-Lnc")
+        writer.close()
+        assert f"{topo.vip}:{sock.getsockname()[1]}" in conns, conns
 
 
 async def test_persistence_in_the_kernel(
