@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping
 import pytest
 import uvloop
 
+from tests.traffic import backends  # noqa: F401  (the fixture: backends in a namespace)
+
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # The real-kernel tier runs inside a virtme-ng guest (tests/test_kernel_tier.py boots it),

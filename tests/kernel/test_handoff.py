@@ -9,7 +9,8 @@ import signal
 import time
 from pathlib import Path
 
-from tests.kernel.conftest import (
+from tests.netns import Topology
+from tests.traffic import (
     LB_SIDE,
     Backends,
     client_conn,
@@ -17,7 +18,6 @@ from tests.kernel.conftest import (
     running_lb,
     service_yaml,
 )
-from tests.netns import Topology
 
 BACKENDS = [
     "{address: 10.99.2.2:8080, weight: W}",

@@ -7,7 +7,10 @@ import asyncio
 import signal
 from pathlib import Path
 
-from tests.kernel.conftest import (
+from tests.kernel.conftest import ipvs_save, ipvsadm, run_in
+from tests.netns import Topology, socket_in
+from tests.proc import LbProcess, run_cli
+from tests.traffic import (
     LB_SIDE,
     START,
     Backends,
@@ -16,14 +19,9 @@ from tests.kernel.conftest import (
     ask_udp,
     client_conn,
     config_yaml,
-    ipvs_save,
-    ipvsadm,
-    run_in,
     running_lb,
     service_yaml,
 )
-from tests.netns import Topology, socket_in
-from tests.proc import LbProcess, run_cli
 
 WEB = service_yaml(
     "web",

@@ -11,16 +11,15 @@ import signal
 import socket
 from pathlib import Path
 
-from tests.kernel.conftest import (
+from tests.kernel.conftest import ipvsadm, run_in
+from tests.netns import Topology
+from tests.traffic import (
     Backends,
     client_conn,
     config_yaml,
-    ipvsadm,
-    run_in,
     running_lb,
     service_yaml,
 )
-from tests.netns import Topology
 
 A, B, C, D = (f"10.99.2.{i}:8080" for i in (2, 3, 4, 5))
 

@@ -1,0 +1,158 @@
+"""The nftables rendering and its transactions, without a kernel (tests/test_nftables.py
+runs them against the real one)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lb.config import parse_config
+from lb.model import AdminState, Service
+from offload.nft_rules import (
+    MAX_CYCLE,
+    cycle,
+    diff_script,
+    not_expressible_nft,
+    render,
+    service_id,
+)
+from offload.nftables import NftDataplane
+from tests.vs import Harness, name_of
+
+
+def services(text: str) -> list[Service]:
+    return list(parse_config(text).services)
+
+
+def svc(
+    scheduler: str = "wrr", extra: str = "", n: int = 1, weights: str = "3,2,1"
+) -> list[Service]:
+    out = []
+    for i in range(n):
+        backends = ", ".join(
+            f"{{address: '192.168.1.{j + 1}:8080', weight: {w}}}"
+            for j, w in enumerate(weights.split(","))
+        )
+        out.append(
+            f"  - {{name: s{i}, listen: '10.0.{i // 250}.{i % 250 + 1}:80', scheduler: {scheduler}, "
+            f"retries: 0, backends: [{backends}]{extra}}}"
+        )
+    return services("services:\n" + "\n".join(out))
+
+
+class FakeNft:
+    def __init__(self) -> None:
+        self.scripts: list[str] = []
+
+    async def __call__(self, script: str) -> str:
+        self.scripts.append(script)
+        return '{"nftables": []}'
+
+
+def test_wrr_cycle_is_the_userspace_reference_cycle() -> None:
+    (s,) = svc("wrr", weights="3,2,1")
+    h = Harness("wrr").add("A", 3).add("B", 2).add("C", 1)
+    assert "".join(name_of(e) for e in cycle(s)) == h.picks(6) == "CBAABA"
+    (r,) = svc("rr", weights="1,1,1")
+    assert "".join(name_of(e) for e in cycle(r)) == "CBA"  # newest first, as the kernel's list
+
+
+def test_cycle_skips_backends_that_take_no_new_connections() -> None:
+    (s,) = svc("wrr", weights="4,0,2")
+    down = dataclasses.replace(s.backends[2], healthy=False)
+    drained = s.with_backends((s.backends[0], s.backends[1], down))
+    assert "".join(name_of(e) for e in cycle(s)) == "CAA"  # 4:2 over their gcd
+    assert "".join(name_of(e) for e in cycle(drained)) == "A"
+
+
+def test_rendered_service_dispatches_through_numgen_and_dnats() -> None:
+    (s,) = svc("wrr", weights="3,2,1")
+    r = render(s)
+    sid = service_id(s.key)
+    assert sid == "tcp_10_0_0_1_80" and r.chain == "svc_tcp_10_0_0_1_80"
+    (rule,) = r.rules
+    assert rule.startswith("numgen inc mod 6 vmap { 0 : goto ep_tcp_10_0_0_1_80_192_168_1_3_8080")
+    _, ep = r.endpoints["ep_tcp_10_0_0_1_80_192_168_1_2_8080"]
+    assert ep.endswith("meta l4proto tcp dnat to 192.168.1.2:8080")
+
+
+def test_persistence_renders_affinity_sets_checked_before_the_pick() -> None:
+    (s,) = svc("rr", ", persistence: {timeout: 60, netmask: 255.255.255.0}", weights="1,1")
+    r = render(s)
+    assert r.rules[0] == (
+        "ip saddr & 255.255.255.0 @aff_tcp_10_0_0_1_80_192_168_1_2_8080 "
+        "goto ep_tcp_10_0_0_1_80_192_168_1_2_8080"
+    )
+    assert "timeout 60s" in r.sets["aff_tcp_10_0_0_1_80_192_168_1_1_8080"]
+    assert (
+        "update @aff_tcp_10_0_0_1_80_192_168_1_1_8080 { ip saddr & 255.255.255.0 }"
+        in (r.endpoints["ep_tcp_10_0_0_1_80_192_168_1_1_8080"][1])
+    )
+
+
+def test_sh_hashes_the_client_over_weighted_slots() -> None:
+    (s,) = svc("sh", ", scheduler_flags: [sh-port]", weights="2,1")
+    (rule,) = render(s).rules
+    assert rule.startswith("jhash ip saddr . th sport mod 3 seed 0x0 vmap {")
+
+
+def test_what_nftables_cannot_express() -> None:
+    assert "not expressible in nftables" in (not_expressible_nft(svc("wlc")[0]) or "")
+    assert "sh-fallback" in (
+        not_expressible_nft(svc("sh", ", scheduler_flags: [sh-fallback]")[0]) or ""
+    )
+    (s,) = svc("wrr", weights=f"{MAX_CYCLE},1")
+    assert "longer than" in (not_expressible_nft(s) or "")
+    assert not_expressible_nft(svc("rr")[0]) is None
+
+
+def test_no_backend_left_takes_the_service_out_of_the_map() -> None:
+    (s,) = svc("rr", weights="1")
+    off = s.with_backends((dataclasses.replace(s.backends[0], admin=AdminState.DRAIN),))
+    script = diff_script(render(s), render(off))
+    assert script[0] == "delete element ip lb services { 10.0.0.1 . tcp . 80 }"
+    assert not any("add element" in line for line in script)
+    back = diff_script(render(off), render(s))
+    assert (
+        back[-1] == "add element ip lb services { 10.0.0.1 . tcp . 80 : goto svc_tcp_10_0_0_1_80 }"
+    )
+
+
+async def test_one_change_rewrites_one_service_whatever_the_count() -> None:
+    fake = FakeNft()
+    dp = NftDataplane(fake)
+    many = svc("wrr", n=500)
+    await dp.apply(many)
+    assert dp.writes == 1 and fake.scripts[0].startswith("table ip lb\ndelete table ip lb\n")
+    await dp.apply(many)
+    assert dp.writes == 1  # nothing changed, nothing sent
+    edited = list(many)
+    edited[250] = edited[250].with_backends(
+        (dataclasses.replace(edited[250].backends[0], weight=5), *edited[250].backends[1:])
+    )
+    await dp.apply(edited)
+    script = fake.scripts[-1]
+    sid = service_id(edited[250].key)
+    assert dp.writes == 2
+    assert all(sid in line for line in script.splitlines()), script
+    # the edited backend's chain keeps its counter; the others are left as they were
+    assert f"flush chain ip lb svc_{sid}" in script and "add counter" not in script
+    small = NftDataplane(FakeNft())
+    await small.apply(many[:5])
+    edited_small = [*many[:4], edited[250]]
+    await small.apply(edited_small)
+    assert small.writes == 2
+
+
+async def test_a_removed_service_loses_every_object() -> None:
+    fake = FakeNft()
+    dp = NftDataplane(fake)
+    (s,) = svc("rr", ", persistence: {timeout: 60}", weights="1,1")
+    await dp.apply([s])
+    await dp.apply([])
+    pins, *script = fake.scripts[-1].splitlines()
+    sid = service_id(s.key)
+    assert pins == "flush set ip lb masq_paths"  # no hairpin path left either
+    assert script[0] == "delete element ip lb services { 10.0.0.1 . tcp . 80 }"
+    assert script[-1] == f"delete chain ip lb svc_{sid}"
+    assert sum(line.startswith("delete set") for line in script) == 2
+    assert sum(line.startswith("delete counter") for line in script) == 2

@@ -1,0 +1,188 @@
+"""The nftables dataplane on the real kernel of this machine: clients, balancer and
+backends in their own network namespaces, NAT by table `ip lb` (needs root)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from lb.config import parse_config
+from lb.model import AdminState, Service
+from offload.nft_rules import cycle
+from offload.nftables import NftDataplane
+from tests.conftest import require_root
+from tests.netns import Topology, inside, topology
+from tests.traffic import (
+    BACKEND_IPS,
+    CLIENT_IPS,
+    LB_SIDE,
+    Backends,
+    ask,
+    ask_udp,
+    client_conn,
+)
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def topo() -> Iterator[Topology]:
+    require_root()
+    with topology(client_ips=CLIENT_IPS, backend_ips=BACKEND_IPS) as t:
+        subprocess.run(
+            ["ip", "netns", "exec", t.lb, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True
+        )
+        yield t
+
+
+def config(text: str) -> list[Service]:
+    return list(parse_config(text).services)
+
+
+WEB = """
+  - name: web
+    listen: 10.99.0.10:80
+    scheduler: wrr
+    retries: 0
+    backends:
+      - {address: 10.99.2.2:8080, weight: 3}
+      - {address: 10.99.2.3:8080, weight: 2}
+      - {address: 10.99.2.4:8080, weight: 1}
+"""
+DNS = """
+  - name: dns
+    protocol: udp
+    listen: 10.99.0.10:53
+    scheduler: rr
+    backends: [{address: 10.99.2.5:5353}]
+"""
+
+
+def nft_in(topo: Topology, *args: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", topo.lb, "nft", *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+async def apply(topo: Topology, dp: NftDataplane, services: list[Service]) -> None:
+    with inside(topo.lb):  # nft runs in the balancer's namespace
+        await dp.apply(services)
+
+
+async def test_forwarding_with_port_mapping_and_the_kernels_wrr_cycle(
+    topo: Topology, backends: Backends
+) -> None:
+    web, dns = config("services:" + WEB + DNS)
+    dp = NftDataplane()
+    await apply(topo, dp, [web, dns])
+    answers = [await ask(topo, "10.99.1.2") for _ in range(12)]
+    # NAT, not a proxy: the backend sees the client; the picks follow IPVS's wrr cycle
+    assert all(a.endswith("saw 10.99.1.2") for a in answers), answers
+    expected = [str(e.ip) for e in cycle(web)] * 2
+    assert [a.split()[0] for a in answers] == expected
+    assert expected[:6] == [
+        "10.99.2.4",
+        "10.99.2.3",
+        "10.99.2.2",
+        "10.99.2.2",
+        "10.99.2.3",
+        "10.99.2.2",
+    ]
+    data, source = await ask_udp(topo, "10.99.1.3", b"query")
+    assert data == b"10.99.2.5 saw 10.99.1.3:query" and source == ("10.99.0.10", 53)
+    with inside(topo.lb):
+        await dp.refresh()
+    (snap, _) = sorted(dp.observe(), key=lambda s: s.service.name, reverse=True)
+    assert snap.dataplane == "nftables" and snap.totals.conns == 12
+    assert {str(b.address): b.totals.conns for b in snap.backends} == {
+        "10.99.2.2:8080": 6,
+        "10.99.2.3:8080": 4,
+        "10.99.2.4:8080": 2,
+    }
+
+
+async def test_persistence_keeps_a_client_subnet_on_one_backend(
+    topo: Topology, backends: Backends
+) -> None:
+    (web,) = config(
+        "services:"
+        + WEB.replace("retries: 0", "retries: 0\n    persistence: {timeout: 60, netmask: /24}")
+    )
+    dp = NftDataplane()
+    await apply(topo, dp, [web])
+    seen = {(await ask(topo, ip)).split()[0] for ip in CLIENT_IPS[:6] for _ in range(3)}
+    assert len(seen) == 1
+    # drained: the affinity no longer applies, the clients go elsewhere
+    (first,) = seen
+    drained = web.with_backends(
+        tuple(
+            dataclasses.replace(b, admin=AdminState.DRAIN) if str(b.address.ip) == first else b
+            for b in web.backends
+        )
+    )
+    await apply(topo, dp, [drained])
+    again = {(await ask(topo, ip)).split()[0] for ip in CLIENT_IPS[:6]}
+    assert first not in again and len(again) == 1
+
+
+async def test_drain_down_and_removal_spare_established_connections(
+    topo: Topology, backends: Backends
+) -> None:
+    (web,) = config("services:" + WEB)
+    dp = NftDataplane()
+    await apply(topo, dp, [web])
+    reader, writer = await client_conn(topo, "10.99.1.5")
+    victim = (await asyncio.wait_for(reader.readline(), 5)).decode().split()[0]
+    state = {str(b.address.ip): b for b in web.backends}
+
+    async def still_echoes() -> None:
+        writer.write(b"ping\n")
+        assert await asyncio.wait_for(reader.readline(), 5) == b"ping\n"
+
+    async def picks(n: int = 9) -> set[str]:
+        return {(await ask(topo, "10.99.1.6")).split()[0] for _ in range(n)}
+
+    for change in (
+        dataclasses.replace(state[victim], admin=AdminState.DRAIN),
+        dataclasses.replace(state[victim], healthy=False),
+        None,  # removed from the config
+    ):
+        kept = [b for b in web.backends if str(b.address.ip) != victim]
+        order = [change, *kept] if change is not None else kept
+        await apply(topo, dp, [web.with_backends(tuple(order))])
+        assert victim not in await picks()
+        await still_echoes()
+    writer.close()
+    # every backend taken out: the service leaves the map, nothing is DNATed any more
+    await apply(topo, dp, [web.with_backends(())])
+    assert "10.99.0.10" not in nft_in(topo, "list", "map", "ip", "lb", "services")
+
+
+async def test_foreign_tables_untouched_and_a_stale_table_replaced(
+    topo: Topology, backends: Backends
+) -> None:
+    foreign = "table inet keepme {\n  chain c {\n    type filter hook input priority 10; policy accept;\n    tcp dport 9 counter\n  }\n}\n"
+    stale = "table ip lb {\n  chain junk {\n    counter\n  }\n}\n"
+    for script in (foreign, stale):
+        subprocess.run(
+            ["ip", "netns", "exec", topo.lb, "nft", "-f", "-"], input=script.encode(), check=True
+        )
+    before = nft_in(topo, "list", "table", "inet", "keepme")
+    (web,) = config("services:" + WEB)
+    dp = NftDataplane()  # a new process after a crash: adopts by replacing, atomically
+    await apply(topo, dp, [web])
+    assert "junk" not in nft_in(topo, "list", "table", "ip", "lb")
+    assert (await ask(topo, "10.99.1.2")).endswith("saw 10.99.1.2")
+    with inside(topo.lb):
+        await dp.remove_all()
+        await dp.remove_all()  # nothing left: not an error
+    assert "table ip lb" not in nft_in(topo, "list", "tables")
+    assert nft_in(topo, "list", "table", "inet", "keepme") == before
+    # without the kernel path, nothing answers on the VIP in this test: refused
+    with pytest.raises(ConnectionRefusedError):
+        await ask(topo, "10.99.1.2")
+    assert LB_SIDE  # (the userspace path is not part of these tests)

@@ -1,0 +1,187 @@
+"""Traffic for namespace tests, natively and in the kernel tier: backends that say who
+they saw, clients that ask from a given address, and `lb run` in the balancer's namespace.
+
+Backends answer with "<their address> saw <peer address>": through kernel NAT the peer is
+the client itself, through the userspace proxy it is the balancer (LB_SIDE), so every
+answer says which path carried it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.netns import Topology, inside, socket_in
+from tests.proc import LbProcess
+
+#: Python in the guest reads every module over 9p under emulation: lb takes ~30 s to start.
+START = 150.0
+CLIENT_IPS = [f"10.99.1.{i}" for i in range(2, 40)]
+BACKEND_IPS = ["10.99.2.2", "10.99.2.3", "10.99.2.4", "10.99.2.5"]
+LB_SIDE = "10.99.2.1"  # the balancer's address towards the backends
+
+
+class Backends:
+    """TCP and UDP servers on every backend address, in the backend namespace."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        self.servers: list[asyncio.Server] = []
+        self.udp: list[asyncio.DatagramTransport] = []
+        self.tcp_port = 8080
+        self.udp_port = 5353
+
+    async def start(self) -> Backends:
+        loop = asyncio.get_running_loop()
+        for ip in self.topo.backend_ips:
+
+            async def handle(
+                r: asyncio.StreamReader, w: asyncio.StreamWriter, ip: str = ip
+            ) -> None:
+                peer = w.get_extra_info("peername")[0]
+                try:
+                    w.write(f"{ip} saw {peer}\n".encode())
+                    await w.drain()
+                    while data := await r.read(65536):
+                        w.write(data)
+                        await w.drain()
+                except ConnectionError:
+                    pass
+                finally:
+                    w.close()
+
+            sock = socket_in(self.topo.backends)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((ip, self.tcp_port))
+            self.servers.append(await asyncio.start_server(handle, sock=sock, backlog=1024))
+
+            class Echo(asyncio.DatagramProtocol):
+                def __init__(self, ip: str = ip) -> None:
+                    self.ip = ip
+
+                def connection_made(self, t: asyncio.BaseTransport) -> None:
+                    self.t: Any = t
+
+                def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                    self.t.sendto(f"{self.ip} saw {addr[0]}:".encode() + data, addr)
+
+            usock = socket_in(self.topo.backends, socket.SOCK_DGRAM)
+            usock.bind((ip, self.udp_port))
+            t, _ = await loop.create_datagram_endpoint(Echo, sock=usock)
+            self.udp.append(t)
+        return self
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.close()
+        for t in self.udp:
+            t.close()
+
+
+@pytest.fixture
+async def backends(topo: Topology) -> AsyncIterator[Backends]:
+    b = await Backends(topo).start()
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+async def client_conn(
+    topo: Topology, source: str, port: int = 80, sport: int = 0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    sock = socket_in(topo.client)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((source, sport))
+    sock.setblocking(False)
+    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (topo.vip, port)), 10)
+    return await asyncio.open_connection(sock=sock)
+
+
+async def ask(topo: Topology, source: str, port: int = 80, sport: int = 0) -> str:
+    """Connect from `source`, read the backend's line ("<backend> saw <peer>"), close."""
+    reader, writer = await client_conn(topo, source, port, sport)
+    try:
+        return (await asyncio.wait_for(reader.readline(), 10)).decode().strip()
+    finally:
+        writer.close()
+
+
+async def ask_udp(
+    topo: Topology, source: str, payload: bytes, port: int = 53
+) -> tuple[bytes, tuple[str, int]]:
+    loop = asyncio.get_running_loop()
+    sock = socket_in(topo.client, socket.SOCK_DGRAM)
+    sock.bind((source, 0))
+    got: asyncio.Future[tuple[bytes, tuple[str, int]]] = loop.create_future()
+
+    class P(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            if not got.done():
+                got.set_result((data, addr))
+
+    t, _ = await loop.create_datagram_endpoint(P, sock=sock)
+    try:
+        t.sendto(payload, (topo.vip, port))
+        return await asyncio.wait_for(got, 10)
+    finally:
+        t.close()
+
+
+def service_yaml(
+    name: str, port: int, backends: list[str], extra: str = "", proto: str = "tcp"
+) -> str:
+    lines = "".join(f"      - {b}\n" for b in backends) if backends else "      []\n"
+    return (
+        f"  - name: {name}\n    protocol: {proto}\n    listen: 10.99.0.10:{port}\n{extra}"
+        f"    backends:\n{lines}"
+    )
+
+
+ADMIN_PORT = 9090  # inside the balancer's own namespace: nothing else is there
+
+
+def config_yaml(services: list[str], dataplane: str, extra: str = "") -> str:
+    return (
+        f"dataplane: {dataplane}\nshutdown_grace: 2s\nadmin: {{listen: 127.0.0.1:{ADMIN_PORT}}}\n"
+        f"{extra}services:" + ("\n" + "".join(services) if services else " []\n")
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_lb(
+    topo: Topology, cfg: Path, *, expect_start: bool = True
+) -> AsyncIterator[LbProcess]:
+    lb = await LbProcess.start(cfg, prefix=["ip", "netns", "exec", topo.lb])
+    try:
+        if expect_start:
+            await lb.wait_event("lb.started", timeout=START)
+        yield lb
+    finally:
+        await lb.stop()
+
+
+async def admin(topo: Topology, lb: LbProcess, method: str, path: str, body: Any = None) -> Any:
+    """Call lb's admin API, which listens on the balancer namespace's loopback."""
+    started = next(e for e in lb.events if e.get("event") == "lb.started")
+    host, port = started["admin"].rsplit(":", 1)
+    with inside(topo.lb):
+        sock = socket.create_connection((host, int(port)))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    data = json.dumps(body).encode() if body is not None else b""
+    writer.write(
+        f"{method} {path} HTTP/1.1\r\nHost: lb\r\nContent-Length: {len(data)}\r\n"
+        "Connection: close\r\n\r\n".encode()
+        + data
+    )
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return json.loads(raw.split(b"\r\n\r\n", 1)[1])
