@@ -60,8 +60,10 @@ def test_kernel_tier(tmp_path: Path) -> None:
     results.mkdir()
     extra = os.environ.get("LB_KERNEL_PYTEST_ARGS", "")  # e.g. "-k parity" while developing
     inner = (
-        f"cd {ROOT} && LB_KERNEL_TIER=1 PYTHONDONTWRITEBYTECODE=1 "
-        f"{sys.executable} -m pytest tests/kernel -p no:cacheprovider -ra -v --timeout=420 {extra} "
+        f"cd {ROOT} && LB_KERNEL_TIER=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 "
+        # a test stuck past its timeout: every thread's stack in the log, and the run ends
+        f"{sys.executable} -m pytest tests/kernel -p no:cacheprovider -ra -v "
+        f"--timeout=420 --timeout-method=thread {extra} "
         f"--junitxml={results}/junit.xml > {results}/log.txt 2>&1; echo $? > {results}/rc"
     )
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
@@ -84,6 +86,9 @@ def test_kernel_tier(tmp_path: Path) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
+    except BaseException:  # this run interrupted: never leave qemu behind
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     log = (results / "log.txt").read_text() if (results / "log.txt").exists() else ""
     rc = (results / "rc").read_text().strip() if (results / "rc").exists() else None
     if rc is None:
