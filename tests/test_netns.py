@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import require_root
 from tests.netns import Topology, inside, socket_in, topology
 from tests.proc import LbProcess
+from tests.traffic import Backends, ask
 
 pytestmark = pytest.mark.netns
 
@@ -25,35 +26,6 @@ def topo() -> Iterator[Topology]:
         yield t
 
 
-async def start_backends(topo: Topology) -> list[asyncio.Server]:
-    servers = []
-    for ip in topo.backend_ips:
-
-        async def handle(
-            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ip: str = ip
-        ) -> None:
-            peer = writer.get_extra_info("peername")[0]
-            writer.write(f"{ip} saw {peer}\n".encode())
-            await writer.drain()
-            writer.close()
-
-        sock = socket_in(topo.backends)
-        sock.bind((ip, 8080))
-        servers.append(await asyncio.start_server(handle, sock=sock))
-    return servers
-
-
-async def ask(topo: Topology, source: str, port: int = 80) -> str:
-    sock = socket_in(topo.client)
-    sock.bind((source, 0))
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (topo.vip, port))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    line = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
-    writer.close()
-    return line
-
-
 async def start_lb(topo: Topology, cfg: Path) -> LbProcess:
     lb = await LbProcess.start(cfg, prefix=["ip", "netns", "exec", topo.lb])
     await lb.wait_event("lb.started")
@@ -61,9 +33,8 @@ async def start_lb(topo: Topology, cfg: Path) -> LbProcess:
 
 
 async def test_source_hash_across_namespaces_with_port_mapping(
-    topo: Topology, tmp_path: Path
+    topo: Topology, backends: Backends, tmp_path: Path
 ) -> None:
-    backends = await start_backends(topo)
     cfg = tmp_path / "lb.yaml"
     cfg.write_text(
         f"services:\n  - name: web\n    listen: {topo.vip}:80\n    scheduler: sh\n    backends:\n"
@@ -79,12 +50,11 @@ async def test_source_hash_across_namespaces_with_port_mapping(
                 assert await ask(topo, src) == f"{order[bucket % 3]} saw 10.99.2.1"
     finally:
         await lb.stop()
-        for s in backends:
-            s.close()
 
 
-async def test_persistence_netmask_groups_a_client_subnet(topo: Topology, tmp_path: Path) -> None:
-    backends = await start_backends(topo)
+async def test_persistence_netmask_groups_a_client_subnet(
+    topo: Topology, backends: Backends, tmp_path: Path
+) -> None:
     cfg = tmp_path / "lb.yaml"
     cfg.write_text(
         f"services:\n  - name: web\n    listen: {topo.vip}:80\n    scheduler: rr\n"
@@ -97,8 +67,6 @@ async def test_persistence_netmask_groups_a_client_subnet(topo: Topology, tmp_pa
         assert len(answers) == 1  # the whole /24 sticks to one backend
     finally:
         await lb.stop()
-        for s in backends:
-            s.close()
 
 
 class Datagrams(asyncio.DatagramProtocol):
@@ -196,14 +164,15 @@ async def test_host_hold_delays_new_connections_to_one_service_only(topo: Topolo
         sock.close()
 
 
-async def test_host_masquerades_only_the_paths_to_backends(topo: Topology) -> None:
+async def test_host_masquerades_only_the_paths_to_backends(
+    topo: Topology, backends: Backends
+) -> None:
     """The masquerade lb sets up for the kernel path catches a client on the balancer
     itself reaching a backend through the VIP, and nothing else that leaves from the VIP.
     nft's DNAT stands in for IPVS here (this kernel has none)."""
     from lb.config import parse_config
     from offload.host import NFT_TABLE, Host, nat_paths
 
-    servers = await start_backends(topo)
     (web,) = parse_config(
         f"services: [{{name: web, listen: '{topo.vip}:80', backends: [{{address: '10.99.2.2:8080'}}]}}]"
     ).services
@@ -238,5 +207,3 @@ async def test_host_masquerades_only_the_paths_to_backends(topo: Topology) -> No
         finally:
             for table in (NFT_TABLE, "lbt_dnat"):
                 subprocess.run(["nft", "delete", "table", "ip", table], capture_output=True)
-    for server in servers:
-        server.close()
