@@ -20,11 +20,11 @@ import logging
 import shutil
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from lb.log import emit
-from lb.model import Endpoint, IPAddress, Protocol, Service, ServiceKey
+from lb.model import IPAddress, Service, ServiceKey
+from offload.nft_rules import NatPath, key_element, masq_elements
 from offload.nlthread import NetlinkThread
 
 log = logging.getLogger("lb.offload")
@@ -40,18 +40,6 @@ NFT_TABLE = "lb_ipvs"
 
 class HostError(Exception):
     pass
-
-
-@dataclass(frozen=True, slots=True)
-class NatPath:
-    """Packets from `source` to `backend` (after IPVS's DNAT) that need masquerade."""
-
-    source: IPAddress
-    protocol: Protocol
-    backend: Endpoint
-
-    def sort_key(self) -> tuple[int, int, str, int]:
-        return (int(self.source), int(self.backend.ip), self.protocol.value, self.backend.port)
 
 
 def nat_paths(services: Iterable[Service]) -> set[NatPath]:
@@ -200,10 +188,7 @@ class Host:
             raise HostError(
                 "nft is not installed (Debian package nftables): no masquerade for local clients"
             )
-        elements = ", ".join(
-            f"{p.source} . {p.backend.ip} . {p.protocol.value} . {p.backend.port}"
-            for p in sorted(wanted, key=NatPath.sort_key)
-        )
+        elements = masq_elements(wanted)
         script = f"""table ip {NFT_TABLE}
 delete table ip {NFT_TABLE}
 table ip {NFT_TABLE} {{
@@ -234,7 +219,7 @@ table ip {NFT_TABLE} {{
         if key.listen.ip.version != 4:
             yield
             return
-        element = f"{{ {key.listen.ip} . {key.protocol.value} . {key.listen.port} }}"
+        element = key_element(key)
         try:
             if self._nat is None:
                 await self.set_nat(())

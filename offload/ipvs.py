@@ -105,10 +105,12 @@ class IpvsDataplane:
         (new connections dropped, so clients send their SYN again) until the service works."""
         want = kernel_service(s)
         if have is None:
-            held = self.clock()
-            async with self.hold(s.key):
+
+            async def create() -> None:
                 await self.client.add_service(want)
                 await self._apply_dests(s, [], now)
+
+            held_ms = await self._held(s.key, create)
             emit(
                 log,
                 logging.INFO,
@@ -116,13 +118,11 @@ class IpvsDataplane:
                 f"IPVS service {s.key} ({s.name}) added",
                 service=s.name,
                 key=str(s.key),
-                held_ms=round((self.clock() - held) * 1000, 1),
+                held_ms=held_ms,
             )
             return
         if have.scheduler != want.scheduler:
-            held = self.clock()
-            async with self.hold(s.key):
-                await self.client.set_service(want)
+            held_ms = await self._held(s.key, lambda: self.client.set_service(want))
             emit(
                 log,
                 logging.INFO,
@@ -131,11 +131,18 @@ class IpvsDataplane:
                 service=s.name,
                 key=str(s.key),
                 scheduler=want.scheduler,
-                held_ms=round((self.clock() - held) * 1000, 1),
+                held_ms=held_ms,
             )
         elif have != want:
             await self.client.set_service(want)
         await self._apply_dests(s, await self.client.dests(s.key), now)
+
+    async def _held(self, key: ServiceKey, write: Callable[[], Awaitable[None]]) -> float:
+        """Run `write` with new connections to `key` held; how long they were, in ms."""
+        start = self.clock()
+        async with self.hold(key):
+            await write()
+        return round((self.clock() - start) * 1000, 1)
 
     async def _apply_dests(self, s: Service, current: list[KDest], now: float) -> None:
         local = s.listen

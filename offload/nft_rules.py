@@ -25,6 +25,7 @@ from functools import reduce
 
 from lb.model import (
     Endpoint,
+    IPAddress,
     Protocol,
     SchedFlag,
     SchedulerName,
@@ -96,55 +97,86 @@ def cycle(s: Service) -> list[Endpoint]:
 
 
 @dataclass(frozen=True, slots=True)
+class NatPath:
+    """Packets from `source` to `backend` (after the kernel's DNAT) that need masquerade."""
+
+    source: IPAddress
+    protocol: Protocol
+    backend: Endpoint
+
+    def sort_key(self) -> tuple[int, int, str, int]:
+        return (int(self.source), int(self.backend.ip), self.protocol.value, self.backend.port)
+
+
+def masq_elements(paths: Iterable[NatPath]) -> str:
+    """The elements of a `masq_paths` set (source . backend ip . protocol . port)."""
+    return ", ".join(
+        f"{p.source} . {p.backend.ip} . {p.protocol.value} . {p.backend.port}"
+        for p in sorted(paths, key=NatPath.sort_key)
+    )
+
+
+def key_element(key: ServiceKey) -> str:
+    """A service key as a set element: `{ VIP . protocol . port }`."""
+    return f"{{ {key.listen.ip} . {key.protocol.value} . {key.listen.port} }}"
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """The names of one backend's objects within its service."""
+
+    chain: str  # ep_<service>_<backend>: counts, renews affinity, DNATs
+    counter: str  # c_<service>_<backend>
+    affinity: str  # aff_<service>_<backend>: clients that stick to it
+
+    @classmethod
+    def of(cls, key: ServiceKey, e: Endpoint) -> Names:
+        tail = f"{service_id(key)}_{str(e.ip).replace('.', '_')}_{e.port}"
+        return cls(f"ep_{tail}", f"c_{tail}", f"aff_{tail}")
+
+
+@dataclass(frozen=True, slots=True)
 class Rendered:
     """A service's objects as nft definitions, by kind and name."""
 
     key: ServiceKey
     chain: str
     rules: tuple[str, ...]  # the service chain's rules
-    endpoints: dict[str, tuple[Endpoint, str]] = field(default_factory=dict)  # chain: rule
+    endpoints: dict[str, tuple[Names, str]] = field(default_factory=dict)  # chain: rule
     sets: dict[str, str] = field(default_factory=dict)  # name: definition
     counters: frozenset[str] = frozenset()
     dispatch: bool = True  # in the services map (False: no backend, the listener answers)
 
 
-def _ep_name(sid: str, e: Endpoint) -> str:
-    return f"ep_{sid}_{str(e.ip).replace('.', '_')}_{e.port}"
-
-
 def render(s: Service) -> Rendered:
-    sid = service_id(s.key)
     proto = s.protocol.value
-    endpoints: dict[str, tuple[Endpoint, str]] = {}
+    endpoints: dict[str, tuple[Names, str]] = {}
     sets: dict[str, str] = {}
     counters = set()
-    mask = None
-    if s.persistence is not None:
-        mask = str(_mask(s.persistence.prefix_len))
+    mask = _mask(s.persistence.prefix_len) if s.persistence is not None else None
     for b in s.backends:
-        name = _ep_name(sid, b.address)
-        counters.add(f"c_{name[3:]}")
-        steps = [f'counter name "c_{name[3:]}"']
-        if mask is not None and s.persistence is not None:
-            aff = f"aff_{name[3:]}"
-            sets[aff] = (
+        n = Names.of(s.key, b.address)
+        counters.add(n.counter)
+        steps = [f'counter name "{n.counter}"']
+        if s.persistence is not None:
+            sets[n.affinity] = (
                 f"{{ type ipv4_addr; size {AFFINITY_SIZE}; flags dynamic,timeout; "
                 f"timeout {s.persistence.timeout}s; }}"
             )
-            steps.append(f"update @{aff} {{ ip saddr & {mask} }}")
+            steps.append(f"update @{n.affinity} {{ ip saddr & {mask} }}")
         steps.append(f"meta l4proto {proto} dnat to {b.address.ip}:{b.address.port}")
-        endpoints[name] = (b.address, " ".join(steps))
+        endpoints[n.chain] = (n, " ".join(steps))
     live = available(s)
     rules: list[str] = []
     if mask is not None:
         for e in live:
-            name = _ep_name(sid, e)
-            rules.append(f"ip saddr & {mask} @aff_{name[3:]} goto {name}")
+            n = Names.of(s.key, e)
+            rules.append(f"ip saddr & {mask} @{n.affinity} goto {n.chain}")
     if live:
-        rules.append(_dispatch(s, sid, live))
+        rules.append(_dispatch(s, live))
     return Rendered(
         s.key,
-        f"svc_{sid}",
+        f"svc_{service_id(s.key)}",
         tuple(rules),
         endpoints,
         sets,
@@ -158,30 +190,28 @@ def _mask(prefix_len: int) -> str:
     return ".".join(str((value >> shift) & 0xFF) for shift in (24, 16, 8, 0))
 
 
-def _vmap(sid: str, picks: Sequence[Endpoint]) -> str:
-    return ", ".join(f"{i} : goto {_ep_name(sid, e)}" for i, e in enumerate(picks))
+def _vmap(key: ServiceKey, picks: Sequence[Endpoint]) -> str:
+    return ", ".join(f"{i} : goto {Names.of(key, e).chain}" for i, e in enumerate(picks))
 
 
-def _dispatch(s: Service, sid: str, live: list[Endpoint]) -> str:
+def _dispatch(s: Service, live: list[Endpoint]) -> str:
     if s.scheduler is SchedulerName.SH:
         # One slot per unit of weight: each backend's share of clients is its weight's.
         weight = {b.address: b.effective_weight for b in s.backends}
         slots = [e for e in live for _ in range(weight[e])]
         key = "ip saddr . th sport" if SchedFlag.PORT in s.flags else "ip saddr"
-        return f"jhash {key} mod {len(slots)} seed 0x0 vmap {{ {_vmap(sid, slots)} }}"
+        return f"jhash {key} mod {len(slots)} seed 0x0 vmap {{ {_vmap(s.key, slots)} }}"
     picks = cycle(s)
-    return f"numgen inc mod {len(picks)} vmap {{ {_vmap(sid, picks)} }}"
+    return f"numgen inc mod {len(picks)} vmap {{ {_vmap(s.key, picks)} }}"
 
 
 # --- transactions ----------------------------------------------------------------------------
 
 
-def base_script(hairpin: Iterable[tuple[Protocol, Endpoint]] = ()) -> list[str]:
+def base_script(hairpin: Iterable[NatPath] = ()) -> list[str]:
     """The table with its hooks, map and masquerade set, empty of services (replaces any
     table of that name, atomically, together with what follows it in the transaction)."""
-    elements = ", ".join(
-        f"{e.ip} . {e.ip} . {p.value} . {e.port}" for p, e in sorted(hairpin, key=str)
-    )
+    elements = masq_elements(hairpin)
     return [
         f"table ip {TABLE}",
         f"delete table ip {TABLE}",
@@ -210,10 +240,6 @@ def _element(key: ServiceKey, chain: str) -> str:
     return f"{{ {key.listen.ip} . {key.protocol.value} . {key.listen.port} : goto {chain} }}"
 
 
-def _key_element(key: ServiceKey) -> str:
-    return f"{{ {key.listen.ip} . {key.protocol.value} . {key.listen.port} }}"
-
-
 def diff_script(old: Rendered | None, new: Rendered | None) -> list[str]:
     """The nft commands that turn one service's objects from `old` into `new` (either may
     be None: a service added or removed). Empty when nothing changed. Order matters inside
@@ -224,7 +250,7 @@ def diff_script(old: Rendered | None, new: Rendered | None) -> list[str]:
     t = f"ip {TABLE}"
     out: list[str] = []
     if old is not None and old.dispatch and (new is None or not new.dispatch):
-        out.append(f"delete element {t} services {_key_element(old.key)}")
+        out.append(f"delete element {t} services {key_element(old.key)}")
     old_eps = old.endpoints if old else {}
     new_eps = new.endpoints if new else {}
     old_sets = old.sets if old else {}
@@ -232,15 +258,21 @@ def diff_script(old: Rendered | None, new: Rendered | None) -> list[str]:
     if old is not None:
         out.append(f"flush chain {t} {old.chain}")  # drops its references to endpoints
     changed_sets = {n for n, d in new_sets.items() if old_sets.get(n) != d}
+    # An endpoint chain is rewritten when its rule changed or the set it updates is
+    # recreated or deleted (flushed first, so that the set can go).
+    recreated = changed_sets | (old_sets.keys() - new_sets.keys())
+    rewrite = {
+        name
+        for name, (names, _) in new_eps.items()
+        if old_eps.get(name) != new_eps[name] or names.affinity in recreated
+    }
     for name in old_eps:
         if name not in new_eps:
             out.append(f"delete chain {t} {name}")
-        elif old_eps[name] != new_eps[name] or any(
-            f"aff_{name[3:]}" == n for n in changed_sets | (old_sets.keys() - new_sets.keys())
-        ):
+        elif name in rewrite:
             out.append(f"flush chain {t} {name}")
     for name in old_sets:
-        if name not in new_sets or name in changed_sets:
+        if name in recreated:
             out.append(f"delete set {t} {name}")
     for name in (old.counters if old else frozenset()) - (new.counters if new else frozenset()):
         out.append(f"delete counter {t} {name}")
@@ -253,11 +285,7 @@ def diff_script(old: Rendered | None, new: Rendered | None) -> list[str]:
     for name in sorted(changed_sets):
         out.append(f"add set {t} {name} {new_sets[name]}")
     for name, (_, rule) in new_eps.items():
-        if (
-            old_eps.get(name) != new_eps[name]
-            or name not in old_eps
-            or any(f"aff_{name[3:]}" == n for n in changed_sets)
-        ):
+        if name in rewrite:
             out.append(f"add chain {t} {name}")
             out.append(f"add rule {t} {name} {rule}")
     if old is None:

@@ -15,9 +15,18 @@ import json
 import shutil
 from collections.abc import Awaitable, Callable
 
-from lb.model import Endpoint, Protocol, Service, ServiceKey
+from lb.model import Service, ServiceKey
 from lb.stats import BackendSnapshot, ErrorReason, ServiceSnapshot, Totals
-from offload.nft_rules import TABLE, Rendered, base_script, diff_script, render
+from offload.nft_rules import (
+    TABLE,
+    Names,
+    NatPath,
+    Rendered,
+    base_script,
+    diff_script,
+    masq_elements,
+    render,
+)
 
 Nft = Callable[[str], Awaitable[str]]
 
@@ -43,8 +52,16 @@ async def run_nft(script: str) -> str:
     return out.decode()
 
 
-def hairpin(services: list[Service]) -> set[tuple[Protocol, Endpoint]]:
-    return {(s.protocol, b.address) for s in services for b in s.backends if b.address != s.listen}
+def hairpin(services: list[Service]) -> set[NatPath]:
+    """A backend reaching itself through the VIP: its reply would not come back through
+    the balancer without masquerade. (Clients on this host need none here: conntrack's own
+    NAT undoes the DNAT on the way back.)"""
+    return {
+        NatPath(b.address.ip, s.protocol, b.address)
+        for s in services
+        for b in s.backends
+        if b.address != s.listen
+    }
 
 
 class NftDataplane:
@@ -55,7 +72,7 @@ class NftDataplane:
         self.foreign: set[ServiceKey] = set()  # nothing outside table lb is ever ours
         self.writes = 0  # transactions sent (an apply with nothing to do sends none)
         self._rendered: dict[ServiceKey, Rendered] | None = None  # None: table not built
-        self._hairpin: set[tuple[Protocol, Endpoint]] = set()
+        self._hairpin: set[NatPath] = set()
         self._desired: dict[ServiceKey, Service] = {}
         self._counters: dict[str, tuple[int, int]] = {}
 
@@ -70,10 +87,7 @@ class NftDataplane:
         elif pins != self._hairpin:
             script.append(f"flush set ip {TABLE} masq_paths")
             if pins:
-                elements = ", ".join(
-                    f"{e.ip} . {e.ip} . {p.value} . {e.port}" for p, e in sorted(pins, key=str)
-                )
-                script.append(f"add element ip {TABLE} masq_paths {{ {elements} }}")
+                script.append(f"add element ip {TABLE} masq_paths {{ {masq_elements(pins)} }}")
         for key in sorted(old.keys() | new.keys(), key=str):
             script += diff_script(old.get(key), new.get(key))
         if script:
@@ -101,13 +115,11 @@ class NftDataplane:
     def observe(self) -> list[ServiceSnapshot]:
         out = []
         for key, s in self._desired.items():
-            r = (self._rendered or {}).get(key)
-            if r is None:
+            if not self.has(key):
                 continue
             backends = []
             for b in reversed(s.backends):  # the kernel's order, as the other dataplanes
-                name = next(n for n, (e, _) in r.endpoints.items() if e == b.address)
-                conns, _ = self._counters.get(f"c_{name[3:]}", (0, 0))
+                conns, _ = self._counters.get(Names.of(key, b.address).counter, (0, 0))
                 backends.append(
                     BackendSnapshot(
                         address=b.address,
