@@ -156,3 +156,22 @@ async def test_a_removed_service_loses_every_object() -> None:
     assert script[-1] == f"delete chain ip lb svc_{sid}"
     assert sum(line.startswith("delete set") for line in script) == 2
     assert sum(line.startswith("delete counter") for line in script) == 2
+
+
+def test_a_new_persistence_timeout_recreates_the_sets_and_the_chains_using_them() -> None:
+    (a,) = svc("rr", ", persistence: {timeout: 60}", weights="1,1")
+    (b,) = svc("rr", ", persistence: {timeout: 90}", weights="1,1")
+    script = diff_script(render(a), render(b))
+    for ep in ("192_168_1_1_8080", "192_168_1_2_8080"):
+        flush = script.index(f"flush chain ip lb ep_tcp_10_0_0_1_80_{ep}")
+        delete = script.index(f"delete set ip lb aff_tcp_10_0_0_1_80_{ep}")
+        add = script.index(
+            f"add set ip lb aff_tcp_10_0_0_1_80_{ep} " + render(b).sets[f"aff_tcp_10_0_0_1_80_{ep}"]
+        )
+        rule = next(
+            i
+            for i, line in enumerate(script)
+            if line.startswith(f"add rule ip lb ep_tcp_10_0_0_1_80_{ep} ")
+        )
+        # a set still referenced cannot be deleted: its users are flushed first, then refilled
+        assert flush < delete < add < rule
