@@ -84,7 +84,7 @@ async def test_weights_drain_and_down_backends(
         80,
         ["{address: 10.99.2.2:8080, weight: 2}", "{address: 10.99.2.3:8080, weight: 1}"],
         "    scheduler: wrr\n    retries: 0\n"
-        "    health_check: {type: tcp, interval: 300ms, timeout: 300ms, rise: 1, fall: 1}\n",
+        "    health_check: {type: tcp, interval: 1s, timeout: 1s, rise: 1, fall: 1}\n",
     )
     cfg = tmp_path / "lb.yaml"
     cfg.write_text(config_yaml([web], "ipvs"))
