@@ -210,9 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pid-file", help="write the process id here (for `lb reload`)")
     r.add_argument(
         "--dataplane",
-        choices=["userspace", "ipvs", "auto"],
+        choices=["userspace", "ipvs", "nftables", "auto"],
         help="override the config's dataplane: userspace, ipvs (kernel IPVS, required), "
-        "auto (userspace, stable services promoted to IPVS when available)",
+        "nftables (kernel nftables NAT, required), auto (userspace, stable services "
+        "promoted to IPVS, or to nftables where the kernel has no IPVS)",
     )
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     r.add_argument(
@@ -231,16 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     off = sub.add_parser("offload", help="kernel offload: `lb offload plan -c lb.yaml`")
     off_sub = off.add_subparsers(dest="offload_command", required=True, metavar="COMMAND")
     op = off_sub.add_parser(
-        "plan", help="print what IPVS would be given (ipvsadm-save lines), no root needed"
+        "plan",
+        help="print what the kernel would be given (ipvsadm-save lines, or the nft script "
+        "with --dataplane nftables), no root needed",
     )
     op.add_argument("-c", "--config", required=True)
     op.add_argument(
-        "--dataplane", choices=["userspace", "ipvs", "auto"], help="as `lb run --dataplane`"
+        "--dataplane",
+        choices=["userspace", "ipvs", "nftables", "auto"],
+        help="as `lb run --dataplane`",
     )
     op.set_defaults(func=cmd_offload_plan)
 
     cu = sub.add_parser(
-        "cleanup", help="remove lb's IPVS services, its dummy device and nftables table"
+        "cleanup", help="remove lb's IPVS services, its nftables tables and its dummy device"
     )
     cu.add_argument("-c", "--config", help="read offload.device from this config")
     cu.add_argument("--device", help="the dummy device (default lb0)")

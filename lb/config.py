@@ -208,7 +208,7 @@ class RootIn(_Model):
     services: list[Any] = Field(default_factory=list)
     shutdown_grace: Duration = 30.0
     admin: AdminIn = AdminIn()
-    dataplane: Literal["userspace", "ipvs", "auto"] = "userspace"
+    dataplane: Literal["userspace", "ipvs", "nftables", "auto"] = "userspace"
     offload: OffloadIn = OffloadIn()
 
 

@@ -20,9 +20,7 @@ from lb.metrics import Metrics
 from lb.model import Config
 from lb.proxy.dataplane import ApplyError, UserspaceDataplane
 from lb.rates import INTERVAL, RateEstimator
-from offload.host import Host, HostError
-from offload.ipvs import IpvsDataplane
-from offload.ipvs_netlink import IpvsUnavailable, NetlinkIpvs
+from offload.kernel import KernelUnavailable, open_kernel
 from offload.manager import OffloadManager
 from offload.policy import Mode, OffloadPolicy
 
@@ -147,42 +145,36 @@ class Daemon:
         )
 
     async def _enable_offload(self, config: Config) -> None:
-        """Open the kernel dataplane the mode asks for: `ipvs` insists, `auto` falls back."""
+        """Open the kernel dataplane the mode asks for: `ipvs` and `nftables` insist, `auto`
+        takes IPVS, else nftables, else keeps every service in userspace."""
         mode = Mode(self.mode_override or config.dataplane)
         o = config.offload
         policy = OffloadPolicy(mode, o.hold_down, o.churn_limit)
         if mode is Mode.USERSPACE:
             self.dataplane.enable(policy, None, None, o.drain_timeout)
             return
-        host = Host(o.device)
         try:
-            await host.load_modules()
-            client = await NetlinkIpvs().open()
-            try:
-                await host.setup()
-            except HostError:
-                await client.close()
-                raise
-        except (IpvsUnavailable, HostError) as e:
-            if mode is Mode.IPVS:
-                raise StartError([f"dataplane ipvs: {e}"]) from None
-            policy.unavailable = f"IPVS unavailable: {e}"
+            kernel, host = await open_kernel(mode, o.device, o.drain_timeout)
+        except KernelUnavailable as e:
+            if mode is not Mode.AUTO:
+                raise StartError([f"dataplane {mode}: {e}"]) from None
+            policy.unavailable = f"no kernel dataplane: {e}"
             emit(
                 log,
                 logging.WARNING,
                 "offload.unavailable",
-                f"dataplane auto: IPVS unavailable ({e}); every service stays in userspace",
+                f"dataplane auto: no kernel dataplane ({e}); every service stays in userspace",
             )
             self.dataplane.enable(policy, None, None, o.drain_timeout)
             return
-        ipvs = IpvsDataplane(client, host.vips, o.drain_timeout, hold=host.hold)
-        self.dataplane.enable(policy, ipvs, host, o.drain_timeout)
+        self.dataplane.enable(policy, kernel, host, o.drain_timeout)
         emit(
             log,
             logging.INFO,
             "offload.enabled",
-            f"dataplane {mode}: IPVS ready on {o.device}",
+            f"dataplane {mode}: {kernel.name} ready on {o.device}",
             mode=str(mode),
+            kernel=kernel.name,
             device=o.device,
         )
 

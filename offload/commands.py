@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Callable
 
 from lb.model import Config, Protocol, Service
 from offload.host import NFT_TABLE, Host
 from offload.ipvs_netlink import IpvsUnavailable, NetlinkIpvs
+from offload.nft_rules import TABLE, base_script, diff_script, render
+from offload.nftables import NftDataplane, NftError, hairpin
 from offload.policy import kernel_service, not_expressible
 
 
@@ -35,28 +38,53 @@ def save_lines(s: Service) -> list[str]:
 
 
 def plan(config: Config, mode: str) -> str:
+    if mode == "nftables":
+        return _nft_plan(config)
     out = [f"# lb offload plan for {config.source} (dataplane {mode})"]
     if mode == "userspace":
         out.append(
             "# dataplane userspace: nothing goes to the kernel; with ipvs or auto it would get:"
         )
     elif mode == "auto":
-        out.append("# auto: each service below moves to IPVS once unchanged for offload.hold_down")
-    stays = []
+        out.append(
+            "# auto: each service below moves to IPVS (nftables where the kernel has no IPVS; "
+            "see --dataplane nftables) once unchanged for offload.hold_down"
+        )
+    return "\n".join(out + _split(config, not_expressible, save_lines))
+
+
+def _nft_plan(config: Config) -> str:
+    """The transaction the nftables dataplane's first apply sends for this config."""
+    check = NftDataplane().not_expressible
+    kernel = [s for s in config.services if check(s) is None]
+    out = [f"# lb offload plan for {config.source} (dataplane nftables)"]
+    out += base_script(hairpin(kernel))
+    for s in kernel:
+        out += diff_script(None, render(s))
+    return "\n".join(out + _split(config, check, lambda s: []))
+
+
+def _split(
+    config: Config,
+    check: Callable[[Service], str | None],
+    lines: Callable[[Service], list[str]],
+) -> list[str]:
+    out, stays = [], []
     for s in config.services:
-        reason = not_expressible(s)
+        reason = check(s)
         if reason is None:
-            out += save_lines(s)
+            out += lines(s)
         else:
             stays.append(f"#   {s.name} ({s.protocol} {s.listen}): {reason}")
     if stays:
         out.append("# stays in userspace:")
         out += stays
-    return "\n".join(out)
+    return out
 
 
 async def cleanup(device: str) -> list[str]:
-    """Remove every trace of the IPVS dataplane: its services, its device, its nft table."""
+    """Remove every trace of the kernel dataplanes: lb's IPVS services, its nft tables, its
+    device."""
     host = Host(device)
     done = []
     try:
@@ -82,6 +110,11 @@ async def cleanup(device: str) -> list[str]:
     if had_device:
         done.append(f"deleted device {device}")
     done.append(f"deleted nftables table ip {NFT_TABLE} (if it existed)")
+    try:
+        await NftDataplane().remove_all()
+        done.append(f"deleted nftables table ip {TABLE} (if it existed)")
+    except NftError as e:
+        done.append(f"nftables table ip {TABLE}: {e}")
     return done
 
 

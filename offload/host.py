@@ -1,8 +1,9 @@
-"""The host set-up the IPVS dataplane owns, and nothing else.
+"""The host set-up the kernel dataplanes own, and nothing else.
 
-- a dummy device (default `lb0`) holding each offloaded VIP as a /32 (or /128): the VIPs
-  on it are how lb recognises its own IPVS services, after a restart or a `kill -9` too;
-- the sysctls IPVS NAT needs on one host (ipvs-reference.md);
+- a dummy device (default `lb0`) holding each offloaded VIP as a /32 (or /128), so that
+  the userspace listener can bind it and the host answers for it; the VIPs on it are how
+  lb recognises its own IPVS services, after a restart or a `kill -9` too;
+- the sysctls kernel NAT needs on one host (IPVS's: ipvs-reference.md);
 - an nftables table of its own (`lb_ipvs`) that masquerades what the kernel path cannot
   carry otherwise: clients on this host (their source is the VIP) and hairpin traffic (a
   backend reaching itself through the VIP); and that holds back new connections to a
@@ -29,8 +30,9 @@ from offload.nlthread import NetlinkThread
 
 log = logging.getLogger("lb.offload")
 
-SYSCTLS = {
-    "net/ipv4/ip_forward": "1",
+NFT_SYSCTLS = {"net/ipv4/ip_forward": "1"}
+IPVS_SYSCTLS = {
+    **NFT_SYSCTLS,
     "net/ipv4/vs/conntrack": "1",
     "net/ipv4/vs/expire_nodest_conn": "1",
     "net/ipv4/vs/expire_quiescent_template": "1",
@@ -67,9 +69,15 @@ async def _run(*cmd: str, stdin: str | None = None) -> tuple[int, str]:
 
 
 class Host:
-    def __init__(self, device: str = "lb0", proc_sys: Path = Path("/proc/sys")) -> None:
+    def __init__(
+        self,
+        device: str = "lb0",
+        proc_sys: Path = Path("/proc/sys"),
+        sysctls: dict[str, str] = IPVS_SYSCTLS,
+    ) -> None:
         self.device = device
         self.proc_sys = proc_sys
+        self.sysctls = sysctls
         self._nl = NetlinkThread.shared()  # pyroute2 needs asyncio's own loop
         self._nat: frozenset[NatPath] | None = None
         self._nft_warned = False
@@ -77,13 +85,15 @@ class Host:
     # --- set-up ----------------------------------------------------------------------------
 
     async def load_modules(self) -> None:
-        """ip_vs and friends; missing modprobe or module is not fatal here, netlink will say."""
+        """ip_vs, nf_tables and friends; a missing module is not fatal here: the dataplane
+        that needs it says so when it opens."""
         if shutil.which("modprobe"):
-            await _run("modprobe", "-a", "ip_vs", "dummy", "nf_tables", "nft_nat", "nft_masq")
+            for module in ("ip_vs", "dummy", "nf_tables", "nft_nat", "nft_masq", "nf_conntrack"):
+                await _run("modprobe", module)
 
     async def setup(self) -> None:
         await self._nl.run(self._ensure_device())
-        for key, value in SYSCTLS.items():
+        for key, value in self.sysctls.items():
             path = self.proc_sys / key
             try:
                 if path.read_text().strip() != value:
@@ -99,19 +109,29 @@ class Host:
         async with AsyncIPRoute() as ipr:
             links = [link async for link in await ipr.link("dump", ifname=self.device)]
             if not links:
-                try:
-                    await ipr.link("add", ifname=self.device, kind="dummy")
-                except Exception as e:
-                    raise HostError(f"cannot create the dummy device {self.device}: {e}") from None
+                kind = await self._create_device(ipr)
                 emit(
                     log,
                     logging.INFO,
                     "offload.device",
-                    f"created {self.device}",
+                    f"created {self.device} ({kind})",
                     device=self.device,
+                    kind=kind,
                 )
             index = await self._index(ipr)
             await ipr.link("set", index=index, state="up")
+
+    async def _create_device(self, ipr: object) -> str:
+        """A dummy device; where the kernel has no dummy driver, a bridge without ports,
+        which holds local addresses the same way and forwards nothing."""
+        errors = []
+        for kind in ("dummy", "bridge"):
+            try:
+                await ipr.link("add", ifname=self.device, kind=kind)  # type: ignore[attr-defined]
+                return kind
+            except Exception as e:
+                errors.append(f"{kind}: {e}")
+        raise HostError(f"cannot create the device {self.device}: {'; '.join(errors)}")
 
     async def _index(self, ipr: object) -> int:
         links = [link async for link in await ipr.link("dump", ifname=self.device)]  # type: ignore[attr-defined]

@@ -19,6 +19,7 @@ from lb.model import Endpoint, IPAddress, Service, ServiceKey
 from lb.plan import AddDest, DelDest, EditDest, plan_dests
 from lb.stats import BackendSnapshot, ErrorReason, ServiceSnapshot, Totals
 from lb.virtual_service import DestView
+from offload.host import HostError, nat_paths
 from offload.ipvs_netlink import (
     FWD_LOCAL,
     IpvsClient,
@@ -29,13 +30,15 @@ from offload.ipvs_netlink import (
     carries_data,
     read_conn_table,
 )
-from offload.policy import kernel_service
+from offload.nft_rules import NatPath
+from offload.policy import kernel_service, not_expressible
 
 log = logging.getLogger("lb.offload")
 
 NO_ERRORS: dict[ErrorReason, int] = dict.fromkeys(ErrorReason, 0)
 
 Hold = Callable[[ServiceKey], AbstractAsyncContextManager[None]]
+Nat = Callable[[set[NatPath]], Awaitable[None]]
 
 
 @asynccontextmanager
@@ -49,6 +52,7 @@ def _totals(s: KStats) -> Totals:
 
 class IpvsDataplane:
     name = "ipvs"
+    lingers = True  # deleting an IPVS service resets its connections
 
     def __init__(
         self,
@@ -59,9 +63,11 @@ class IpvsDataplane:
         clock: Callable[[], float] = time.monotonic,
         conn_table: Callable[[], list[KConn] | None] = read_conn_table,
         hold: Hold = _no_hold,
+        nat: Nat | None = None,
     ) -> None:
         self.client = client
         self.hold = hold
+        self.nat = nat
         self.conn_table = conn_table
         self._conns: list[KConn] | None = None
         self.owned_vips = owned_vips
@@ -97,7 +103,29 @@ class IpvsDataplane:
             )
         self._desired = wanted
         self._quiesced = {k: t for k, t in self._quiesced.items() if k[0] in wanted}
+        await self._set_nat(list(wanted.values()))
         await self.refresh()
+
+    def not_expressible(self, s: Service) -> str | None:
+        return not_expressible(s)
+
+    async def owned(self) -> set[ServiceKey]:
+        vips = await self.owned_vips()
+        return {k.key for k in await self.client.services() if k.key.listen.ip in vips}
+
+    async def _set_nat(self, services: list[Service]) -> None:
+        """Masquerade for clients on this host and hairpin (offload/host.py)."""
+        if self.nat is None:
+            return
+        try:
+            await self.nat(nat_paths(services))
+        except HostError as e:
+            emit(
+                log,
+                logging.WARNING,
+                "offload.nat",
+                f"masquerade for local clients unavailable: {e}",
+            )
 
     async def _apply_service(self, s: Service, have: KService | None, now: float) -> None:
         """Between adding a service and its first destination, and while its scheduler is

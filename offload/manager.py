@@ -1,14 +1,17 @@
-"""The offload manager: userspace for every service, IPVS for those that should be there,
-and live moves between the two that lose no connection.
+"""The offload manager: userspace for every service, a kernel dataplane (IPVS or nftables)
+for those that should be there, and live moves between the two that lose no connection.
 
 It is the dataplane the controller drives. Every service keeps its userspace listener on
 VIP:port whatever carries it, so that:
-- promote = add the IPVS service: new connections (SYNs) go to the kernel, connections the
-  userspace listener already has keep working (IPVS ignores packets it did not schedule);
-- demote = add VIP:port itself as a local destination (the kernel hands those connections
-  to the listener unchanged), quiesce the NAT destinations, wait until their connections
-  are gone (or `drain_timeout`), then delete the IPVS service. Deleting first would reset
-  every connection the kernel carries (ipvs-reference.md).
+- promote = add the service to the kernel: new connections go to the kernel, connections
+  the userspace listener already has keep working (IPVS ignores packets it did not
+  schedule; nftables NATs only a flow's first packet, and theirs were not NATed);
+- demote, IPVS: add VIP:port itself as a local destination (the kernel hands those
+  connections to the listener unchanged), quiesce the NAT destinations, wait until their
+  connections are gone (or `drain_timeout`), then delete the IPVS service. Deleting first
+  would reset every connection the kernel carries (ipvs-reference.md);
+- demote, nftables: delete the service's map element and chains in one transaction: new
+  connections reach the listener, established flows keep the NAT conntrack gave them.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from lb.log import emit
 from lb.model import IPAddress, Service, ServiceKey
 from lb.proxy.dataplane import UserspaceDataplane
 from lb.stats import ServiceSnapshot
-from offload.host import Host, HostError, nat_paths
-from offload.ipvs import IpvsDataplane
-from offload.policy import Mode, OffloadPolicy, demoting_form, not_expressible, orphan_form
+from offload.host import Host
+from offload.kernel import KernelDataplane
+from offload.policy import Mode, OffloadPolicy, demoting_form, orphan_form
 
 log = logging.getLogger("lb.offload")
 
@@ -34,8 +37,8 @@ TICK = 1.0
 
 class Placement(enum.StrEnum):
     USERSPACE = "userspace"
-    KERNEL = "ipvs"
-    DEMOTING = "demoting"  # the kernel hands new connections back; NAT ones drain
+    KERNEL = "kernel"
+    DEMOTING = "demoting"  # IPVS hands new connections back while its NAT ones drain
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +57,7 @@ class OffloadManager:
         on_sync: Callable[[str, float], None] | None = None,
     ) -> None:
         self.userspace = userspace
-        self.ipvs: IpvsDataplane | None = None
+        self.kernel: KernelDataplane | None = None
         self.host: Host | None = None
         self.policy = OffloadPolicy(Mode.USERSPACE, 10.0, 3)
         self.drain_timeout = 300.0
@@ -72,14 +75,16 @@ class OffloadManager:
     def enable(
         self,
         policy: OffloadPolicy,
-        ipvs: IpvsDataplane | None,
+        kernel: KernelDataplane | None,
         host: Host | None,
         drain_timeout: float,
     ) -> None:
-        """Set the mode before the first apply (ipvs/host None: no kernel path here)."""
+        """Set the mode before the first apply (kernel/host None: no kernel path here)."""
         self.policy = policy
-        self.ipvs = ipvs
+        self.kernel = kernel
         self.host = host
+        if kernel is not None:
+            policy.check = kernel.not_expressible
         self.drain_timeout = drain_timeout
 
     # --- the Dataplane surface -------------------------------------------------------------
@@ -101,7 +106,7 @@ class OffloadManager:
     def observe(self) -> list[ServiceSnapshot]:
         by_key = {s.key: s for s in self._desired}
         out = []
-        kernel = {s.service.key: s for s in self.ipvs.observe()} if self.ipvs else {}
+        kernel = {s.service.key: s for s in self.kernel.observe()} if self.kernel else {}
         for snap in self.userspace.observe():
             key = snap.service.key
             if self._placement.get(key, Placement.USERSPACE) is Placement.KERNEL and snap.open == 0:
@@ -122,8 +127,8 @@ class OffloadManager:
             self._tick = None
         await self.userspace.close(grace)
         async with self._lock:
-            if self.ipvs is not None:
-                await self.ipvs.remove_all()
+            if self.kernel is not None:
+                await self.kernel.remove_all()
             if self.host is not None:
                 await self.host.remove()
 
@@ -133,7 +138,7 @@ class OffloadManager:
         """Before the listeners bind: add the VIPs lb may offload. After IPVS changed: drop
         those nothing needs any more. A VIP stays while an IPVS service on it exists: the
         VIPs on the device are how lb knows which IPVS services are its own."""
-        if self.host is None or self.ipvs is None:
+        if self.host is None or self.kernel is None:
             return
         device = self.host.device
         self._local = await self.host.local_addresses()
@@ -141,11 +146,11 @@ class OffloadManager:
         wanted = {
             s.listen.ip
             for s in self._desired
-            if not_expressible(s) is None and self._local.get(s.listen.ip, device) == device
+            if self.policy.check(s) is None and self._local.get(s.listen.ip, device) == device
         }
         wanted |= {key.listen.ip for key in self._orphans}
         wanted |= {rt.service.listen.ip for rt in self.userspace.retired} & held  # still finishing
-        wanted |= {k.key.listen.ip for k in await self.ipvs.client.services()} & held
+        wanted |= {key.listen.ip for key in await self.kernel.owned()} & held
         await self.host.set_vips(wanted if remove else wanted | held)
 
     def _want(self, s: Service, now: float) -> tuple[bool, str]:
@@ -158,19 +163,21 @@ class OffloadManager:
                 False,
                 f"VIP {s.listen.ip} is on {where}: lb offloads only VIPs on {self.host.device}",
             )
-        if self.ipvs is not None and s.key in self.ipvs.foreign:
+        if self.kernel is not None and s.key in self.kernel.foreign:
             return False, f"an IPVS service lb does not own already uses {s.key}"
         current = self._placement.get(s.key, Placement.USERSPACE)
         w = self.policy.want(s.key, now, current is Placement.KERNEL)
         return w.kernel, w.reason
 
     async def _reconcile(self) -> None:
-        """Move services as the policy says, then give IPVS its desired state."""
+        """Move services as the policy says, then give the kernel its desired state."""
         loop = asyncio.get_running_loop()
         now = loop.time()
+        lingers = self.kernel is not None and self.kernel.lingers
         wanted_keys = {s.key for s in self._desired}
         for key in [k for k in self._placement if k not in wanted_keys]:
-            if self._placement.pop(key) is not Placement.USERSPACE and key in self._previous:
+            gone = self._placement.pop(key)
+            if gone is not Placement.USERSPACE and lingers and key in self._previous:
                 self._orphans[key] = self._previous[key]
             self._reasons.pop(key, None)
             self._demote_started.pop(key, None)
@@ -183,37 +190,22 @@ class OffloadManager:
             if want and current is Placement.USERSPACE:
                 self._placement[s.key] = Placement.KERNEL
                 self._demote_started.pop(s.key, None)
-                emit(
-                    log,
-                    logging.INFO,
-                    "offload.promote",
-                    f"service {s.name} moves to IPVS ({reason})",
-                    service=s.name,
-                    reason=reason,
-                )
+                name = self.kernel.name if self.kernel is not None else "the kernel"
+                self._moved(s, "offload.promote", f"moves to {name} ({reason})", reason)
             elif not want and current is Placement.KERNEL:
-                self._placement[s.key] = Placement.DEMOTING
-                self._demote_started[s.key] = now
-                emit(
-                    log,
-                    logging.INFO,
-                    "offload.demote",
-                    f"service {s.name} moves back to userspace ({reason})",
-                    service=s.name,
-                    reason=reason,
-                )
-            elif current is Placement.DEMOTING and self.ipvs is not None:
+                self._moved(s, "offload.demote", f"moves back to userspace ({reason})", reason)
+                if lingers:
+                    self._placement[s.key] = Placement.DEMOTING
+                    self._demote_started[s.key] = now
+                else:
+                    self._placement[s.key] = Placement.USERSPACE
+                    self._moved(s, "offload.demoted", "is back in userspace")
+            elif current is Placement.DEMOTING and self.kernel is not None:
                 started = self._demote_started.get(s.key, now)
-                if self.ipvs.drained(s.key, keep=s.listen) or now - started >= self.drain_timeout:
+                if self.kernel.drained(s.key, keep=s.listen) or now - started >= self.drain_timeout:
                     self._placement[s.key] = Placement.USERSPACE
                     self._demote_started.pop(s.key, None)
-                    emit(
-                        log,
-                        logging.INFO,
-                        "offload.demoted",
-                        f"service {s.name} is back in userspace",
-                        service=s.name,
-                    )
+                    self._moved(s, "offload.demoted", "is back in userspace")
             placement = self._placement.get(s.key, Placement.USERSPACE)
             if placement is Placement.KERNEL:
                 kernel.append(s)
@@ -221,32 +213,21 @@ class OffloadManager:
                 kernel.append(demoting_form(s))
         for key, s in list(self._orphans.items()):
             if key in wanted_keys or (
-                self.ipvs is not None and self.ipvs.has(key) and self.ipvs.drained(key)
+                self.kernel is not None and self.kernel.has(key) and self.kernel.drained(key)
             ):
                 del self._orphans[key]
             else:
                 kernel.append(orphan_form(s))
-        if self.ipvs is None:
+        if self.kernel is None:
             return
         start = loop.time()
-        await self.ipvs.apply(kernel)
+        await self.kernel.apply(kernel)
         if self._on_sync is not None:
-            self._on_sync("ipvs", loop.time() - start)
-        await self._set_nat(kernel)
+            self._on_sync(self.kernel.name, loop.time() - start)
         await self._sync_vips(remove=True)
 
-    async def _set_nat(self, kernel: list[Service]) -> None:
-        if self.host is None:
-            return
-        try:
-            await self.host.set_nat(nat_paths(kernel))
-        except HostError as e:
-            emit(
-                log,
-                logging.WARNING,
-                "offload.nat",
-                f"masquerade for local clients unavailable: {e}",
-            )
+    def _moved(self, s: Service, event: str, what: str, reason: str | None = None) -> None:
+        emit(log, logging.INFO, event, f"service {s.name} {what}", service=s.name, reason=reason)
 
     async def _ticker(self) -> None:
         """Refresh kernel counters, finish demotions, promote services that calmed down."""
@@ -254,8 +235,8 @@ class OffloadManager:
             await asyncio.sleep(TICK)
             try:
                 async with self._lock:
-                    if self.ipvs is not None:
-                        await self.ipvs.refresh()
+                    if self.kernel is not None:
+                        await self.kernel.refresh()
                     await self._reconcile()
             except Exception:
                 log.exception("offload reconcile failed")

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-from lb.model import Service, ServiceKey
+from lb.log import emit
+from lb.model import BackendState, Endpoint, Protocol, Service, ServiceKey
 from lb.stats import BackendSnapshot, ErrorReason, ServiceSnapshot, Totals
+from offload.conntrack import Conntrack, ConntrackError, Flow
 from offload.nft_rules import (
     TABLE,
     Names,
@@ -25,31 +30,47 @@ from offload.nft_rules import (
     base_script,
     diff_script,
     masq_elements,
+    not_expressible_nft,
     render,
 )
+from offload.policy import not_expressible
 
 Nft = Callable[[str], Awaitable[str]]
+Query = Callable[..., Awaitable[Any]]
+
+log = logging.getLogger("lb.offload")
+
+ALIVE = frozenset({BackendState.UP, BackendState.DRAIN})  # their flows go on
 
 
 class NftError(Exception):
     pass
 
 
-async def run_nft(script: str) -> str:
-    """`nft -f -` (or `nft -j ...` when the script starts with -j): output, or NftError."""
+async def _nft(args: list[str], stdin: str | None) -> str:
     if shutil.which("nft") is None:
         raise NftError("nft is not installed (Debian package nftables)")
-    args = ["nft", "-j", *script[3:].split()] if script.startswith("-j ") else ["nft", "-f", "-"]
     proc = await asyncio.create_subprocess_exec(
+        "nft",
         *args,
-        stdin=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await proc.communicate(None if script.startswith("-j ") else script.encode())
+    out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
     if proc.returncode != 0:
         raise NftError(err.decode(errors="replace").strip() or f"nft exited {proc.returncode}")
     return out.decode()
+
+
+async def run_nft(script: str) -> str:
+    """Run an nft script as one transaction (`nft -f -`): its output, or NftError."""
+    return await _nft(["-f", "-"], script)
+
+
+async def query_nft(*args: str) -> Any:
+    """`nft -j ARGS`, parsed."""
+    return json.loads(await _nft(["-j", *args], None))
 
 
 def hairpin(services: list[Service]) -> set[NatPath]:
@@ -66,15 +87,31 @@ def hairpin(services: list[Service]) -> set[NatPath]:
 
 class NftDataplane:
     name = "nftables"
+    lingers = False  # conntrack keeps the NAT of established flows when a service goes
 
-    def __init__(self, nft: Nft = run_nft) -> None:
+    def __init__(
+        self,
+        nft: Nft = run_nft,
+        query: Query = query_nft,
+        conntrack: Conntrack | None = None,
+    ) -> None:
         self.nft = nft
+        self.query = query
+        self.conntrack = conntrack
         self.foreign: set[ServiceKey] = set()  # nothing outside table lb is ever ours
         self.writes = 0  # transactions sent (an apply with nothing to do sends none)
         self._rendered: dict[ServiceKey, Rendered] | None = None  # None: table not built
         self._hairpin: set[NatPath] = set()
         self._desired: dict[ServiceKey, Service] = {}
         self._counters: dict[str, tuple[int, int]] = {}
+        self._flows: Counter[tuple[ServiceKey, Endpoint, bool]] = Counter()
+
+    def not_expressible(self, s: Service) -> str | None:
+        return not_expressible(s) or not_expressible_nft(s)
+
+    async def probe(self) -> None:
+        """NftError unless nft runs here with the rights to change the ruleset."""
+        await self.nft(f"table ip {TABLE}\n")  # creates nothing that the first apply keeps
 
     async def apply(self, desired: list[Service]) -> None:
         new = {s.key: render(s) for s in desired}
@@ -93,24 +130,68 @@ class NftDataplane:
         if script:
             await self.nft("\n".join(script) + "\n")
             self.writes += 1
+        before = self._desired
         self._rendered = new
         self._hairpin = pins
         self._desired = {s.key: s for s in desired}
+        await self._forget_dead(before)
+
+    async def _forget_dead(self, before: dict[ServiceKey, Service]) -> None:
+        """UDP flows of backends that were removed, went DOWN or into maintenance: their
+        conntrack entries go, so that the clients' next datagrams are scheduled again.
+        (A drained backend keeps its flows; a service leaving the kernel keeps them too.)"""
+        if self.conntrack is None:
+            return
+        for key, s in self._desired.items():
+            old = before.get(key)
+            if key.protocol is not Protocol.UDP or old is None:
+                continue
+            alive = {b.address for b in s.backends if b.state in ALIVE}
+            dead = {b.address for b in old.backends if b.state in ALIVE} - alive
+            if not dead:
+                continue
+            try:
+                n = await self.conntrack.forget(key, dead)
+            except ConntrackError as e:
+                emit(log, logging.WARNING, "nft.conntrack", str(e), service=s.name)
+                continue
+            emit(
+                log,
+                logging.INFO,
+                "nft.conntrack_cleared",
+                f"{n} UDP flows of {s.name} to {', '.join(sorted(map(str, dead)))} forgotten",
+                service=s.name,
+                flows=n,
+                backends=sorted(map(str, dead)),
+            )
 
     async def refresh(self) -> None:
-        """Re-read the per-backend counters (new connections and their first packets)."""
+        """Re-read the per-backend counters (new connections) and, with conntrack, the
+        flows each backend carries."""
         if self._rendered is None:
             return
-        out = await self.nft(f"-j list counters table ip {TABLE}")
+        out = await self.query("list", "counters", "table", "ip", TABLE)
         counters: dict[str, tuple[int, int]] = {}
-        for item in json.loads(out).get("nftables", []):
+        for item in out.get("nftables", []):
             c = item.get("counter")
             if c is not None:
                 counters[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
         self._counters = counters
+        if self.conntrack is not None:
+            try:
+                flows = await self.conntrack.flows()
+            except ConntrackError:
+                flows = []
+            self._flows = Counter(_flow_key(f) for f in flows if f.key in self._desired)
+
+    async def owned(self) -> set[ServiceKey]:
+        return set(self._rendered or ())
 
     def has(self, key: ServiceKey) -> bool:
         return self._rendered is not None and key in self._rendered
+
+    def drained(self, key: ServiceKey, keep: Endpoint | None = None) -> bool:
+        return True  # nothing to wait for: conntrack carries established flows on
 
     def observe(self) -> list[ServiceSnapshot]:
         out = []
@@ -125,8 +206,8 @@ class NftDataplane:
                         address=b.address,
                         backend=b,
                         weight=b.effective_weight,
-                        active=0,
-                        inactive=0,
+                        active=self._flows[(key, b.address, True)],
+                        inactive=self._flows[(key, b.address, False)],
                         persistent=0,
                         overloaded=False,
                         totals=Totals(conns, 0, 0, 0, 0, dict.fromkeys(ErrorReason, 0)),
@@ -138,7 +219,7 @@ class NftDataplane:
                     service=s,
                     dataplane=self.name,
                     listening=True,
-                    open=0,
+                    open=sum(b.active for b in backends),
                     totals=Totals(total, 0, 0, 0, 0, dict.fromkeys(ErrorReason, 0)),
                     backends=tuple(backends),
                 )
@@ -146,7 +227,7 @@ class NftDataplane:
         return out
 
     async def remove_all(self) -> None:
-        """Delete table lb (shutdown, `lb cleanup`); established flows keep their NAT."""
+        """Delete table lb (shutdown, `lb cleanup`)."""
         try:
             await self.nft(f"delete table ip {TABLE}\n")
         except NftError as e:
@@ -154,3 +235,7 @@ class NftDataplane:
                 raise
         self._rendered = None
         self._desired.clear()
+
+
+def _flow_key(f: Flow) -> tuple[ServiceKey, Endpoint, bool]:
+    return (f.key, f.backend, f.established)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lb.model import (
@@ -29,6 +30,7 @@ from offload.ipvs_netlink import F_PERSISTENT, F_SCHED1, F_SCHED2, KService
 class Mode(enum.StrEnum):
     USERSPACE = "userspace"
     IPVS = "ipvs"
+    NFTABLES = "nftables"
     AUTO = "auto"
 
 
@@ -48,19 +50,19 @@ def kernel_service(s: Service) -> KService:
 
 
 def not_expressible(s: Service) -> str | None:
-    """Why IPVS NAT cannot carry `s` as configured, or None if it can."""
+    """Why no kernel NAT path (IPVS or nftables) can carry `s` as configured, or None."""
     ip = s.listen.ip
     if ip.version == 6:
         return "IPv6 services are not offloaded yet"
     if ip.is_unspecified:
-        return "a wildcard listen address cannot be an IPVS VIP"
+        return "a wildcard listen address cannot be a kernel VIP"
     if ip.is_loopback:
-        return "a loopback VIP cannot be NATed by IPVS (use another address)"
+        return "a loopback VIP cannot be NATed by the kernel (use another address)"
     for b in s.backends:
         if b.address.family != s.listen.family:
-            return f"IPVS NAT cannot change address family (backend {b.address})"
+            return f"kernel NAT cannot change address family (backend {b.address})"
         if b.address.ip.is_loopback:
-            return f"backend {b.address} is on loopback, which IPVS NAT cannot reach"
+            return f"backend {b.address} is on loopback, which kernel NAT cannot reach"
     if s.protocol is Protocol.TCP and s.retries > 0:
         return f"connect retry is userspace-only (retries: {s.retries}; set retries: 0 to offload)"
     if s.protocol is Protocol.TCP and s.max_connections:
@@ -68,8 +70,8 @@ def not_expressible(s: Service) -> str | None:
     default_idle = TCP_IDLE_TIMEOUT if s.protocol is Protocol.TCP else UDP_IDLE_TIMEOUT
     if s.idle_timeout != default_idle:
         return (
-            f"IPVS has one idle timeout per protocol for the whole host: idle_timeout must be "
-            f"the default ({default_idle:g}s) to offload"
+            "the kernel has one idle timeout per protocol for the whole host: "
+            f"idle_timeout must be the default ({default_idle:g}s) to offload"
         )
     if s.access_log:
         return "the access log is userspace-only"
@@ -110,11 +112,18 @@ class Want:
 
 
 class OffloadPolicy:
-    def __init__(self, mode: Mode, hold_down: float, churn_limit: int) -> None:
+    def __init__(
+        self,
+        mode: Mode,
+        hold_down: float,
+        churn_limit: int,
+        check: Callable[[Service], str | None] = not_expressible,
+    ) -> None:
         self.mode = mode
         self.hold_down = hold_down
         self.churn_limit = churn_limit
-        self.unavailable: str | None = None  # why IPVS cannot be used at all
+        self.check = check  # why the kernel dataplane in use cannot carry a service
+        self.unavailable: str | None = None  # why no kernel dataplane can be used at all
         self._track: dict[ServiceKey, _Track] = {}
 
     def observe(self, services: list[Service], now: float) -> None:
@@ -140,11 +149,11 @@ class OffloadPolicy:
             return Want(False, "dataplane: userspace")
         if self.unavailable is not None:
             return Want(False, self.unavailable)
-        reason = not_expressible(t.service)
+        reason = self.check(t.service)
         if reason is not None:
             return Want(False, reason)
-        if self.mode is Mode.IPVS:
-            return Want(True, "dataplane: ipvs")
+        if self.mode is not Mode.AUTO:
+            return Want(True, f"dataplane: {self.mode}")
         while t.changes and t.changes[0] <= now - self.hold_down:
             t.changes.popleft()
         if in_kernel and len(t.changes) >= self.churn_limit:

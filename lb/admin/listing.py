@@ -13,6 +13,10 @@ Service = dict[str, Any]
 STATS_COLUMNS = "   Conns   InPkts  OutPkts  InBytes OutBytes"
 RATE_COLUMNS = "     CPS    InPPS   OutPPS    InBPS   OutBPS"
 FORWARD = {"userspace": "Proxy", "ipvs": "Masq", "nftables": "Masq"}
+JHASH_NOTE = (
+    "sh in nftables hashes with jhash: each client keeps its backend, "
+    "but not the backend IPVS's sh would pick"
+)
 
 
 def largenum(n: float, exact: bool) -> str:
@@ -100,6 +104,13 @@ def render(services: list[Service], *, numeric: bool, mode: str = "", exact: boo
     ]
     if stays:
         lines += ["", "Not offloaded:", *stays]
+    notes = [
+        f"  {s['name']} ({s['protocol']} {s['listen']}): {JHASH_NOTE}"
+        for s in services
+        if s["dataplane"] == "nftables" and s["scheduler"] == "sh"
+    ]
+    if notes:
+        lines += ["", "Notes:", *notes]
     return "\n".join(lines)
 
 
