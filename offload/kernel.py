@@ -11,6 +11,7 @@ from offload.conntrack import Conntrack
 from offload.host import IPVS_SYSCTLS, NFT_SYSCTLS, Host, HostError
 from offload.ipvs import IpvsDataplane
 from offload.ipvs_netlink import IpvsUnavailable, NetlinkIpvs
+from offload.nft_netlink import NftNetlink
 from offload.nftables import NftDataplane, NftError
 from offload.policy import Mode
 
@@ -76,11 +77,11 @@ async def open_nftables(device: str) -> tuple[KernelDataplane, Host]:
     """Table `ip lb` through `nft`, conntrack through netlink, the VIPs on the device."""
     host = Host(device, sysctls=NFT_SYSCTLS)
     await host.load_modules()
-    nft = NftDataplane(conntrack=Conntrack())
     try:
+        nft = NftDataplane(conntrack=Conntrack(), netlink=NftNetlink())
         await nft.probe()
         await host.setup()
-    except (NftError, HostError) as e:
+    except (NftError, HostError, OSError) as e:
         raise KernelUnavailable(str(e)) from None
     return nft, host
 

@@ -19,7 +19,7 @@ that service's chains: the transaction's size does not grow with the number of s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import reduce
 
@@ -135,43 +135,111 @@ class Names:
         return cls(f"ep_{tail}", f"c_{tail}", f"aff_{tail}")
 
 
+# --- a service's objects -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointRule:
+    """Count the connection, renew the client's affinity, DNAT to the backend."""
+
+    counter: str
+    affinity: str | None  # the set to renew (persistence), with the client's prefix
+    prefix_len: int
+    protocol: Protocol
+    backend: Endpoint
+
+    def nft(self) -> str:
+        steps = [f'counter name "{self.counter}"']
+        if self.affinity is not None:
+            steps.append(f"update @{self.affinity} {{ ip saddr & {mask(self.prefix_len)} }}")
+        steps.append(
+            f"meta l4proto {self.protocol.value} dnat to {self.backend.ip}:{self.backend.port}"
+        )
+        return " ".join(steps)
+
+
+@dataclass(frozen=True, slots=True)
+class StickyRule:
+    """A client (its prefix) in a backend's affinity set goes to that backend."""
+
+    prefix_len: int
+    affinity: str
+    chain: str
+
+    def nft(self) -> str:
+        return f"ip saddr & {mask(self.prefix_len)} @{self.affinity} goto {self.chain}"
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchRule:
+    """Pick a backend chain: `numgen inc` over the scheduler's cycle (rr, wrr) or `jhash`
+    of the client (sh, with its port for sh-port) over weighted slots."""
+
+    hashed: bool
+    with_port: bool
+    chains: tuple[str, ...]  # slot i goes to chains[i]
+
+    def nft(self) -> str:
+        vmap = ", ".join(f"{i} : goto {c}" for i, c in enumerate(self.chains))
+        if self.hashed:
+            key = "ip saddr . th sport" if self.with_port else "ip saddr"
+            return f"jhash {key} mod {len(self.chains)} seed 0x0 vmap {{ {vmap} }}"
+        return f"numgen inc mod {len(self.chains)} vmap {{ {vmap} }}"
+
+
+Rule = EndpointRule | StickyRule | DispatchRule
+
+
+@dataclass(frozen=True, slots=True)
+class AffinitySet:
+    """The clients (their prefixes) that stick to one backend, each for `timeout` s."""
+
+    timeout: int
+
+    def nft(self) -> str:
+        return (
+            f"{{ type ipv4_addr; size {AFFINITY_SIZE}; flags dynamic,timeout; "
+            f"timeout {self.timeout}s; }}"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Rendered:
-    """A service's objects as nft definitions, by kind and name."""
+    """A service's objects, by kind and name."""
 
     key: ServiceKey
     chain: str
-    rules: tuple[str, ...]  # the service chain's rules
-    endpoints: dict[str, tuple[Names, str]] = field(default_factory=dict)  # chain: rule
-    sets: dict[str, str] = field(default_factory=dict)  # name: definition
+    rules: tuple[StickyRule | DispatchRule, ...]  # the service chain's rules
+    endpoints: dict[str, tuple[Names, EndpointRule]] = field(default_factory=dict)
+    sets: dict[str, AffinitySet] = field(default_factory=dict)
     counters: frozenset[str] = frozenset()
     dispatch: bool = True  # in the services map (False: no backend, the listener answers)
 
 
 def render(s: Service) -> Rendered:
-    proto = s.protocol.value
-    endpoints: dict[str, tuple[Names, str]] = {}
-    sets: dict[str, str] = {}
+    endpoints: dict[str, tuple[Names, EndpointRule]] = {}
+    sets: dict[str, AffinitySet] = {}
     counters = set()
-    mask = _mask(s.persistence.prefix_len) if s.persistence is not None else None
+    prefix = s.persistence.prefix_len if s.persistence is not None else 32
     for b in s.backends:
         n = Names.of(s.key, b.address)
         counters.add(n.counter)
-        steps = [f'counter name "{n.counter}"']
         if s.persistence is not None:
-            sets[n.affinity] = (
-                f"{{ type ipv4_addr; size {AFFINITY_SIZE}; flags dynamic,timeout; "
-                f"timeout {s.persistence.timeout}s; }}"
-            )
-            steps.append(f"update @{n.affinity} {{ ip saddr & {mask} }}")
-        steps.append(f"meta l4proto {proto} dnat to {b.address.ip}:{b.address.port}")
-        endpoints[n.chain] = (n, " ".join(steps))
+            sets[n.affinity] = AffinitySet(s.persistence.timeout)
+        rule = EndpointRule(
+            n.counter,
+            n.affinity if s.persistence is not None else None,
+            prefix,
+            s.protocol,
+            b.address,
+        )
+        endpoints[n.chain] = (n, rule)
     live = available(s)
-    rules: list[str] = []
-    if mask is not None:
+    rules: list[StickyRule | DispatchRule] = []
+    if s.persistence is not None:
         for e in live:
             n = Names.of(s.key, e)
-            rules.append(f"ip saddr & {mask} @{n.affinity} goto {n.chain}")
+            rules.append(StickyRule(prefix, n.affinity, n.chain))
     if live:
         rules.append(_dispatch(s, live))
     return Rendered(
@@ -185,24 +253,19 @@ def render(s: Service) -> Rendered:
     )
 
 
-def _mask(prefix_len: int) -> str:
+def mask(prefix_len: int) -> str:
     value = (0xFFFFFFFF << (32 - prefix_len)) & 0xFFFFFFFF
     return ".".join(str((value >> shift) & 0xFF) for shift in (24, 16, 8, 0))
 
 
-def _vmap(key: ServiceKey, picks: Sequence[Endpoint]) -> str:
-    return ", ".join(f"{i} : goto {Names.of(key, e).chain}" for i, e in enumerate(picks))
-
-
-def _dispatch(s: Service, live: list[Endpoint]) -> str:
+def _dispatch(s: Service, live: list[Endpoint]) -> DispatchRule:
     if s.scheduler is SchedulerName.SH:
         # One slot per unit of weight: each backend's share of clients is its weight's.
         weight = {b.address: b.effective_weight for b in s.backends}
         slots = [e for e in live for _ in range(weight[e])]
-        key = "ip saddr . th sport" if SchedFlag.PORT in s.flags else "ip saddr"
-        return f"jhash {key} mod {len(slots)} seed 0x0 vmap {{ {_vmap(s.key, slots)} }}"
-    picks = cycle(s)
-    return f"numgen inc mod {len(picks)} vmap {{ {_vmap(s.key, picks)} }}"
+        chains = tuple(Names.of(s.key, e).chain for e in slots)
+        return DispatchRule(True, SchedFlag.PORT in s.flags, chains)
+    return DispatchRule(False, False, tuple(Names.of(s.key, e).chain for e in cycle(s)))
 
 
 # --- transactions ----------------------------------------------------------------------------
@@ -236,27 +299,144 @@ def base_script(hairpin: Iterable[NatPath] = ()) -> list[str]:
     ]
 
 
-def _element(key: ServiceKey, chain: str) -> str:
-    return f"{{ {key.listen.ip} . {key.protocol.value} . {key.listen.port} : goto {chain} }}"
+T = f"ip {TABLE}"
 
 
-def diff_script(old: Rendered | None, new: Rendered | None) -> list[str]:
-    """The nft commands that turn one service's objects from `old` into `new` (either may
+@dataclass(frozen=True, slots=True)
+class AddChain:
+    name: str
+
+    def nft(self) -> str:
+        return f"add chain {T} {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class FlushChain:
+    name: str
+
+    def nft(self) -> str:
+        return f"flush chain {T} {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteChain:
+    name: str
+
+    def nft(self) -> str:
+        return f"delete chain {T} {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class AddRule:
+    chain: str
+    rule: Rule
+
+    def nft(self) -> str:
+        return f"add rule {T} {self.chain} {self.rule.nft()}"
+
+
+@dataclass(frozen=True, slots=True)
+class AddCounter:
+    name: str
+
+    def nft(self) -> str:
+        return f"add counter {T} {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteCounter:
+    name: str
+
+    def nft(self) -> str:
+        return f"delete counter {T} {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class AddSet:
+    name: str
+    spec: AffinitySet
+
+    def nft(self) -> str:
+        return f"add set {T} {self.name} {self.spec.nft()}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteSet:
+    name: str
+
+    def nft(self) -> str:
+        return f"delete set {T} {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class AddService:
+    """The services map's element for `key`: its packets go to `chain`."""
+
+    key: ServiceKey
+    chain: str
+
+    def nft(self) -> str:
+        k = self.key
+        element = f"{k.listen.ip} . {k.protocol.value} . {k.listen.port} : goto {self.chain}"
+        return f"add element {T} services {{ {element} }}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteService:
+    key: ServiceKey
+
+    def nft(self) -> str:
+        return f"delete element {T} services {key_element(self.key)}"
+
+
+@dataclass(frozen=True, slots=True)
+class AddMasq:
+    paths: frozenset[NatPath]
+
+    def nft(self) -> str:
+        return f"add element {T} masq_paths {{ {masq_elements(self.paths)} }}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteMasq:
+    paths: frozenset[NatPath]
+
+    def nft(self) -> str:
+        return f"delete element {T} masq_paths {{ {masq_elements(self.paths)} }}"
+
+
+Op = (
+    AddChain
+    | FlushChain
+    | DeleteChain
+    | AddRule
+    | AddCounter
+    | DeleteCounter
+    | AddSet
+    | DeleteSet
+    | AddService
+    | DeleteService
+    | AddMasq
+    | DeleteMasq
+)
+
+
+def diff_ops(old: Rendered | None, new: Rendered | None) -> list[Op]:
+    """The operations that turn one service's objects from `old` into `new` (either may
     be None: a service added or removed). Empty when nothing changed. Order matters inside
     the transaction: references go before what they refer to is deleted, and objects exist
     before rules refer to them."""
     if old == new:
         return []
-    t = f"ip {TABLE}"
-    out: list[str] = []
+    out: list[Op] = []
     if old is not None and old.dispatch and (new is None or not new.dispatch):
-        out.append(f"delete element {t} services {key_element(old.key)}")
+        out.append(DeleteService(old.key))
     old_eps = old.endpoints if old else {}
     new_eps = new.endpoints if new else {}
     old_sets = old.sets if old else {}
     new_sets = new.sets if new else {}
     if old is not None:
-        out.append(f"flush chain {t} {old.chain}")  # drops its references to endpoints
+        out.append(FlushChain(old.chain))  # drops its references to endpoints
     changed_sets = {n for n, d in new_sets.items() if old_sets.get(n) != d}
     # An endpoint chain is rewritten when its rule changed or the set it updates is
     # recreated or deleted (flushed first, so that the set can go).
@@ -268,29 +448,29 @@ def diff_script(old: Rendered | None, new: Rendered | None) -> list[str]:
     }
     for name in old_eps:
         if name not in new_eps:
-            out.append(f"delete chain {t} {name}")
+            out.append(DeleteChain(name))
         elif name in rewrite:
-            out.append(f"flush chain {t} {name}")
-    for name in old_sets:
-        if name in recreated:
-            out.append(f"delete set {t} {name}")
-    for name in (old.counters if old else frozenset()) - (new.counters if new else frozenset()):
-        out.append(f"delete counter {t} {name}")
+            out.append(FlushChain(name))
+    out += [DeleteSet(name) for name in old_sets if name in recreated]
+    gone = (old.counters if old else frozenset()) - (new.counters if new else frozenset())
+    out += [DeleteCounter(name) for name in gone]
     if new is None:
         assert old is not None
-        out.append(f"delete chain {t} {old.chain}")
+        out.append(DeleteChain(old.chain))
         return out
-    for name in sorted(new.counters - (old.counters if old else frozenset())):
-        out.append(f"add counter {t} {name}")
-    for name in sorted(changed_sets):
-        out.append(f"add set {t} {name} {new_sets[name]}")
+    out += [AddCounter(n) for n in sorted(new.counters - (old.counters if old else frozenset()))]
+    out += [AddSet(name, new_sets[name]) for name in sorted(changed_sets)]
     for name, (_, rule) in new_eps.items():
         if name in rewrite:
-            out.append(f"add chain {t} {name}")
-            out.append(f"add rule {t} {name} {rule}")
+            out += [AddChain(name), AddRule(name, rule)]
     if old is None:
-        out.append(f"add chain {t} {new.chain}")
-    out += [f"add rule {t} {new.chain} {rule}" for rule in new.rules]
+        out.append(AddChain(new.chain))
+    out += [AddRule(new.chain, rule) for rule in new.rules]
     if new.dispatch and (old is None or not old.dispatch):
-        out.append(f"add element {t} services {_element(new.key, new.chain)}")
+        out.append(AddService(new.key, new.chain))
     return out
+
+
+def diff_script(old: Rendered | None, new: Rendered | None) -> list[str]:
+    """`diff_ops` as nft commands."""
+    return [op.nft() for op in diff_ops(old, new)]

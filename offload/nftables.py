@@ -3,9 +3,9 @@
 The first apply replaces the table whole (one atomic transaction: a leftover table from a
 crashed run is adopted that way, and connections it had set up keep their conntrack NAT).
 Every later apply sends only the objects of the services that changed
-(`offload.nft_rules.diff_script`), also as one transaction: nothing is ever half applied,
-and the cost of a change does not grow with the number of services. Other tables are
-never touched.
+(`offload.nft_rules.diff_ops`), also as one transaction, over netlink
+(`offload/nft_netlink.py`): nothing is ever half applied, and the cost of a change does
+not grow with the number of services. Other tables are never touched.
 """
 
 from __future__ import annotations
@@ -15,21 +15,24 @@ import json
 import logging
 import shutil
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from lb.log import emit
 from lb.model import BackendState, Endpoint, Protocol, Service, ServiceKey
 from lb.stats import BackendSnapshot, ErrorReason, ServiceSnapshot, Totals
 from offload.conntrack import Conntrack, ConntrackError, Flow
+from offload.nft_netlink import NftNetlink, NftNetlinkError
 from offload.nft_rules import (
     TABLE,
+    AddMasq,
+    DeleteMasq,
     Names,
     NatPath,
+    Op,
     Rendered,
     base_script,
-    diff_script,
-    masq_elements,
+    diff_ops,
     not_expressible_nft,
     render,
 )
@@ -73,7 +76,7 @@ async def query_nft(*args: str) -> Any:
     return json.loads(await _nft(["-j", *args], None))
 
 
-def hairpin(services: list[Service]) -> set[NatPath]:
+def hairpin(services: Iterable[Service]) -> set[NatPath]:
     """A backend reaching itself through the VIP: its reply would not come back through
     the balancer without masquerade. (Clients on this host need none here: conntrack's own
     NAT undoes the DNAT on the way back.)"""
@@ -94,14 +97,16 @@ class NftDataplane:
         nft: Nft = run_nft,
         query: Query = query_nft,
         conntrack: Conntrack | None = None,
+        netlink: NftNetlink | None = None,
     ) -> None:
         self.nft = nft
+        self.netlink = netlink
         self.query = query
         self.conntrack = conntrack
         self.foreign: set[ServiceKey] = set()  # nothing outside table lb is ever ours
         self.writes = 0  # transactions sent (an apply with nothing to do sends none)
         self._rendered: dict[ServiceKey, Rendered] | None = None  # None: table not built
-        self._hairpin: set[NatPath] = set()
+        self._pins: Counter[NatPath] = Counter()  # hairpin paths, by how many services need each
         self._desired: dict[ServiceKey, Service] = {}
         self._counters: dict[str, tuple[int, int]] = {}
         self._flows: Counter[tuple[ServiceKey, Endpoint, bool]] = Counter()
@@ -114,36 +119,66 @@ class NftDataplane:
         await self.nft(f"table ip {TABLE}\n")  # creates nothing that the first apply keeps
 
     async def apply(self, desired: list[Service]) -> None:
-        new = {s.key: render(s) for s in desired}
-        pins = hairpin(desired)
-        script: list[str] = []
-        old = self._rendered
-        if old is None:
-            script += base_script(pins)
-            old = {}
-        elif pins != self._hairpin:
-            script.append(f"flush set ip {TABLE} masq_paths")
-            if pins:
-                script.append(f"add element ip {TABLE} masq_paths {{ {masq_elements(pins)} }}")
-        for key in sorted(old.keys() | new.keys(), key=str):
-            script += diff_script(old.get(key), new.get(key))
-        if script:
-            await self.nft("\n".join(script) + "\n")
-            self.writes += 1
+        """One transaction with the objects of the services that changed: the work done,
+        in Python and in nft's transaction, is that of the change (each service is compared
+        with the one applied before, an equality test)."""
+        services = {s.key: s for s in desired}
         before = self._desired
-        self._rendered = new
-        self._hairpin = pins
-        self._desired = {s.key: s for s in desired}
-        await self._forget_dead(before)
+        old = self._rendered
+        rendered = dict(old or {})
+        changed = sorted(
+            (k for k, s in services.items() if old is None or before.get(k) != s), key=str
+        )
+        removed = sorted((k for k in before if k not in services), key=str)
+        pins_before = set(self._pins)
+        for key in removed:
+            del rendered[key]
+            self._pins.subtract(hairpin([before[key]]))
+        for key in changed:
+            rendered[key] = render(services[key])
+            if key in before:
+                self._pins.subtract(hairpin([before[key]]))
+            self._pins.update(hairpin([services[key]]))
+        self._pins = +self._pins  # drop the paths no service needs any more
+        ops: list[Op] = []
+        gone, added = pins_before - self._pins.keys(), self._pins.keys() - pins_before
+        if old is not None and gone:
+            ops.append(DeleteMasq(frozenset(gone)))
+        if old is not None and added:
+            ops.append(AddMasq(frozenset(added)))
+        for key in [*removed, *changed]:
+            ops += diff_ops((old or {}).get(key), rendered.get(key))
+        if old is None:  # the table, whole, through nft
+            await self.nft("\n".join(base_script(self._pins) + [op.nft() for op in ops]) + "\n")
+            self.writes += 1
+        elif ops:
+            await self._run(ops)
+            self.writes += 1
+        self._rendered = rendered
+        self._desired = services
+        await self._forget_dead(before, changed)
 
-    async def _forget_dead(self, before: dict[ServiceKey, Service]) -> None:
+    async def _run(self, ops: list[Op]) -> None:
+        """A change: over netlink when there is a socket (its cost is the change's), else
+        through `nft -f` (which reads the whole ruleset first)."""
+        if self.netlink is None:
+            await self.nft("\n".join(op.nft() for op in ops) + "\n")
+            return
+        try:
+            await asyncio.to_thread(self.netlink.run, ops)
+        except (NftNetlinkError, OSError) as e:
+            raise NftError(str(e)) from None
+
+    async def _forget_dead(
+        self, before: dict[ServiceKey, Service], changed: list[ServiceKey]
+    ) -> None:
         """UDP flows of backends that were removed, went DOWN or into maintenance: their
         conntrack entries go, so that the clients' next datagrams are scheduled again.
         (A drained backend keeps its flows; a service leaving the kernel keeps them too.)"""
         if self.conntrack is None:
             return
-        for key, s in self._desired.items():
-            old = before.get(key)
+        for key in changed:
+            s, old = self._desired[key], before.get(key)
             if key.protocol is not Protocol.UDP or old is None:
                 continue
             alive = {b.address for b in s.backends if b.state in ALIVE}
@@ -235,6 +270,7 @@ class NftDataplane:
                 raise
         self._rendered = None
         self._desired.clear()
+        self._pins.clear()
 
 
 def _flow_key(f: Flow) -> tuple[ServiceKey, Endpoint, bool]:

@@ -8,7 +8,6 @@ in a "backend" namespace and a client socket in a "client" namespace from one pr
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import socket
 import subprocess
@@ -16,25 +15,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
+from offload.netns import inside
 
 
 def sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
-
-
-@contextlib.contextmanager
-def inside(ns: str) -> Iterator[None]:
-    """Run the block with this thread in network namespace `ns`."""
-    with open("/proc/thread-self/ns/net") as home, open(f"/run/netns/{ns}") as target:
-        if _libc.setns(target.fileno(), CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {ns}")
-        try:
-            yield
-        finally:
-            if _libc.setns(home.fileno(), CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
 
 
 def socket_in(ns: str, kind: int = socket.SOCK_STREAM) -> socket.socket:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from offload.netns import inside
 from tests.conftest import require_root
-from tests.netns import Topology, inside, socket_in, topology
+from tests.netns import Topology, socket_in, topology
 from tests.proc import LbProcess
 from tests.traffic import Backends, ask
 

@@ -70,29 +70,30 @@ def test_rendered_service_dispatches_through_numgen_and_dnats() -> None:
     sid = service_id(s.key)
     assert sid == "tcp_10_0_0_1_80" and r.chain == "svc_tcp_10_0_0_1_80"
     (rule,) = r.rules
-    assert rule.startswith("numgen inc mod 6 vmap { 0 : goto ep_tcp_10_0_0_1_80_192_168_1_3_8080")
+    assert rule.nft().startswith(
+        "numgen inc mod 6 vmap { 0 : goto ep_tcp_10_0_0_1_80_192_168_1_3_8080"
+    )
     _, ep = r.endpoints["ep_tcp_10_0_0_1_80_192_168_1_2_8080"]
-    assert ep.endswith("meta l4proto tcp dnat to 192.168.1.2:8080")
+    assert ep.nft().endswith("meta l4proto tcp dnat to 192.168.1.2:8080")
 
 
 def test_persistence_renders_affinity_sets_checked_before_the_pick() -> None:
     (s,) = svc("rr", ", persistence: {timeout: 60, netmask: 255.255.255.0}", weights="1,1")
     r = render(s)
-    assert r.rules[0] == (
+    assert r.rules[0].nft() == (
         "ip saddr & 255.255.255.0 @aff_tcp_10_0_0_1_80_192_168_1_2_8080 "
         "goto ep_tcp_10_0_0_1_80_192_168_1_2_8080"
     )
-    assert "timeout 60s" in r.sets["aff_tcp_10_0_0_1_80_192_168_1_1_8080"]
-    assert (
-        "update @aff_tcp_10_0_0_1_80_192_168_1_1_8080 { ip saddr & 255.255.255.0 }"
-        in (r.endpoints["ep_tcp_10_0_0_1_80_192_168_1_1_8080"][1])
+    assert "timeout 60s" in r.sets["aff_tcp_10_0_0_1_80_192_168_1_1_8080"].nft()
+    assert "update @aff_tcp_10_0_0_1_80_192_168_1_1_8080 { ip saddr & 255.255.255.0 }" in (
+        r.endpoints["ep_tcp_10_0_0_1_80_192_168_1_1_8080"][1].nft()
     )
 
 
 def test_sh_hashes_the_client_over_weighted_slots() -> None:
     (s,) = svc("sh", ", scheduler_flags: [sh-port]", weights="2,1")
     (rule,) = render(s).rules
-    assert rule.startswith("jhash ip saddr . th sport mod 3 seed 0x0 vmap {")
+    assert rule.nft().startswith("jhash ip saddr . th sport mod 3 seed 0x0 vmap {")
 
 
 def test_what_nftables_cannot_express() -> None:
@@ -151,7 +152,11 @@ async def test_a_removed_service_loses_every_object() -> None:
     await dp.apply([])
     pins, *script = fake.scripts[-1].splitlines()
     sid = service_id(s.key)
-    assert pins == "flush set ip lb masq_paths"  # no hairpin path left either
+    # no hairpin path left either
+    assert pins == (
+        "delete element ip lb masq_paths { 192.168.1.1 . 192.168.1.1 . tcp . 8080, "
+        "192.168.1.2 . 192.168.1.2 . tcp . 8080 }"
+    )
     assert script[0] == "delete element ip lb services { 10.0.0.1 . tcp . 80 }"
     assert script[-1] == f"delete chain ip lb svc_{sid}"
     assert sum(line.startswith("delete set") for line in script) == 2
@@ -166,7 +171,8 @@ def test_a_new_persistence_timeout_recreates_the_sets_and_the_chains_using_them(
         flush = script.index(f"flush chain ip lb ep_tcp_10_0_0_1_80_{ep}")
         delete = script.index(f"delete set ip lb aff_tcp_10_0_0_1_80_{ep}")
         add = script.index(
-            f"add set ip lb aff_tcp_10_0_0_1_80_{ep} " + render(b).sets[f"aff_tcp_10_0_0_1_80_{ep}"]
+            f"add set ip lb aff_tcp_10_0_0_1_80_{ep} "
+            + render(b).sets[f"aff_tcp_10_0_0_1_80_{ep}"].nft()
         )
         rule = next(
             i

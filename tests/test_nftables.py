@@ -6,16 +6,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from lb.config import parse_config
 from lb.model import AdminState, Service
+from offload.netns import inside
+from offload.nft_netlink import NftNetlink
 from offload.nft_rules import cycle
 from offload.nftables import NftDataplane
 from tests.conftest import require_root
-from tests.netns import Topology, inside, topology
+from tests.netns import Topology, topology
 from tests.traffic import (
     BACKEND_IPS,
     CLIENT_IPS,
@@ -37,6 +39,17 @@ def topo() -> Iterator[Topology]:
             ["ip", "netns", "exec", t.lb, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True
         )
         yield t
+
+
+@pytest.fixture(params=["netlink", "nft"])
+def make_dp(request: pytest.FixtureRequest, topo: Topology) -> Callable[[], NftDataplane]:
+    """Changes after the first apply go over netlink (what lb does) or through `nft -f`
+    (the fallback): both must carry the same traffic."""
+
+    def make() -> NftDataplane:
+        return NftDataplane(netlink=NftNetlink(topo.lb) if request.param == "netlink" else None)
+
+    return make
 
 
 def config(text: str) -> list[Service]:
@@ -74,10 +87,10 @@ async def apply(topo: Topology, dp: NftDataplane, services: list[Service]) -> No
 
 
 async def test_forwarding_with_port_mapping_and_the_kernels_wrr_cycle(
-    topo: Topology, backends: Backends
+    topo: Topology, backends: Backends, make_dp: Callable[[], NftDataplane]
 ) -> None:
     web, dns = config("services:" + WEB + DNS)
-    dp = NftDataplane()
+    dp = make_dp()
     await apply(topo, dp, [web, dns])
     answers = [await ask(topo, "10.99.1.2") for _ in range(12)]
     # NAT, not a proxy: the backend sees the client; the picks follow IPVS's wrr cycle
@@ -106,13 +119,13 @@ async def test_forwarding_with_port_mapping_and_the_kernels_wrr_cycle(
 
 
 async def test_persistence_keeps_a_client_subnet_on_one_backend(
-    topo: Topology, backends: Backends
+    topo: Topology, backends: Backends, make_dp: Callable[[], NftDataplane]
 ) -> None:
     (web,) = config(
         "services:"
         + WEB.replace("retries: 0", "retries: 0\n    persistence: {timeout: 60, netmask: /24}")
     )
-    dp = NftDataplane()
+    dp = make_dp()
     await apply(topo, dp, [web])
     seen = {(await ask(topo, ip)).split()[0] for ip in CLIENT_IPS[:6] for _ in range(3)}
     assert len(seen) == 1
@@ -130,10 +143,10 @@ async def test_persistence_keeps_a_client_subnet_on_one_backend(
 
 
 async def test_drain_down_and_removal_spare_established_connections(
-    topo: Topology, backends: Backends
+    topo: Topology, backends: Backends, make_dp: Callable[[], NftDataplane]
 ) -> None:
     (web,) = config("services:" + WEB)
-    dp = NftDataplane()
+    dp = make_dp()
     await apply(topo, dp, [web])
     reader, writer = await client_conn(topo, "10.99.1.5")
     victim = (await asyncio.wait_for(reader.readline(), 5)).decode().split()[0]
@@ -163,7 +176,7 @@ async def test_drain_down_and_removal_spare_established_connections(
 
 
 async def test_foreign_tables_untouched_and_a_stale_table_replaced(
-    topo: Topology, backends: Backends
+    topo: Topology, backends: Backends, make_dp: Callable[[], NftDataplane]
 ) -> None:
     foreign = "table inet keepme {\n  chain c {\n    type filter hook input priority 10; policy accept;\n    tcp dport 9 counter\n  }\n}\n"
     stale = "table ip lb {\n  chain junk {\n    counter\n  }\n}\n"
@@ -173,7 +186,7 @@ async def test_foreign_tables_untouched_and_a_stale_table_replaced(
         )
     before = nft_in(topo, "list", "table", "inet", "keepme")
     (web,) = config("services:" + WEB)
-    dp = NftDataplane()  # a new process after a crash: adopts by replacing, atomically
+    dp = make_dp()  # a new process after a crash: adopts by replacing, atomically
     await apply(topo, dp, [web])
     assert "junk" not in nft_in(topo, "list", "table", "ip", "lb")
     assert (await ask(topo, "10.99.1.2")).endswith("saw 10.99.1.2")
@@ -186,3 +199,70 @@ async def test_foreign_tables_untouched_and_a_stale_table_replaced(
     with pytest.raises(ConnectionRefusedError):
         await ask(topo, "10.99.1.2")
     assert LB_SIDE  # (the userspace path is not part of these tests)
+
+
+MIXED = """
+  - name: sticky
+    listen: 10.99.0.10:80
+    scheduler: wrr
+    retries: 0
+    persistence: {timeout: 60, netmask: 255.255.255.0}
+    backends:
+      - {address: 10.99.2.2:8080, weight: 3}
+      - {address: 10.99.2.3:8080, weight: 2}
+  - name: hashed
+    listen: 10.99.0.10:81
+    scheduler: sh
+    scheduler_flags: [sh-port]
+    retries: 0
+    backends:
+      - {address: 10.99.2.2:8080, weight: 2}
+      - {address: 10.99.2.3:8080}
+  - name: hairpin
+    protocol: udp
+    listen: 10.99.0.10:53
+    scheduler: rr
+    backends: [{address: 10.99.2.5:5353}, {address: 10.99.2.4:53}]
+"""
+
+
+def edits(services: list[Service]) -> list[list[Service]]:
+    """A sequence of states touching every kind of object: add, drain, new timeout, a
+    backend removed, a service removed."""
+    sticky, hashed, udp = services
+    drained = sticky.with_backends(
+        (dataclasses.replace(sticky.backends[0], admin=AdminState.DRAIN), sticky.backends[1])
+    )
+    assert sticky.persistence is not None
+    longer = dataclasses.replace(
+        sticky, persistence=dataclasses.replace(sticky.persistence, timeout=90)
+    )
+    fewer = hashed.with_backends(hashed.backends[:1])
+    return [
+        [sticky],
+        [sticky, hashed, udp],
+        [drained, hashed, udp],
+        [longer, fewer, udp],
+        [longer, fewer],
+        [],
+    ]
+
+
+async def test_changes_over_netlink_leave_the_same_ruleset_as_nft(topo: Topology) -> None:
+    """lb encodes changes itself (offload/nft_netlink.py): after every step of the same
+    sequence, the table reads back exactly as when `nft -f` applied the step's text."""
+    states = edits(config("services:" + MIXED))
+    seen: dict[str, list[str]] = {}
+    for name, netlink in (("nft", None), ("netlink", NftNetlink(topo.lb))):
+        dp = NftDataplane(netlink=netlink)
+        steps = []
+        for state in states:
+            await apply(topo, dp, state)
+            steps.append(nft_in(topo, "-s", "list", "table", "ip", "lb"))
+        seen[name] = steps
+        with inside(topo.lb):
+            await dp.remove_all()
+    assert seen["netlink"] == seen["nft"]
+    assert "jhash ip saddr . th sport mod 3 seed 0x0 vmap" in seen["netlink"][1]
+    assert "timeout 1m30s" in seen["netlink"][3]
+    assert "svc_" not in seen["netlink"][-1]

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.netns import Topology, inside, socket_in
+from offload.netns import inside
+from tests.netns import Topology, socket_in
 from tests.proc import LbProcess
 
 #: Python in the guest reads every module over 9p under emulation: lb takes ~30 s to start.

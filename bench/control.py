@@ -1,0 +1,197 @@
+"""Control plane: how long applying services takes, and how long one more change takes, as
+the number of services grows.
+
+Each kernel dataplane gets N services of 10 backends each, in a network namespace of the
+bench's own, then:
+- `full`: the whole set applied to an empty kernel (the first sync after a start);
+- `add_one`: one more service once the N are in;
+- `edit_one`: one backend of one of the N services drained (weight 0: no new connections).
+The O(n) reference is kube-proxy's iptables mode, rules of the same shape (a KUBE-SERVICES
+rule per service, a KUBE-SVC chain picking one of ten KUBE-SEP chains with `statistic`,
+each DNATing), applied with `iptables-restore` the way it synchronises: the whole nat
+table each time, so `add_one` and `edit_one` rewrite everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+from bench.stats import Summary
+from lb.model import Backend, Endpoint, Protocol, SchedulerName, Service
+from offload.nftables import NftDataplane
+
+BACKENDS = 10
+VIP_BASE = int(ipaddress.ip_address("10.100.0.0"))
+BACKEND_BASE = int(ipaddress.ip_address("10.128.0.0"))
+STEPS = ("full", "add_one", "edit_one")
+
+
+def services(n: int, backends: int = BACKENDS) -> list[Service]:
+    """N rr services on distinct VIPs (port 80), each with its own backends (port 8080)."""
+    return [
+        Service(
+            f"svc{i}",
+            Protocol.TCP,
+            Endpoint(ipaddress.ip_address(VIP_BASE + i), 80),
+            SchedulerName.RR,
+            backends=tuple(
+                Backend(Endpoint(ipaddress.ip_address(BACKEND_BASE + i * backends + j), 8080))
+                for j in range(backends)
+            ),
+            retries=0,
+        )
+        for i in range(n)
+    ]
+
+
+def edited(ss: list[Service]) -> list[Service]:
+    """The same services with one backend drained (weight 0), in the middle one."""
+    out = list(ss)
+    mid = len(out) // 2
+    s = out[mid]
+    out[mid] = s.with_backends((replace(s.backends[0], weight=0), *s.backends[1:]))
+    return out
+
+
+async def run(cmd: list[str], stdin: str | None = None) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {err.decode(errors='replace').strip()}")
+    return out.decode()
+
+
+@dataclass
+class Netns:
+    """A network namespace for one dataplane's rules, removed afterwards."""
+
+    name: str
+
+    async def __aenter__(self) -> Netns:
+        await run(["ip", "netns", "add", self.name])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await run(["ip", "netns", "del", self.name])
+
+    def cmd(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *args]
+
+
+# --- the dataplanes under test --------------------------------------------------------------
+
+
+class Applier:
+    """Something that makes a kernel carry a list of services."""
+
+    name: str
+
+    async def apply(self, ss: list[Service]) -> None: ...
+
+    async def reset(self) -> None: ...
+
+
+class Nftables(Applier):
+    name = "lb nftables"
+
+    def __init__(self, ns: Netns) -> None:
+        async def nft(script: str) -> str:
+            return await run(ns.cmd("nft", "-f", "-"), script)
+
+        self.dp = NftDataplane(nft=nft)
+
+    async def apply(self, ss: list[Service]) -> None:
+        await self.dp.apply(ss)
+
+    async def reset(self) -> None:
+        await self.dp.remove_all()
+
+
+def iptables_rules(ss: list[Service]) -> str:
+    """kube-proxy iptables mode's nat table for these services (same shape, not its code)."""
+    chains = [":PREROUTING ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]", ":KUBE-SERVICES - [0:0]"]
+    rules = ["-A PREROUTING -j KUBE-SERVICES", "-A OUTPUT -j KUBE-SERVICES"]
+    for i, s in enumerate(ss):
+        svc = f"KUBE-SVC-{i}"
+        chains.append(f":{svc} - [0:0]")
+        rules.append(
+            f"-A KUBE-SERVICES -d {s.listen.ip}/32 -p tcp -m tcp --dport {s.listen.port} -j {svc}"
+        )
+        live = [b for b in s.backends if b.effective_weight > 0]  # as kube-proxy drops them
+        n = len(live)
+        for j, b in enumerate(live):
+            sep = f"KUBE-SEP-{i}-{j}"
+            chains.append(f":{sep} - [0:0]")
+            pick = (
+                "" if j == n - 1 else f"-m statistic --mode random --probability {1 / (n - j):.5f} "
+            )
+            rules.append(f"-A {svc} {pick}-j {sep}")
+            rules.append(f"-A {sep} -p tcp -m tcp -j DNAT --to-destination {b.address}")
+    return "\n".join(["*nat", *chains, *rules, "COMMIT", ""])
+
+
+class IptablesRestore(Applier):
+    def __init__(self, ns: Netns, command: str, name: str) -> None:
+        self.ns = ns
+        self.command = command
+        self.name = name
+
+    async def apply(self, ss: list[Service]) -> None:
+        await run(self.ns.cmd(self.command), iptables_rules(ss))
+
+    async def reset(self) -> None:
+        await run(self.ns.cmd(self.command), iptables_rules([]))
+
+
+APPLIERS: dict[str, Callable[[Netns], Applier]] = {
+    "lb nftables": Nftables,
+    "iptables-restore (legacy)": lambda ns: IptablesRestore(
+        ns, "iptables-legacy-restore", "iptables-restore (legacy)"
+    ),
+    "iptables-restore (nft)": lambda ns: IptablesRestore(
+        ns, "iptables-nft-restore", "iptables-restore (nft)"
+    ),
+}
+
+
+# --- the measurement ----------------------------------------------------------------------
+
+
+async def timed(step: Awaitable[None]) -> float:
+    start = time.perf_counter()
+    await step
+    return time.perf_counter() - start
+
+
+Results = dict[str, dict[int, dict[str, Summary]]]
+
+
+async def measure(
+    sizes: list[int], runs: int, advance: Callable[[str], None] = lambda _: None
+) -> Results:
+    """For each dataplane and size: `runs` fresh full applies, each followed by one more
+    service and by one edit. The dataplanes take turns at each size (same conditions)."""
+    results: Results = {name: {} for name in APPLIERS}
+    for n in sizes:
+        base = services(n + 1)
+        for i, (name, make) in enumerate(APPLIERS.items()):
+            times: dict[str, list[float]] = {step: [] for step in STEPS}
+            async with Netns(f"lbbench-control-{i}") as ns:
+                applier = make(ns)
+                for _ in range(runs):
+                    times["full"].append(await timed(applier.apply(base[:n])))
+                    times["add_one"].append(await timed(applier.apply(base)))
+                    times["edit_one"].append(await timed(applier.apply(edited(base))))
+                    await applier.reset()
+            results[name][n] = {step: Summary.of(v) for step, v in times.items()}
+            advance(f"{name} at {n} services")
+    return results
