@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
+import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from bench.stats import Summary
 from lb.model import Backend, Endpoint, Protocol, SchedulerName, Service
+from offload.nft_netlink import NftNetlink
 from offload.nftables import NftDataplane
 
 BACKENDS = 10
@@ -90,24 +92,23 @@ class Netns:
 # --- the dataplanes under test --------------------------------------------------------------
 
 
-class Applier:
+class Applier(typing.Protocol):
     """Something that makes a kernel carry a list of services."""
-
-    name: str
 
     async def apply(self, ss: list[Service]) -> None: ...
 
     async def reset(self) -> None: ...
 
 
-class Nftables(Applier):
-    name = "lb nftables"
+class Nftables:
+    """lb's nftables dataplane: the first apply through `nft -f`, changes over netlink
+    (`netlink=False`: changes through `nft -f` too, lb's fallback)."""
 
-    def __init__(self, ns: Netns) -> None:
+    def __init__(self, ns: Netns, *, netlink: bool = True) -> None:
         async def nft(script: str) -> str:
             return await run(ns.cmd("nft", "-f", "-"), script)
 
-        self.dp = NftDataplane(nft=nft)
+        self.dp = NftDataplane(nft=nft, netlink=NftNetlink(ns.name) if netlink else None)
 
     async def apply(self, ss: list[Service]) -> None:
         await self.dp.apply(ss)
@@ -139,11 +140,10 @@ def iptables_rules(ss: list[Service]) -> str:
     return "\n".join(["*nat", *chains, *rules, "COMMIT", ""])
 
 
-class IptablesRestore(Applier):
-    def __init__(self, ns: Netns, command: str, name: str) -> None:
+class IptablesRestore:
+    def __init__(self, ns: Netns, command: str) -> None:
         self.ns = ns
         self.command = command
-        self.name = name
 
     async def apply(self, ss: list[Service]) -> None:
         await run(self.ns.cmd(self.command), iptables_rules(ss))
@@ -154,12 +154,9 @@ class IptablesRestore(Applier):
 
 APPLIERS: dict[str, Callable[[Netns], Applier]] = {
     "lb nftables": Nftables,
-    "iptables-restore (legacy)": lambda ns: IptablesRestore(
-        ns, "iptables-legacy-restore", "iptables-restore (legacy)"
-    ),
-    "iptables-restore (nft)": lambda ns: IptablesRestore(
-        ns, "iptables-nft-restore", "iptables-restore (nft)"
-    ),
+    "lb nftables, changes via nft -f": lambda ns: Nftables(ns, netlink=False),
+    "iptables-restore (legacy)": lambda ns: IptablesRestore(ns, "iptables-legacy-restore"),
+    "iptables-restore (nft)": lambda ns: IptablesRestore(ns, "iptables-nft-restore"),
 }
 
 

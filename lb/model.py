@@ -82,6 +82,11 @@ class Endpoint:
     ip: IPAddress
     port: int
 
+    def __hash__(self) -> int:
+        # ipaddress hashes through hex(): endpoints key every table of services and
+        # backends, so hash the integer (equal endpoints still hash alike).
+        return hash((int(self.ip), self.port))
+
     @classmethod
     def parse(cls, text: str) -> Endpoint:
         """Parse `1.2.3.4:80` or `[::1]:80`; raise ValueError with a message fit for users."""

@@ -130,18 +130,21 @@ class NftDataplane:
             (k for k, s in services.items() if old is None or before.get(k) != s), key=str
         )
         removed = sorted((k for k in before if k not in services), key=str)
-        pins_before = set(self._pins)
+        gone: set[NatPath] = set()  # hairpin paths no service needs any more
+        added: set[NatPath] = set()  # and paths no service needed before
         for key in removed:
             del rendered[key]
-            self._pins.subtract(hairpin([before[key]]))
+            self._unpin(hairpin([before[key]]), gone)
         for key in changed:
             rendered[key] = render(services[key])
             if key in before:
-                self._pins.subtract(hairpin([before[key]]))
-            self._pins.update(hairpin([services[key]]))
-        self._pins = +self._pins  # drop the paths no service needs any more
+                self._unpin(hairpin([before[key]]), gone)
+            for path in hairpin([services[key]]):
+                if not self._pins[path]:
+                    added.add(path)
+                self._pins[path] += 1
+        gone, added = gone - added, added - gone  # moved from one service to another
         ops: list[Op] = []
-        gone, added = pins_before - self._pins.keys(), self._pins.keys() - pins_before
         if old is not None and gone:
             ops.append(DeleteMasq(frozenset(gone)))
         if old is not None and added:
@@ -157,6 +160,13 @@ class NftDataplane:
         self._rendered = rendered
         self._desired = services
         await self._forget_dead(before, changed)
+
+    def _unpin(self, paths: set[NatPath], gone: set[NatPath]) -> None:
+        for path in paths:
+            self._pins[path] -= 1
+            if self._pins[path] <= 0:
+                del self._pins[path]
+                gone.add(path)
 
     async def _run(self, ops: list[Op]) -> None:
         """A change: over netlink when there is a socket (its cost is the change's), else
