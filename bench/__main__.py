@@ -33,9 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", help="comma-separated service counts (default 1,10,100,1000,10000)")
     p.add_argument("--out", type=Path, help="results directory (default bench/results/<date>)")
     args = p.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench: needs root (it creates network namespaces)", file=sys.stderr)
-        return 2
     try:
         sizes = (
             [int(x) for x in args.sizes.split(",")]
@@ -51,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(n < 1 for n in sizes):
         print("bench: every size in --sizes must be at least 1", file=sys.stderr)
         return 2
-    runs = args.runs or (3 if args.quick else 5)
+    runs = args.runs if args.runs is not None else (3 if args.quick else 5)
     if runs < 1:
         print("bench: --runs must be at least 1", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        print("bench: needs root (it creates network namespaces)", file=sys.stderr)
         return 2
     today = datetime.date.today().isoformat()
     out: Path = args.out or Path(__file__).parent / "results" / (

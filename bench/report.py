@@ -27,7 +27,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "Median time in ms (smallest-largest of the runs), each dataplane in its own "
         "network namespace, measured in turns in one run of `python -m bench`. "
         "iptables-restore rewrites the whole nat table on every change, as kube-proxy's "
-        "iptables mode does.",
+        "iptables mode does. An empty cell: not measured at that size (see bench/control.py).",
     ]
     control = doc["control"]
     sizes = sorted({int(n) for per in control.values() for n in per})

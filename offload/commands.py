@@ -9,7 +9,7 @@ from collections.abc import Callable
 from lb.model import Config, Protocol, Service
 from offload.host import NFT_TABLE, Host
 from offload.ipvs_netlink import IpvsUnavailable, NetlinkIpvs
-from offload.nft_rules import TABLE, base_script, diff_script, render
+from offload.nft_rules import TABLES, base_script, diff_script, render
 from offload.nftables import NftDataplane, NftError, hairpin
 from offload.policy import kernel_service, not_expressible
 
@@ -112,9 +112,11 @@ async def cleanup(device: str) -> list[str]:
     done.append(f"deleted nftables table ip {NFT_TABLE} (if it existed)")
     try:
         await NftDataplane().remove_all()
-        done.append(f"deleted nftables table ip {TABLE} (if it existed)")
+        done.append(
+            f"deleted nftables tables ip {TABLES[0]}, {TABLES[1]}..{TABLES[-1]} (if they existed)"
+        )
     except NftError as e:
-        done.append(f"nftables table ip {TABLE}: {e}")
+        done.append(f"nftables tables ip {TABLES[0]}*: {e}")
     return done
 
 

@@ -15,18 +15,18 @@ endian; register contents are in the order the packet has them.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from lb.model import Protocol, ServiceKey
 from offload.netns import inside
 from offload.nft_rules import (
     AFFINITY_SIZE,
-    TABLE,
     AddChain,
     AddCounter,
     AddMasq,
@@ -50,7 +50,9 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NLMSG_ERROR = 2
-NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLM_F_REQUEST = 0x1
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+BUFFER = 32 << 20
 NLM_F_CREATE, NLM_F_APPEND = 0x400, 0x800
 NLA_F_NESTED = 0x8000
 
@@ -168,6 +170,9 @@ class Batch:
 
     messages: list[tuple[int, int, bytes, str]] = field(default_factory=list)
     next_set_id: int = 1
+    #: Anonymous sets get names of lb's own, not "__map%d": the kernel finds a free %d by
+    #: reading the name of every set of the table, for every new one.
+    map_names: Iterator[int] = field(default_factory=itertools.count)
 
     def add(self, msg: int, flags: int, attrs: Iterable[bytes], what: str) -> None:
         self.messages.append((msg, flags, b"".join(attrs), what))
@@ -177,7 +182,7 @@ class Batch:
         what = {}
         for i, (msg, flags, attrs, text) in enumerate(self.messages, start=1):
             kind = (NFNL_SUBSYS_NFTABLES << 8) | msg
-            out.append(_message(kind, NLM_F_REQUEST | NLM_F_ACK | flags, seq + i, attrs))
+            out.append(_message(kind, NLM_F_REQUEST | flags, seq + i, attrs))
             what[seq + i] = text
         end = seq + len(self.messages) + 1
         out.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, end, b"", socket.AF_UNSPEC))
@@ -190,38 +195,40 @@ def _message(kind: int, flags: int, seq: int, attrs: bytes, family: int = socket
     return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
 
 
-def _table() -> bytes:
-    return string(1, TABLE)
+def _table(name: str) -> bytes:
+    return string(1, name)
 
 
-def encode(ops: Iterable[Op]) -> Batch:
-    """The batch that does what these operations' nft text says."""
-    b = Batch()
+def encode(ops: Iterable[Op], map_names: Iterator[int] | None = None) -> Batch:
+    """The batch that does what these operations' nft text says (`map_names`: numbers for
+    the names of anonymous maps, unique for the socket's life)."""
+    b = Batch() if map_names is None else Batch(map_names=map_names)
     for op in ops:
         text = op.nft()
         match op:
-            case AddChain(name):
-                b.add(MSG_NEWCHAIN, NLM_F_CREATE, [_table(), string(3, name)], text)
-            case FlushChain(name):
-                b.add(MSG_DELRULE, 0, [_table(), string(2, name)], text)
-            case DeleteChain(name):
-                b.add(MSG_DELCHAIN, 0, [_table(), string(3, name)], text)
-            case AddCounter(name):
+            case AddChain(table, name):
+                b.add(MSG_NEWCHAIN, NLM_F_CREATE, [_table(table), string(3, name)], text)
+            case FlushChain(table, name):
+                b.add(MSG_DELRULE, 0, [_table(table), string(2, name)], text)
+            case DeleteChain(table, name):
+                b.add(MSG_DELCHAIN, 0, [_table(table), string(3, name)], text)
+            case AddCounter(table, name):
                 counter = nest(4, u64(1, 0), u64(2, 0))  # NFTA_OBJ_DATA { bytes, packets }
                 b.add(
                     MSG_NEWOBJ,
                     NLM_F_CREATE,
-                    [_table(), string(2, name), u32(3, OBJECT_COUNTER), counter],
+                    [_table(table), string(2, name), u32(3, OBJECT_COUNTER), counter],
                     text,
                 )
-            case DeleteCounter(name):
-                b.add(MSG_DELOBJ, 0, [_table(), string(2, name), u32(3, OBJECT_COUNTER)], text)
-            case AddSet(name, spec):
+            case DeleteCounter(table, name):
+                attrs = [_table(table), string(2, name), u32(3, OBJECT_COUNTER)]
+                b.add(MSG_DELOBJ, 0, attrs, text)
+            case AddSet(table, name, spec):
                 b.add(
                     MSG_NEWSET,
                     NLM_F_CREATE,
                     [
-                        _table(),
+                        _table(table),
                         string(2, name),
                         u32(3, SET_TIMEOUT | SET_EVAL),
                         u32(4, TYPE_IPADDR),
@@ -233,23 +240,27 @@ def encode(ops: Iterable[Op]) -> Batch:
                     ],
                     text,
                 )
-            case DeleteSet(name):
-                b.add(MSG_DELSET, 0, [_table(), string(2, name)], text)
-            case AddRule(chain, rule):
+            case DeleteSet(table, name):
+                b.add(MSG_DELSET, 0, [_table(table), string(2, name)], text)
+            case AddRule(table, chain, rule):
                 b.add(
                     MSG_NEWRULE,
                     NLM_F_CREATE | NLM_F_APPEND,
-                    [_table(), string(2, chain), nest(4, *_rule(b, rule, text))],
+                    [_table(table), string(2, chain), nest(4, *_rule(b, table, rule, text))],
                     text,
                 )
-            case AddService(key, chain):
-                _elements(b, MSG_NEWSETELEM, "services", [(_service_key(key), chain)], text)
-            case DeleteService(key):
-                _elements(b, MSG_DELSETELEM, "services", [(_service_key(key), None)], text)
-            case AddMasq(paths):
-                _elements(b, MSG_NEWSETELEM, "masq_paths", _masq_keys(paths), text)
-            case DeleteMasq(paths):
-                _elements(b, MSG_DELSETELEM, "masq_paths", _masq_keys(paths), text)
+            case AddService(table, key, chain):
+                _elements(
+                    b, MSG_NEWSETELEM, table, "services", [(_service_key(key), chain)], text=text
+                )
+            case DeleteService(table, key):
+                _elements(
+                    b, MSG_DELSETELEM, table, "services", [(_service_key(key), None)], text=text
+                )
+            case AddMasq(paths, table):
+                _elements(b, MSG_NEWSETELEM, table, "masq_paths", _masq_keys(paths), text=text)
+            case DeleteMasq(paths, table):
+                _elements(b, MSG_DELSETELEM, table, "masq_paths", _masq_keys(paths), text=text)
     return b
 
 
@@ -285,10 +296,11 @@ def _masq_keys(paths: Iterable[NatPath]) -> list[tuple[bytes, str | None]]:
 def _elements(
     b: Batch,
     msg: int,
+    table: str,
     set_name: str,
-    elements: list[tuple[bytes, str | None]],
-    text: str,
+    elements: Sequence[tuple[bytes, str | None]],
     *,
+    text: str,
     set_id: int | None = None,
 ) -> None:
     items = []
@@ -297,22 +309,22 @@ def _elements(
         if chain is not None:
             parts.append(goto(2, chain))  # NFTA_SET_ELEM_DATA
         items.append(nest(1, *parts))
-    attrs = [_table(), string(2, set_name)]
+    attrs = [_table(table), string(2, set_name)]
     if set_id is not None:
         attrs.append(u32(4, set_id))
     attrs.append(nest(3, *items))
     b.add(msg, NLM_F_CREATE if msg == MSG_NEWSETELEM else 0, attrs, text)
 
 
-def _anonymous_map(b: Batch, chains: tuple[str, ...], text: str) -> tuple[str, int]:
+def _anonymous_map(b: Batch, table: str, chains: tuple[str, ...], text: str) -> tuple[str, int]:
     """A constant map slot -> goto chain, created in the batch; its name and id."""
     set_id = _set_id(b)
-    name = "__map%d"
+    name = f"__lbmap{next(b.map_names)}"
     b.add(
         MSG_NEWSET,
         NLM_F_CREATE,
         [
-            _table(),
+            _table(table),
             string(2, name),
             u32(3, SET_ANONYMOUS | SET_CONSTANT | SET_MAP),
             u32(4, TYPE_INTEGER),
@@ -328,11 +340,13 @@ def _anonymous_map(b: Batch, chains: tuple[str, ...], text: str) -> tuple[str, i
     elements: list[tuple[bytes, str | None]] = [
         (host_u32(i), chain) for i, chain in enumerate(chains)
     ]
-    _elements(b, MSG_NEWSETELEM, name, elements, text, set_id=set_id)
+    _elements(b, MSG_NEWSETELEM, table, name, elements, text=text, set_id=set_id)
     return name, set_id
 
 
-def _rule(b: Batch, rule: EndpointRule | StickyRule | DispatchRule, text: str) -> list[bytes]:
+def _rule(
+    b: Batch, table: str, rule: EndpointRule | StickyRule | DispatchRule, text: str
+) -> list[bytes]:
     match rule:
         case EndpointRule(counter, affinity, prefix_len, protocol, backend):
             out = [expr("objref", u32(1, OBJECT_COUNTER), string(2, counter))]
@@ -357,7 +371,7 @@ def _rule(b: Batch, rule: EndpointRule | StickyRule | DispatchRule, text: str) -
         case StickyRule(prefix_len, affinity, chain):
             return [saddr(), masked(prefix_len), lookup(affinity, REG_1), jump_to(chain)]
         case DispatchRule(hashed, with_port, chains):
-            name, set_id = _anonymous_map(b, chains, text)
+            name, set_id = _anonymous_map(b, table, chains, text)
             if hashed:
                 out = [saddr(REG_2)]
                 if with_port:
@@ -392,33 +406,54 @@ class NftNetlink:
         with inside(netns) if netns is not None else contextlib.nullcontext():
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self.sock.bind((0, 0))
-        self.sock.settimeout(30)
+        for force, plain in (
+            (SO_SNDBUFFORCE, socket.SO_SNDBUF),
+            (SO_RCVBUFFORCE, socket.SO_RCVBUF),
+        ):
+            try:  # a batch goes in one send: room for thousands of messages
+                self.sock.setsockopt(socket.SOL_SOCKET, force, BUFFER)
+            except OSError:
+                self.sock.setsockopt(socket.SOL_SOCKET, plain, BUFFER)
         self.seq = int.from_bytes(os.urandom(3), "big") << 4
+        # nft names the maps of its own transactions __map<n>; lb's have a random base so
+        # that a restarted lb does not meet the names of the one before
+        self.map_names = itertools.count(int.from_bytes(os.urandom(4), "big") << 16)
 
     def close(self) -> None:
         self.sock.close()
 
     def run(self, ops: list[Op]) -> None:
         """Apply the operations as one transaction, or raise NftNetlinkError naming the
-        first one the kernel refused (and then nothing of them is applied)."""
+        operations the kernel refused (and then nothing of them is applied).
+
+        The kernel handles a batch within the send itself and answers only errors: once
+        the send returns, every answer is already queued on the socket."""
         if not ops:
             return
-        batch = encode(ops)
+        batch = encode(ops, self.map_names)
         self.seq += len(batch.messages) + 2
         blob, what = batch.encode(self.seq)
+        self._drain()  # nothing stale may be taken for this batch's answer
         self.sock.sendall(blob)
-        waiting = set(what)
-        errors: list[str] = []
-        while waiting:
-            reply = self.sock.recv(1 << 20)
+        errors = [
+            f"{what.get(seq, 'the batch')}: {os.strerror(-code)}" for seq, code in self._drain()
+        ]
+        if errors:
+            raise NftNetlinkError("; ".join(errors[:5]) + (" ..." if len(errors) > 5 else ""))
+
+    def _drain(self) -> list[tuple[int, int]]:
+        """The (sequence, error) answers waiting on the socket."""
+        out: list[tuple[int, int]] = []
+        while True:
+            try:
+                reply = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return out
             offset = 0
             while offset + 16 <= len(reply):
                 size, kind, _, seq, _ = struct.unpack_from("=IHHII", reply, offset)
-                if kind == NLMSG_ERROR and seq in waiting:
+                if kind == NLMSG_ERROR:
                     (code,) = struct.unpack_from("=i", reply, offset + 16)
-                    waiting.discard(seq)
                     if code:
-                        errors.append(f"{what[seq]}: {os.strerror(-code)}")
+                        out.append((seq, code))
                 offset += max(size + (-size % 4), 16)
-        if errors:  # the kernel answers every message, then undoes the whole batch
-            raise NftNetlinkError("; ".join(errors))

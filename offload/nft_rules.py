@@ -1,7 +1,8 @@
 """How services look in nftables, and the transaction that moves the kernel from one set
 of services to another: pure code, no I/O (offload/nftables.py runs it).
 
-One table, `ip lb`, whatever the number of services:
+Table `ip lb` masquerades hairpin traffic; the services live in `SHARDS` tables
+`ip lb_0` ... (a service's table chosen by a hash of its key), each with:
 - a verdict map `services` from (VIP, protocol, port) to the service's chain, looked up
   once per new connection from the nat hooks (constant time, as kube-proxy's nftables
   proxier does);
@@ -14,11 +15,18 @@ One table, `ip lb`, whatever the number of services:
 
 Each service's objects are rendered on their own, so a change to one service rewrites only
 that service's chains: the transaction's size does not grow with the number of services.
+Why shards: at every commit that adds a jump, the kernel re-validates the whole table it
+touches (every chain reachable from its base chains), and it finds sets by walking the
+table's list of them. Both cost in proportion to the services of one table: sixteen
+tables cut that sixteenfold, for sixteen map lookups per new connection.
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import math
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import reduce
@@ -34,7 +42,16 @@ from lb.model import (
 )
 from lb.virtual_service import VirtualService
 
-TABLE = "lb"
+TABLE = "lb"  # hairpin masquerade
+SHARDS = 16
+TABLES = (TABLE, *(f"{TABLE}_{i}" for i in range(SHARDS)))
+
+
+def shard_of(key: ServiceKey) -> str:
+    """The table of a service's objects: stable across runs (crc32 of its name)."""
+    return f"{TABLE}_{zlib.crc32(service_id(key).encode()) % SHARDS}"
+
+
 #: Longest cycle a `numgen` map may hold: wrr weights whose cycle is longer stay in
 #: userspace (the map is rebuilt whole on every change to the service).
 MAX_CYCLE = 4096
@@ -72,28 +89,41 @@ def available(s: Service) -> list[Endpoint]:
 def cycle_length(s: Service) -> int:
     """rr: the number of available backends; wrr: the sum of their weights over their
     greatest common divisor."""
-    weights = [b.effective_weight for b in s.backends if b.effective_weight > 0]
-    if s.scheduler is not SchedulerName.WRR or not weights:
-        return len(weights)
-    g = reduce(math.gcd, weights)
-    return sum(w // g for w in weights)
+    return _length(s.scheduler, tuple(b.effective_weight for b in s.backends))
+
+
+def _length(scheduler: SchedulerName, weights: tuple[int, ...]) -> int:
+    live = [w for w in weights if w > 0]
+    if scheduler is not SchedulerName.WRR or not live:
+        return len(live)
+    g = reduce(math.gcd, live)
+    return sum(w // g for w in live)
 
 
 def cycle(s: Service) -> list[Endpoint]:
     """One period of the picks the kernel's scheduler makes on a fresh service with these
     backends (rr goes down the list, wrr interleaves by weight), computed by the userspace
-    reference itself."""
-    vs = VirtualService(s.protocol, s.listen, s.scheduler)
-    for b in s.backends:
-        if b.effective_weight > 0:
-            vs.add_dest(b.address, b.effective_weight)
+    reference itself (once per scheduler and list of weights)."""
+    live = [b for b in s.backends if b.effective_weight > 0]
+    order = _cycle(s.scheduler, tuple(b.effective_weight for b in live))
+    return [live[i].address for i in order]
+
+
+@functools.lru_cache(maxsize=1024)
+def _cycle(scheduler: SchedulerName, weights: tuple[int, ...]) -> tuple[int, ...]:
+    """The cycle as indexes into the backends: it depends on their order and weights only."""
+    vs = VirtualService(Protocol.TCP, Endpoint(ipaddress.ip_address("0.0.0.1"), 1), scheduler)
+    endpoints = [Endpoint(ipaddress.ip_address(i + 1), 1) for i in range(len(weights))]
+    for e, w in zip(endpoints, weights, strict=True):
+        vs.add_dest(e, w)
+    index = {e: i for i, e in enumerate(endpoints)}
     picks = []
-    for _ in range(cycle_length(s)):
+    for _ in range(_length(scheduler, weights)):
         conn = vs.connect(b"\0\0\0\0", 0, 0.0)
         assert conn is not None
         vs.release(conn, 0.0)
-        picks.append(conn.dest.endpoint)
-    return picks
+        picks.append(index[conn.dest.endpoint])
+    return tuple(picks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +238,7 @@ class Rendered:
     """A service's objects, by kind and name."""
 
     key: ServiceKey
+    table: str
     chain: str
     rules: tuple[StickyRule | DispatchRule, ...]  # the service chain's rules
     endpoints: dict[str, tuple[Names, EndpointRule]] = field(default_factory=dict)
@@ -244,6 +275,7 @@ def render(s: Service) -> Rendered:
         rules.append(_dispatch(s, live))
     return Rendered(
         s.key,
+        shard_of(s.key),
         f"svc_{service_id(s.key)}",
         tuple(rules),
         endpoints,
@@ -272,137 +304,160 @@ def _dispatch(s: Service, live: list[Endpoint]) -> DispatchRule:
 
 
 def base_script(hairpin: Iterable[NatPath] = ()) -> list[str]:
-    """The table with its hooks, map and masquerade set, empty of services (replaces any
-    table of that name, atomically, together with what follows it in the transaction)."""
+    """The tables with their hooks, maps and masquerade set, empty of services (replacing
+    any tables of those names, atomically, together with what follows in the
+    transaction)."""
     elements = masq_elements(hairpin)
-    return [
-        f"table ip {TABLE}",
-        f"delete table ip {TABLE}",
-        f"table ip {TABLE} {{",
-        "    map services { type ipv4_addr . inet_proto . inet_service : verdict; }",
+    out = [
+        *_replace(TABLE),
         "    set masq_paths { type ipv4_addr . ipv4_addr . inet_proto . inet_service; "
         + (f"elements = {{ {elements} }}; " if elements else "")
         + "}",
-        "    chain prerouting {",
-        "        type nat hook prerouting priority dstnat; policy accept;",
-        "        ip daddr . meta l4proto . th dport vmap @services",
-        "    }",
-        "    chain output {",
-        "        type nat hook output priority -100; policy accept;",
-        "        ip daddr . meta l4proto . th dport vmap @services",
-        "    }",
         "    chain postrouting {",
         "        type nat hook postrouting priority srcnat; policy accept;",
         "        ip saddr . ip daddr . meta l4proto . th dport @masq_paths masquerade",
         "    }",
         "}",
     ]
+    for table in TABLES[1:]:
+        out += [
+            *_replace(table),
+            "    map services { type ipv4_addr . inet_proto . inet_service : verdict; }",
+            "    chain prerouting {",
+            "        type nat hook prerouting priority dstnat; policy accept;",
+            "        ip daddr . meta l4proto . th dport vmap @services",
+            "    }",
+            "    chain output {",
+            "        type nat hook output priority -100; policy accept;",
+            "        ip daddr . meta l4proto . th dport vmap @services",
+            "    }",
+            "}",
+        ]
+    return out
 
 
-T = f"ip {TABLE}"
+def _replace(table: str) -> list[str]:
+    return [f"table ip {table}", f"delete table ip {table}", f"table ip {table} {{"]
+
+
+def remove_script() -> str:
+    """Delete every table of lb's (those that exist: each is created first if missing)."""
+    return "".join(f"table ip {t}\ndelete table ip {t}\n" for t in TABLES)
 
 
 @dataclass(frozen=True, slots=True)
 class AddChain:
+    table: str
     name: str
 
     def nft(self) -> str:
-        return f"add chain {T} {self.name}"
+        return f"add chain ip {self.table} {self.name}"
 
 
 @dataclass(frozen=True, slots=True)
 class FlushChain:
+    table: str
     name: str
 
     def nft(self) -> str:
-        return f"flush chain {T} {self.name}"
+        return f"flush chain ip {self.table} {self.name}"
 
 
 @dataclass(frozen=True, slots=True)
 class DeleteChain:
+    table: str
     name: str
 
     def nft(self) -> str:
-        return f"delete chain {T} {self.name}"
+        return f"delete chain ip {self.table} {self.name}"
 
 
 @dataclass(frozen=True, slots=True)
 class AddRule:
+    table: str
     chain: str
     rule: Rule
 
     def nft(self) -> str:
-        return f"add rule {T} {self.chain} {self.rule.nft()}"
+        return f"add rule ip {self.table} {self.chain} {self.rule.nft()}"
 
 
 @dataclass(frozen=True, slots=True)
 class AddCounter:
+    table: str
     name: str
 
     def nft(self) -> str:
-        return f"add counter {T} {self.name}"
+        return f"add counter ip {self.table} {self.name}"
 
 
 @dataclass(frozen=True, slots=True)
 class DeleteCounter:
+    table: str
     name: str
 
     def nft(self) -> str:
-        return f"delete counter {T} {self.name}"
+        return f"delete counter ip {self.table} {self.name}"
 
 
 @dataclass(frozen=True, slots=True)
 class AddSet:
+    table: str
     name: str
     spec: AffinitySet
 
     def nft(self) -> str:
-        return f"add set {T} {self.name} {self.spec.nft()}"
+        return f"add set ip {self.table} {self.name} {self.spec.nft()}"
 
 
 @dataclass(frozen=True, slots=True)
 class DeleteSet:
+    table: str
     name: str
 
     def nft(self) -> str:
-        return f"delete set {T} {self.name}"
+        return f"delete set ip {self.table} {self.name}"
 
 
 @dataclass(frozen=True, slots=True)
 class AddService:
     """The services map's element for `key`: its packets go to `chain`."""
 
+    table: str
     key: ServiceKey
     chain: str
 
     def nft(self) -> str:
         k = self.key
         element = f"{k.listen.ip} . {k.protocol.value} . {k.listen.port} : goto {self.chain}"
-        return f"add element {T} services {{ {element} }}"
+        return f"add element ip {self.table} services {{ {element} }}"
 
 
 @dataclass(frozen=True, slots=True)
 class DeleteService:
+    table: str
     key: ServiceKey
 
     def nft(self) -> str:
-        return f"delete element {T} services {key_element(self.key)}"
+        return f"delete element ip {self.table} services {key_element(self.key)}"
 
 
 @dataclass(frozen=True, slots=True)
 class AddMasq:
     paths: frozenset[NatPath]
+    table: str = TABLE
 
     def nft(self) -> str:
-        return f"add element {T} masq_paths {{ {masq_elements(self.paths)} }}"
+        return f"add element ip {self.table} masq_paths {{ {masq_elements(self.paths)} }}"
 
 
 @dataclass(frozen=True, slots=True)
 class DeleteMasq:
     paths: frozenset[NatPath]
+    table: str = TABLE
 
     def nft(self) -> str:
-        return f"delete element {T} masq_paths {{ {masq_elements(self.paths)} }}"
+        return f"delete element ip {self.table} masq_paths {{ {masq_elements(self.paths)} }}"
 
 
 Op = (
@@ -428,15 +483,16 @@ def diff_ops(old: Rendered | None, new: Rendered | None) -> list[Op]:
     before rules refer to them."""
     if old == new:
         return []
+    t = new.table if new is not None else old.table if old is not None else TABLE
     out: list[Op] = []
     if old is not None and old.dispatch and (new is None or not new.dispatch):
-        out.append(DeleteService(old.key))
+        out.append(DeleteService(t, old.key))
     old_eps = old.endpoints if old else {}
     new_eps = new.endpoints if new else {}
     old_sets = old.sets if old else {}
     new_sets = new.sets if new else {}
     if old is not None:
-        out.append(FlushChain(old.chain))  # drops its references to endpoints
+        out.append(FlushChain(t, old.chain))  # drops its references to endpoints
     changed_sets = {n for n, d in new_sets.items() if old_sets.get(n) != d}
     # An endpoint chain is rewritten when its rule changed or the set it updates is
     # recreated or deleted (flushed first, so that the set can go).
@@ -448,26 +504,26 @@ def diff_ops(old: Rendered | None, new: Rendered | None) -> list[Op]:
     }
     for name in old_eps:
         if name not in new_eps:
-            out.append(DeleteChain(name))
+            out.append(DeleteChain(t, name))
         elif name in rewrite:
-            out.append(FlushChain(name))
-    out += [DeleteSet(name) for name in old_sets if name in recreated]
+            out.append(FlushChain(t, name))
+    out += [DeleteSet(t, name) for name in old_sets if name in recreated]
     gone = (old.counters if old else frozenset()) - (new.counters if new else frozenset())
-    out += [DeleteCounter(name) for name in gone]
+    out += [DeleteCounter(t, name) for name in gone]
     if new is None:
         assert old is not None
-        out.append(DeleteChain(old.chain))
+        out.append(DeleteChain(t, old.chain))
         return out
-    out += [AddCounter(n) for n in sorted(new.counters - (old.counters if old else frozenset()))]
-    out += [AddSet(name, new_sets[name]) for name in sorted(changed_sets)]
+    out += [AddCounter(t, n) for n in sorted(new.counters - (old.counters if old else frozenset()))]
+    out += [AddSet(t, name, new_sets[name]) for name in sorted(changed_sets)]
     for name, (_, rule) in new_eps.items():
         if name in rewrite:
-            out += [AddChain(name), AddRule(name, rule)]
+            out += [AddChain(t, name), AddRule(t, name, rule)]
     if old is None:
-        out.append(AddChain(new.chain))
-    out += [AddRule(new.chain, rule) for rule in new.rules]
+        out.append(AddChain(t, new.chain))
+    out += [AddRule(t, new.chain, rule) for rule in new.rules]
     if new.dispatch and (old is None or not old.dispatch):
-        out.append(AddService(new.key, new.chain))
+        out.append(AddService(t, new.key, new.chain))
     return out
 
 

@@ -1,11 +1,11 @@
 """The nftables NAT dataplane: make table `ip lb` carry a desired set of services.
 
-The first apply replaces the table whole (one atomic transaction: a leftover table from a
-crashed run is adopted that way, and connections it had set up keep their conntrack NAT).
-Every later apply sends only the objects of the services that changed
-(`offload.nft_rules.diff_ops`), also as one transaction, over netlink
-(`offload/nft_netlink.py`): nothing is ever half applied, and the cost of a change does
-not grow with the number of services. Other tables are never touched.
+The first apply replaces the table with an empty one in one atomic transaction (a table
+left by a crashed run is adopted that way, and connections it had set up keep their
+conntrack NAT), then adds the services in batches. Every later apply sends only the
+objects of the services that changed (`offload.nft_rules.diff_ops`) as one transaction
+over netlink (`offload/nft_netlink.py`): nothing is ever half applied, and the work is
+that of the change. Other tables are never touched.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from offload.conntrack import Conntrack, ConntrackError, Flow
 from offload.nft_netlink import NftNetlink, NftNetlinkError
 from offload.nft_rules import (
     TABLE,
+    TABLES,
     AddMasq,
     DeleteMasq,
     Names,
@@ -34,12 +35,14 @@ from offload.nft_rules import (
     base_script,
     diff_ops,
     not_expressible_nft,
+    remove_script,
     render,
 )
 from offload.policy import not_expressible
 
 Nft = Callable[[str], Awaitable[str]]
 Query = Callable[..., Awaitable[Any]]
+CHUNK = 2000  # services per netlink batch when the table is built
 
 log = logging.getLogger("lb.offload")
 
@@ -108,6 +111,7 @@ class NftDataplane:
         self._rendered: dict[ServiceKey, Rendered] | None = None  # None: table not built
         self._pins: Counter[NatPath] = Counter()  # hairpin paths, by how many services need each
         self._desired: dict[ServiceKey, Service] = {}
+        self._ids: dict[int, ServiceKey] = {}  # id() of each service object in _desired
         self._counters: dict[str, tuple[int, int]] = {}
         self._flows: Counter[tuple[ServiceKey, Endpoint, bool]] = Counter()
 
@@ -120,46 +124,93 @@ class NftDataplane:
 
     async def apply(self, desired: list[Service]) -> None:
         """One transaction with the objects of the services that changed: the work done,
-        in Python and in nft's transaction, is that of the change (each service is compared
-        with the one applied before, an equality test)."""
-        services = {s.key: s for s in desired}
-        before = self._desired
+        in Python and in the kernel, is that of the change. A service that is the very
+        object applied last time is unchanged without a look inside; another is compared
+        with the one applied (an equality test). If the kernel refuses the transaction,
+        the next apply rebuilds the tables whole."""
         old = self._rendered
-        rendered = dict(old or {})
+        fresh, removed = self._changes(desired)
+        before = {k: self._desired[k] for k in [*fresh, *removed] if k in self._desired}
         changed = sorted(
-            (k for k, s in services.items() if old is None or before.get(k) != s), key=str
+            (k for k, s in fresh.items() if old is None or before.get(k) != s), key=str
         )
-        removed = sorted((k for k in before if k not in services), key=str)
+        for key, svc in fresh.items():
+            self._desired[key] = svc  # the objects whose ids _changes remembers
+        for key in removed:
+            del self._desired[key]
+        rendered = old if old is not None else {}
+        if old is None:
+            self._pins.clear()  # counted afresh for the tables built whole
         gone: set[NatPath] = set()  # hairpin paths no service needs any more
         added: set[NatPath] = set()  # and paths no service needed before
+        ops: list[Op] = []
         for key in removed:
-            del rendered[key]
+            ops += diff_ops(rendered.pop(key, None), None)
             self._unpin(hairpin([before[key]]), gone)
         for key in changed:
-            rendered[key] = render(services[key])
-            if key in before:
+            new = render(fresh[key])
+            ops += diff_ops(rendered.get(key), new) if old is not None else []
+            rendered[key] = new
+            if old is not None and key in before:
                 self._unpin(hairpin([before[key]]), gone)
-            for path in hairpin([services[key]]):
+            for path in hairpin([fresh[key]]):
                 if not self._pins[path]:
                     added.add(path)
                 self._pins[path] += 1
         gone, added = gone - added, added - gone  # moved from one service to another
-        ops: list[Op] = []
-        if old is not None and gone:
-            ops.append(DeleteMasq(frozenset(gone)))
-        if old is not None and added:
-            ops.append(AddMasq(frozenset(added)))
-        for key in [*removed, *changed]:
-            ops += diff_ops((old or {}).get(key), rendered.get(key))
-        if old is None:  # the table, whole, through nft
-            await self.nft("\n".join(base_script(self._pins) + [op.nft() for op in ops]) + "\n")
-            self.writes += 1
-        elif ops:
-            await self._run(ops)
-            self.writes += 1
+        if gone:
+            ops.insert(0, DeleteMasq(frozenset(gone)))
+        if added:
+            ops.insert(0, AddMasq(frozenset(added)))
+        try:
+            if old is None:
+                await self._build([rendered[key] for key in changed])
+            elif ops:
+                await self._run(ops)
+                self.writes += 1
+        except BaseException:
+            self._rendered = None  # the next apply rebuilds the tables whole
+            self._ids.clear()
+            raise
         self._rendered = rendered
-        self._desired = services
         await self._forget_dead(before, changed)
+
+    def _changes(
+        self, desired: list[Service]
+    ) -> tuple[dict[ServiceKey, Service], list[ServiceKey]]:
+        """The services that are not the objects applied last time (by `id`, which stays
+        valid because `_desired` keeps those objects), and the keys no service has now."""
+        previous = self._ids
+        ids: dict[int, ServiceKey] = {}
+        fresh: dict[ServiceKey, Service] = {}
+        for svc in desired:
+            key = previous.get(id(svc))
+            if key is None:
+                key = svc.key
+                fresh[key] = svc
+            ids[id(svc)] = key
+        self._ids = ids
+        removed = [previous[i] for i in previous.keys() - ids.keys()]
+        return fresh, sorted((k for k in removed if k not in fresh), key=str)
+
+    async def _build(self, services: list[Rendered]) -> None:
+        """The first apply: the table replaced by an empty one (`nft -f`, atomic: a table
+        left by a crashed lb goes in the same step, the NAT of its flows stays), then the
+        services over netlink, `CHUNK` at a time, each with its map element, so that a
+        service is in the map only once it is whole (`nft -f` takes minutes to read a
+        script of 10,000 services). Without netlink, all of it in one `nft -f`."""
+        base = base_script(self._pins)
+        if self.netlink is None:
+            ops = [op for r in services for op in diff_ops(None, r)]
+            await self.nft("\n".join(base + [op.nft() for op in ops]) + "\n")
+            self.writes += 1
+            return
+        await self.nft("\n".join(base) + "\n")
+        self.writes += 1
+        for start in range(0, len(services), CHUNK):
+            chunk = services[start : start + CHUNK]
+            await self._run([op for r in chunk for op in diff_ops(None, r)])
+            self.writes += 1
 
     def _unpin(self, paths: set[NatPath], gone: set[NatPath]) -> None:
         for path in paths:
@@ -215,11 +266,11 @@ class NftDataplane:
         flows each backend carries."""
         if self._rendered is None:
             return
-        out = await self.query("list", "counters", "table", "ip", TABLE)
+        out = await self.query("list", "counters")  # one read for all the tables
         counters: dict[str, tuple[int, int]] = {}
         for item in out.get("nftables", []):
             c = item.get("counter")
-            if c is not None:
+            if c is not None and c.get("family") == "ip" and c.get("table") in TABLES:
                 counters[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
         self._counters = counters
         if self.conntrack is not None:
@@ -272,14 +323,11 @@ class NftDataplane:
         return out
 
     async def remove_all(self) -> None:
-        """Delete table lb (shutdown, `lb cleanup`)."""
-        try:
-            await self.nft(f"delete table ip {TABLE}\n")
-        except NftError as e:
-            if "No such file or directory" not in str(e):
-                raise
+        """Delete lb's tables (shutdown, `lb cleanup`)."""
+        await self.nft(remove_script())
         self._rendered = None
         self._desired.clear()
+        self._ids.clear()
         self._pins.clear()
 
 

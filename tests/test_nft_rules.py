@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from lb.config import parse_config
 from lb.model import AdminState, Service
 from offload.nft_rules import (
@@ -14,8 +16,9 @@ from offload.nft_rules import (
     not_expressible_nft,
     render,
     service_id,
+    shard_of,
 )
-from offload.nftables import NftDataplane
+from offload.nftables import NftDataplane, NftError
 from tests.vs import Harness, name_of
 
 
@@ -110,11 +113,13 @@ def test_no_backend_left_takes_the_service_out_of_the_map() -> None:
     (s,) = svc("rr", weights="1")
     off = s.with_backends((dataclasses.replace(s.backends[0], admin=AdminState.DRAIN),))
     script = diff_script(render(s), render(off))
-    assert script[0] == "delete element ip lb services { 10.0.0.1 . tcp . 80 }"
+    t = shard_of(s.key)
+    assert script[0] == f"delete element ip {t} services {{ 10.0.0.1 . tcp . 80 }}"
     assert not any("add element" in line for line in script)
     back = diff_script(render(off), render(s))
     assert (
-        back[-1] == "add element ip lb services { 10.0.0.1 . tcp . 80 : goto svc_tcp_10_0_0_1_80 }"
+        back[-1]
+        == f"add element ip {t} services {{ 10.0.0.1 . tcp . 80 : goto svc_tcp_10_0_0_1_80 }}"
     )
 
 
@@ -136,7 +141,8 @@ async def test_one_change_rewrites_one_service_whatever_the_count() -> None:
     assert dp.writes == 2
     assert all(sid in line for line in script.splitlines()), script
     # the edited backend's chain keeps its counter; the others are left as they were
-    assert f"flush chain ip lb svc_{sid}" in script and "add counter" not in script
+    t = shard_of(edited[250].key)
+    assert f"flush chain ip {t} svc_{sid}" in script and "add counter" not in script
     small = NftDataplane(FakeNft())
     await small.apply(many[:5])
     edited_small = [*many[:4], edited[250]]
@@ -157,8 +163,9 @@ async def test_a_removed_service_loses_every_object() -> None:
         "delete element ip lb masq_paths { 192.168.1.1 . 192.168.1.1 . tcp . 8080, "
         "192.168.1.2 . 192.168.1.2 . tcp . 8080 }"
     )
-    assert script[0] == "delete element ip lb services { 10.0.0.1 . tcp . 80 }"
-    assert script[-1] == f"delete chain ip lb svc_{sid}"
+    t = shard_of(s.key)
+    assert script[0] == f"delete element ip {t} services {{ 10.0.0.1 . tcp . 80 }}"
+    assert script[-1] == f"delete chain ip {t} svc_{sid}"
     assert sum(line.startswith("delete set") for line in script) == 2
     assert sum(line.startswith("delete counter") for line in script) == 2
 
@@ -168,16 +175,46 @@ def test_a_new_persistence_timeout_recreates_the_sets_and_the_chains_using_them(
     (b,) = svc("rr", ", persistence: {timeout: 90}", weights="1,1")
     script = diff_script(render(a), render(b))
     for ep in ("192_168_1_1_8080", "192_168_1_2_8080"):
-        flush = script.index(f"flush chain ip lb ep_tcp_10_0_0_1_80_{ep}")
-        delete = script.index(f"delete set ip lb aff_tcp_10_0_0_1_80_{ep}")
+        t = shard_of(a.key)
+        flush = script.index(f"flush chain ip {t} ep_tcp_10_0_0_1_80_{ep}")
+        delete = script.index(f"delete set ip {t} aff_tcp_10_0_0_1_80_{ep}")
         add = script.index(
-            f"add set ip lb aff_tcp_10_0_0_1_80_{ep} "
+            f"add set ip {t} aff_tcp_10_0_0_1_80_{ep} "
             + render(b).sets[f"aff_tcp_10_0_0_1_80_{ep}"].nft()
         )
         rule = next(
             i
             for i, line in enumerate(script)
-            if line.startswith(f"add rule ip lb ep_tcp_10_0_0_1_80_{ep} ")
+            if line.startswith(f"add rule ip {t} ep_tcp_10_0_0_1_80_{ep} ")
         )
         # a set still referenced cannot be deleted: its users are flushed first, then refilled
         assert flush < delete < add < rule
+
+
+def test_services_spread_over_the_shard_tables_and_stay_there() -> None:
+    many = svc("rr", n=500)
+    tables = [render(s).table for s in many]
+    assert set(tables) == {f"lb_{i}" for i in range(16)}
+    assert max(tables.count(t) for t in set(tables)) < 500 / 16 * 2  # roughly even
+    assert tables == [shard_of(s.key) for s in many] == [render(s).table for s in many]
+
+
+async def test_a_refused_change_makes_the_next_apply_rebuild_the_tables() -> None:
+    fake = FakeNft()
+    dp = NftDataplane(fake)
+    many = svc("rr", n=3)
+    await dp.apply(many)
+    copies = [dataclasses.replace(s) for s in many]  # equal, other objects: nothing to send
+    await dp.apply(copies)
+    assert dp.writes == 1
+
+    async def refuse(script: str) -> str:
+        raise NftError("refused")
+
+    dp.nft = refuse
+    with pytest.raises(NftError):
+        await dp.apply(copies[:2])
+    dp.nft = fake
+    await dp.apply(copies[:2])
+    assert fake.scripts[-1].startswith("table ip lb\ndelete table ip lb\n")
+    assert "10.0.0.3" not in fake.scripts[-1] and "10.0.0.2" in fake.scripts[-1]

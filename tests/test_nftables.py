@@ -1,5 +1,5 @@
 """The nftables dataplane on the real kernel of this machine: clients, balancer and
-backends in their own network namespaces, NAT by table `ip lb` (needs root)."""
+backends in their own network namespaces, NAT by lb's tables `ip lb*` (needs root)."""
 
 from __future__ import annotations
 
@@ -172,14 +172,14 @@ async def test_drain_down_and_removal_spare_established_connections(
     writer.close()
     # every backend taken out: the service leaves the map, nothing is DNATed any more
     await apply(topo, dp, [web.with_backends(())])
-    assert "10.99.0.10" not in nft_in(topo, "list", "map", "ip", "lb", "services")
+    assert "10.99.0.10" not in nft_in(topo, "list", "ruleset")
 
 
 async def test_foreign_tables_untouched_and_a_stale_table_replaced(
     topo: Topology, backends: Backends, make_dp: Callable[[], NftDataplane]
 ) -> None:
     foreign = "table inet keepme {\n  chain c {\n    type filter hook input priority 10; policy accept;\n    tcp dport 9 counter\n  }\n}\n"
-    stale = "table ip lb {\n  chain junk {\n    counter\n  }\n}\n"
+    stale = "table ip lb {\n  chain junk {\n    counter\n  }\n}\ntable ip lb_3 {\n  chain junk {\n  }\n}\n"
     for script in (foreign, stale):
         subprocess.run(
             ["ip", "netns", "exec", topo.lb, "nft", "-f", "-"], input=script.encode(), check=True
@@ -188,7 +188,7 @@ async def test_foreign_tables_untouched_and_a_stale_table_replaced(
     (web,) = config("services:" + WEB)
     dp = make_dp()  # a new process after a crash: adopts by replacing, atomically
     await apply(topo, dp, [web])
-    assert "junk" not in nft_in(topo, "list", "table", "ip", "lb")
+    assert "junk" not in nft_in(topo, "list", "ruleset")
     assert (await ask(topo, "10.99.1.2")).endswith("saw 10.99.1.2")
     with inside(topo.lb):
         await dp.remove_all()
@@ -258,7 +258,7 @@ async def test_changes_over_netlink_leave_the_same_ruleset_as_nft(topo: Topology
         steps = []
         for state in states:
             await apply(topo, dp, state)
-            steps.append(nft_in(topo, "-s", "list", "table", "ip", "lb"))
+            steps.append(nft_in(topo, "-s", "list", "ruleset"))
         seen[name] = steps
         with inside(topo.lb):
             await dp.remove_all()
