@@ -1,7 +1,7 @@
-"""The nftables NAT dataplane: make table `ip lb` carry a desired set of services.
+"""The nftables NAT dataplane: make lb's tables (`ip lb`, `ip lb_0`...) carry a set of services.
 
-The first apply replaces the table with an empty one in one atomic transaction (a table
-left by a crashed run is adopted that way, and connections it had set up keep their
+The first apply replaces the tables with empty ones in one atomic transaction (tables
+left by a crashed run are adopted that way, and connections they had set up keep their
 conntrack NAT), then adds the services in batches. Every later apply sends only the
 objects of the services that changed (`offload.nft_rules.diff_ops`) as one transaction
 over netlink (`offload/nft_netlink.py`): nothing is ever half applied, and the work is
