@@ -59,6 +59,8 @@ class Daemon:
         self.config = Config()
         self._stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
+        self._serving = False  # start() done: a SIGHUP reloads now, else once it is
+        self._hup_pending = False
         self._sampler: asyncio.Task[None] | None = None
 
     def _on_sync(self, dataplane: str, seconds: float) -> None:
@@ -81,6 +83,11 @@ class Daemon:
                 )
                 return 1
         loop = asyncio.get_running_loop()
+        # handlers first: a SIGHUP or SIGTERM that arrives while starting (even right after
+        # lb.started, before this coroutine resumes) must not hit the default action
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         try:
             try:
                 await self.start(self.config)
@@ -88,16 +95,14 @@ class Daemon:
                 for line in e.lines:
                     print(f"lb: {line}", file=sys.stderr)
                 return 1
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._stop.set)
-            loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-            try:
-                await self._stop.wait()
-            finally:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                    loop.remove_signal_handler(sig)
+            self._serving = True
+            if self._hup_pending:  # the file may have changed after start read it
+                self._on_hup()
+            await self._stop.wait()
             await self.stop()
         finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
             if self.pid_file is not None:
                 self.pid_file.unlink(missing_ok=True)
         return 0
@@ -218,6 +223,9 @@ class Daemon:
             await asyncio.sleep(INTERVAL)
 
     def _on_hup(self) -> None:
+        if not self._serving:
+            self._hup_pending = True
+            return
         if self._reloading is None or self._reloading.done():
             self._reloading = asyncio.get_running_loop().create_task(self.reload())
 

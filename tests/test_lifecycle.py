@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lb.daemon import Daemon
+from lb.model import Config
 from tests.conftest import require_root
 from tests.net import TcpBackend, free_port, read_line
 from tests.proc import LbProcess, run_cli
@@ -244,3 +246,28 @@ async def test_lb_reload_command_validates_first(tmp_path: Path) -> None:
         assert await read_line("127.0.0.1", port) == "B"
     finally:
         await lb.stop()
+
+
+async def test_signals_while_starting_are_handled_not_fatal(tmp_path: Path) -> None:
+    """A SIGHUP that lands while lb starts (a slow kernel, or a supervisor reacting to
+    lb.started before run() resumes) reloads once started; SIGTERM then stops cleanly.
+    Without handlers installed first, either signal's default action kills the process."""
+    first, second = free_port(), free_port()
+    cfg = write(tmp_path / "lb.yaml", [("web", first, [])])
+
+    class SignalledWhileStarting(Daemon):
+        async def start(self, config: Config) -> None:
+            await super().start(config)
+            write(cfg, [("web", second, [])])  # changed after start read it
+            os.kill(os.getpid(), signal.SIGHUP)
+            await asyncio.sleep(0.05)  # delivered now, still inside start()
+
+    d = SignalledWhileStarting(cfg, None)
+    run = asyncio.create_task(d.run())
+    for _ in range(100):
+        if d.config.services and d.config.services[0].listen.port == second:
+            break
+        await asyncio.sleep(0.05)
+    assert d.config.services[0].listen.port == second  # the pending reload happened
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert await asyncio.wait_for(run, 10) == 0
