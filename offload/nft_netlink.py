@@ -28,21 +28,26 @@ from offload.netns import inside
 from offload.nft_rules import (
     AFFINITY_SIZE,
     AddChain,
+    AddConns,
     AddCounter,
     AddMasq,
     AddRule,
     AddService,
     AddSet,
+    Conns,
     DeleteChain,
+    DeleteConns,
     DeleteCounter,
     DeleteMasq,
     DeleteService,
     DeleteSet,
     DispatchRule,
+    DnatRule,
     EndpointRule,
     FlushChain,
     NatPath,
     Op,
+    Rule,
     StickyRule,
 )
 
@@ -61,12 +66,14 @@ NLA_F_NESTED = 0x8000
 (MSG_NEWOBJ, MSG_DELOBJ) = (18, 20)
 
 REG_VERDICT, REG_1, REG_2 = 0, 1, 2
-REG32_05 = 13  # the second 32-bit word of REG_2 (a concatenation's second field)
+REG32_01 = 9  # the second 32-bit word of REG_1 (a concatenation's second field)
+REG32_05 = 13  # the second 32-bit word of REG_2
 NFT_GOTO = -4
 NFT_DATA_VERDICT = 0xFFFFFF00
 OBJECT_COUNTER = 1
 SET_ANONYMOUS, SET_CONSTANT, SET_MAP, SET_TIMEOUT, SET_EVAL = 0x1, 0x2, 0x8, 0x10, 0x20
-TYPE_INTEGER, TYPE_IPADDR = 4, 7  # nft's data types (set metadata for listings)
+TYPE_INTEGER, TYPE_IPADDR, TYPE_INET_SERVICE = 4, 7, 13  # nft's data types (for listings)
+TYPE_ADDR_PORT = (TYPE_IPADDR << 6) | TYPE_INET_SERVICE  # the concatenation ipv4_addr . port
 BYTEORDER_HOST, BYTEORDER_BIG = 1, 2
 PROTO = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP}
 
@@ -114,7 +121,11 @@ def host_u32(value: int) -> bytes:
 
 def udata_byteorder(order: int) -> bytes:
     """Set user data nft reads back to print keys (NFTNL_UDATA_SET_KEYBYTEORDER)."""
-    return bytes([0, 4]) + struct.pack("<I", order)
+    return _udata(0, order)
+
+
+def _udata(kind: int, value: int) -> bytes:
+    return bytes([kind, 4]) + struct.pack("<I", value)
 
 
 # --- expressions -----------------------------------------------------------------------------
@@ -257,6 +268,11 @@ def encode(ops: Iterable[Op], map_names: Iterator[int] | None = None) -> Batch:
                 _elements(
                     b, MSG_DELSETELEM, table, "services", [(_service_key(key), None)], text=text
                 )
+            case AddConns(counters, table):
+                _elements(b, MSG_NEWSETELEM, table, "conns", _conns(counters), text=text)
+            case DeleteConns(counters, table):
+                keys = [(key, None) for key, _ in _conns(counters)]
+                _elements(b, MSG_DELSETELEM, table, "conns", keys, text=text)
             case AddMasq(paths, table):
                 _elements(b, MSG_NEWSETELEM, table, "masq_paths", _masq_keys(paths), text=text)
             case DeleteMasq(paths, table):
@@ -279,6 +295,18 @@ def _service_key(key: ServiceKey) -> bytes:
     )
 
 
+def _conns(counters: Iterable[Conns]) -> list[tuple[bytes, Value]]:
+    """VIP . protocol . port . backend . port -> the counter's name."""
+    return [
+        (_service_key(c.key) + _addr_port(c.backend.ip.packed, c.backend.port), Counter(c.counter))
+        for c in counters
+    ]
+
+
+def _addr_port(ip: bytes, port: int) -> bytes:
+    return ip + struct.pack(">H", port) + b"\0\0"
+
+
 def _masq_keys(paths: Iterable[NatPath]) -> list[tuple[bytes, str | None]]:
     return [
         (
@@ -293,21 +321,37 @@ def _masq_keys(paths: Iterable[NatPath]) -> list[tuple[bytes, str | None]]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """An element's value: a named counter (the map's elements are object references)."""
+
+    name: str
+
+
+#: What a map element maps to: a chain to go to, a counter, or bytes (address . port).
+Value = str | Counter | bytes | None
+
+
 def _elements(
     b: Batch,
     msg: int,
     table: str,
     set_name: str,
-    elements: Sequence[tuple[bytes, str | None]],
+    elements: Sequence[tuple[bytes, Value]],
     *,
     text: str,
     set_id: int | None = None,
 ) -> None:
     items = []
-    for key, chain in elements:
+    for key, value in elements:
         parts = [data(1, key)]  # NFTA_SET_ELEM_KEY
-        if chain is not None:
-            parts.append(goto(2, chain))  # NFTA_SET_ELEM_DATA
+        match value:
+            case str(chain):
+                parts.append(goto(2, chain))  # NFTA_SET_ELEM_DATA
+            case Counter(name):
+                parts.append(string(9, name))  # NFTA_SET_ELEM_OBJREF
+            case bytes(raw):
+                parts.append(data(2, raw))
         items.append(nest(1, *parts))
     attrs = [_table(table), string(2, set_name)]
     if set_id is not None:
@@ -316,10 +360,17 @@ def _elements(
     b.add(msg, NLM_F_CREATE if msg == MSG_NEWSETELEM else 0, attrs, text)
 
 
-def _anonymous_map(b: Batch, table: str, chains: tuple[str, ...], text: str) -> tuple[str, int]:
-    """A constant map slot -> goto chain, created in the batch; its name and id."""
+def _anonymous_map(b: Batch, table: str, values: Sequence[Value], text: str) -> tuple[str, int]:
+    """A constant map slot -> goto chain (str) or address . port (bytes), created in the
+    batch; its name and id."""
     set_id = _set_id(b)
     name = f"__lbmap{next(b.map_names)}"
+    if all(isinstance(v, str) for v in values):
+        typed = [u32(6, NFT_DATA_VERDICT), u32(7, 0)]
+        udata = udata_byteorder(BYTEORDER_HOST)
+    else:  # as nft declares them: key byte order host, data's unset, no intervals
+        typed = [u32(6, TYPE_ADDR_PORT), u32(7, 8)]
+        udata = udata_byteorder(BYTEORDER_HOST) + _udata(1, 0) + _udata(6, 0)
     b.add(
         MSG_NEWSET,
         NLM_F_CREATE,
@@ -329,70 +380,82 @@ def _anonymous_map(b: Batch, table: str, chains: tuple[str, ...], text: str) -> 
             u32(3, SET_ANONYMOUS | SET_CONSTANT | SET_MAP),
             u32(4, TYPE_INTEGER),
             u32(5, 4),
-            u32(6, NFT_DATA_VERDICT),
-            u32(7, 0),
+            *typed,
             u32(10, set_id),
-            nest(9, u32(1, len(chains))),
-            attr(13, udata_byteorder(BYTEORDER_HOST)),
+            nest(9, u32(1, len(values))),
+            attr(13, udata),
         ],
         text,
     )
-    elements: list[tuple[bytes, str | None]] = [
-        (host_u32(i), chain) for i, chain in enumerate(chains)
-    ]
+    elements = [(host_u32(i), v) for i, v in enumerate(values)]
     _elements(b, MSG_NEWSETELEM, table, name, elements, text=text, set_id=set_id)
     return name, set_id
 
 
-def _rule(
-    b: Batch, table: str, rule: EndpointRule | StickyRule | DispatchRule, text: str
-) -> list[bytes]:
+def _rule(b: Batch, table: str, rule: Rule, text: str) -> list[bytes]:
     match rule:
-        case EndpointRule(counter, affinity, prefix_len, protocol, backend):
-            out = [expr("objref", u32(1, OBJECT_COUNTER), string(2, counter))]
-            if affinity is not None:
-                out += [saddr(), masked(prefix_len)]
-                out.append(expr("dynset", string(1, affinity), u32(3, 1), u32(4, REG_1)))
-            out += [
-                expr("meta", u32(2, 16), u32(1, REG_1)),  # l4proto
-                expr("cmp", u32(1, REG_1), u32(2, 0), data(3, bytes([PROTO[protocol]]))),
+        case EndpointRule(affinity, prefix_len, protocol, backend):
+            return [
+                saddr(),
+                masked(prefix_len),
+                expr("dynset", string(1, affinity), u32(3, 1), u32(4, REG_1)),
+                *_l4proto(protocol),
                 immediate(REG_1, backend.ip.packed),
                 immediate(REG_2, struct.pack(">H", backend.port)),
-                expr(
-                    "nat",
-                    u32(1, 1),  # DNAT
-                    u32(2, socket.AF_INET),
-                    u32(3, REG_1),
-                    u32(5, REG_2),
-                    u32(7, 0x2),  # NF_NAT_RANGE_PROTO_SPECIFIED
-                ),
+                _dnat(REG_1, REG_2),
             ]
-            return out
         case StickyRule(prefix_len, affinity, chain):
             return [saddr(), masked(prefix_len), lookup(affinity, REG_1), jump_to(chain)]
         case DispatchRule(hashed, with_port, chains):
             name, set_id = _anonymous_map(b, table, chains, text)
-            if hashed:
-                out = [saddr(REG_2)]
-                if with_port:
-                    out.append(payload(2, 0, 2, REG32_05))  # transport header: source port
-                out.append(
-                    expr(
-                        "hash",
-                        u32(1, REG_2),
-                        u32(2, REG_1),
-                        u32(3, 8 if with_port else 4),
-                        u32(4, len(chains)),
-                        u32(5, 0),
-                        u32(6, 0),
-                        u32(7, 0),  # jenkins
-                    )
-                )
-            else:
-                out = [expr("numgen", u32(1, REG_1), u32(2, len(chains)), u32(3, 0), u32(4, 0))]
-            out.append(lookup(name, REG_1, REG_VERDICT, set_id))
-            return out
+            pick = _pick(hashed, with_port, len(chains))
+            return [*pick, lookup(name, REG_1, REG_VERDICT, set_id)]
+        case DnatRule(hashed, with_port, protocol, targets):
+            slots = [_addr_port(e.ip.packed, e.port) for e in targets]
+            name, set_id = _anonymous_map(b, table, slots, text)
+            return [
+                *_l4proto(protocol),
+                *_pick(hashed, with_port, len(targets)),
+                lookup(name, REG_1, REG_1, set_id),
+                _dnat(REG_1, REG32_01),  # address . port, as the map's data
+            ]
     raise AssertionError(rule)
+
+
+def _l4proto(protocol: Protocol) -> list[bytes]:
+    return [
+        expr("meta", u32(2, 16), u32(1, REG_1)),  # l4proto
+        expr("cmp", u32(1, REG_1), u32(2, 0), data(3, bytes([PROTO[protocol]]))),
+    ]
+
+
+def _pick(hashed: bool, with_port: bool, slots: int) -> list[bytes]:
+    """The slot into REG_1: `jhash` of the client (and its port) or `numgen inc`."""
+    if not hashed:
+        return [expr("numgen", u32(1, REG_1), u32(2, slots), u32(3, 0), u32(4, 0))]
+    out = [saddr(REG_2)]
+    if with_port:
+        out.append(payload(2, 0, 2, REG32_05))  # transport header: source port
+    length = 8 if with_port else 4
+    jenkins = 0
+    out.append(
+        expr(
+            "hash",
+            *(u32(k, v) for k, v in enumerate((REG_2, REG_1, length, slots, 0, 0, jenkins), 1)),
+        )
+    )
+    return out
+
+
+def _dnat(addr: int, port: int) -> bytes:
+    return expr(
+        "nat",
+        u32(1, 1),  # DNAT
+        u32(2, socket.AF_INET),
+        u32(3, addr),
+        u32(5, port),
+        u32(7, 0x2),  # NF_NAT_RANGE_PROTO_SPECIFIED
+    )
 
 
 # --- the socket ----------------------------------------------------------------------------

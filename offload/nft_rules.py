@@ -1,24 +1,30 @@
 """How services look in nftables, and the transaction that moves the kernel from one set
 of services to another: pure code, no I/O (offload/nftables.py runs it).
 
-Table `ip lb` masquerades hairpin traffic; the services live in `SHARDS` tables
-`ip lb_0` ... (a service's table chosen by a hash of its key), each with:
+Table `ip lb` holds what all services share: `masq_paths` (masquerade for hairpin: a
+backend reaching itself through the VIP), and the per-backend connection counters with
+the map `conns` that finds a new connection's counter from its original VIP:port and
+its backend, counted once per connection in the postrouting (or input) nat hook. The
+services live in `SHARDS` tables `ip lb_0` ... (a service's table chosen by a hash of
+its key), each with:
 - a verdict map `services` from (VIP, protocol, port) to the service's chain, looked up
   once per new connection from the nat hooks (constant time, as kube-proxy's nftables
   proxier does);
-- per service a chain `svc_<id>` that picks a backend: a persistence check per backend
-  first (`ip saddr & mask @aff_...`), then `numgen inc` (rr, wrr) or `jhash` (sh) over a
-  verdict map;
-- per backend a chain `ep_<id>_<n>` that counts the connection (a named counter, which
-  outlives rewrites), renews the client's affinity and DNATs to address:port;
-- `masq_paths`: masquerade for hairpin (a backend reaching itself through the VIP).
+- per service a chain `svc_<id>` that picks a backend, with `numgen inc` (rr, wrr) or
+  `jhash` (sh) over the scheduler's slots: one rule that DNATs through a map of slot ->
+  backend address . port;
+- with persistence, a persistence check per backend first (`ip saddr & mask @aff_...`),
+  and per backend a chain `ep_<id>_<n>` that renews the client's affinity and DNATs.
 
 Each service's objects are rendered on their own, so a change to one service rewrites only
-that service's chains: the transaction's size does not grow with the number of services.
-Why shards: at every commit that adds a jump, the kernel re-validates the whole table it
-touches (every chain reachable from its base chains), and it finds sets by walking the
-table's list of them. Both cost in proportion to the services of one table: sixteen
-tables cut that sixteenfold, for sixteen map lookups per new connection.
+that service's objects: the transaction's size does not grow with the number of services.
+Why so few chains: at every commit the kernel walks every chain of the network namespace
+(nf_tables_commit, "make rules_gen_X visible"), whatever the transaction touched, so the
+cost of any change grows with the chains there are; a chain per backend (kube-proxy's
+shape) would multiply it by the backends. Why shards: at a commit that adds a jump, the
+kernel re-validates the whole table it touches, and it finds sets by walking the table's
+list of them; sixteen tables cut both sixteenfold, for sixteen map lookups per new
+connection.
 """
 
 from __future__ import annotations
@@ -155,7 +161,7 @@ def key_element(key: ServiceKey) -> str:
 class Names:
     """The names of one backend's objects within its service."""
 
-    chain: str  # ep_<service>_<backend>: counts, renews affinity, DNATs
+    chain: str  # ep_<service>_<backend> (persistence): renews affinity, DNATs
     counter: str  # c_<service>_<backend>
     affinity: str  # aff_<service>_<backend>: clients that stick to it
 
@@ -170,22 +176,18 @@ class Names:
 
 @dataclass(frozen=True, slots=True)
 class EndpointRule:
-    """Count the connection, renew the client's affinity, DNAT to the backend."""
+    """Renew the client's affinity (persistence), DNAT to the backend."""
 
-    counter: str
-    affinity: str | None  # the set to renew (persistence), with the client's prefix
+    affinity: str  # the set to renew, with the client's prefix
     prefix_len: int
     protocol: Protocol
     backend: Endpoint
 
     def nft(self) -> str:
-        steps = [f'counter name "{self.counter}"']
-        if self.affinity is not None:
-            steps.append(f"update @{self.affinity} {{ ip saddr & {mask(self.prefix_len)} }}")
-        steps.append(
+        return (
+            f"update @{self.affinity} {{ ip saddr & {mask(self.prefix_len)} }} "
             f"meta l4proto {self.protocol.value} dnat to {self.backend.ip}:{self.backend.port}"
         )
-        return " ".join(steps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,13 +213,33 @@ class DispatchRule:
 
     def nft(self) -> str:
         vmap = ", ".join(f"{i} : goto {c}" for i, c in enumerate(self.chains))
-        if self.hashed:
-            key = "ip saddr . th sport" if self.with_port else "ip saddr"
-            return f"jhash {key} mod {len(self.chains)} seed 0x0 vmap {{ {vmap} }}"
-        return f"numgen inc mod {len(self.chains)} vmap {{ {vmap} }}"
+        return f"{_pick(self.hashed, self.with_port, len(self.chains))} vmap {{ {vmap} }}"
 
 
-Rule = EndpointRule | StickyRule | DispatchRule
+def _pick(hashed: bool, with_port: bool, slots: int) -> str:
+    if hashed:
+        key = "ip saddr . th sport" if with_port else "ip saddr"
+        return f"jhash {key} mod {slots} seed 0x0"
+    return f"numgen inc mod {slots}"
+
+
+@dataclass(frozen=True, slots=True)
+class DnatRule:
+    """Pick a slot as DispatchRule does and DNAT to its backend, in one rule (a service
+    without persistence needs no chain per backend)."""
+
+    hashed: bool
+    with_port: bool
+    protocol: Protocol
+    targets: tuple[Endpoint, ...]  # slot i goes to targets[i]
+
+    def nft(self) -> str:
+        slots = ", ".join(f"{i} : {e.ip} . {e.port}" for i, e in enumerate(self.targets))
+        pick = _pick(self.hashed, self.with_port, len(self.targets))
+        return f"meta l4proto {self.protocol.value} dnat ip to {pick} map {{ {slots} }}"
+
+
+Rule = EndpointRule | StickyRule | DispatchRule | DnatRule
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,16 +256,29 @@ class AffinitySet:
 
 
 @dataclass(frozen=True, slots=True)
+class Conns:
+    """A backend's connection counter (in table `lb`), and its element in `conns`."""
+
+    key: ServiceKey
+    backend: Endpoint
+    counter: str
+
+    def element(self) -> str:
+        k, b = self.key, self.backend
+        return f"{k.listen.ip} . {k.protocol.value} . {k.listen.port} . {b.ip} . {b.port}"
+
+
+@dataclass(frozen=True, slots=True)
 class Rendered:
     """A service's objects, by kind and name."""
 
     key: ServiceKey
     table: str
     chain: str
-    rules: tuple[StickyRule | DispatchRule, ...]  # the service chain's rules
+    rules: tuple[StickyRule | DispatchRule | DnatRule, ...]  # the service chain's rules
     endpoints: dict[str, tuple[Names, EndpointRule]] = field(default_factory=dict)
     sets: dict[str, AffinitySet] = field(default_factory=dict)
-    counters: frozenset[str] = frozenset()
+    counters: frozenset[Conns] = frozenset()
     dispatch: bool = True  # in the services map (False: no backend, the listener answers)
 
 
@@ -251,26 +286,19 @@ def render(s: Service) -> Rendered:
     endpoints: dict[str, tuple[Names, EndpointRule]] = {}
     sets: dict[str, AffinitySet] = {}
     counters = set()
-    prefix = s.persistence.prefix_len if s.persistence is not None else 32
     for b in s.backends:
         n = Names.of(s.key, b.address)
-        counters.add(n.counter)
+        counters.add(Conns(s.key, b.address, n.counter))
         if s.persistence is not None:
             sets[n.affinity] = AffinitySet(s.persistence.timeout)
-        rule = EndpointRule(
-            n.counter,
-            n.affinity if s.persistence is not None else None,
-            prefix,
-            s.protocol,
-            b.address,
-        )
-        endpoints[n.chain] = (n, rule)
+            rule = EndpointRule(n.affinity, s.persistence.prefix_len, s.protocol, b.address)
+            endpoints[n.chain] = (n, rule)
     live = available(s)
-    rules: list[StickyRule | DispatchRule] = []
+    rules: list[StickyRule | DispatchRule | DnatRule] = []
     if s.persistence is not None:
         for e in live:
             n = Names.of(s.key, e)
-            rules.append(StickyRule(prefix, n.affinity, n.chain))
+            rules.append(StickyRule(s.persistence.prefix_len, n.affinity, n.chain))
     if live:
         rules.append(_dispatch(s, live))
     return Rendered(
@@ -290,17 +318,32 @@ def mask(prefix_len: int) -> str:
     return ".".join(str((value >> shift) & 0xFF) for shift in (24, 16, 8, 0))
 
 
-def _dispatch(s: Service, live: list[Endpoint]) -> DispatchRule:
-    if s.scheduler is SchedulerName.SH:
+def _dispatch(s: Service, live: list[Endpoint]) -> DispatchRule | DnatRule:
+    """The pick: slots of backends, to their chains (persistence) or straight to them."""
+    hashed = s.scheduler is SchedulerName.SH
+    if hashed:
         # One slot per unit of weight: each backend's share of clients is its weight's.
         weight = {b.address: b.effective_weight for b in s.backends}
         slots = [e for e in live for _ in range(weight[e])]
-        chains = tuple(Names.of(s.key, e).chain for e in slots)
-        return DispatchRule(True, SchedFlag.PORT in s.flags, chains)
-    return DispatchRule(False, False, tuple(Names.of(s.key, e).chain for e in cycle(s)))
+    else:
+        slots = cycle(s)
+    with_port = hashed and SchedFlag.PORT in s.flags
+    if s.persistence is None:
+        return DnatRule(hashed, with_port, s.protocol, tuple(slots))
+    return DispatchRule(hashed, with_port, tuple(Names.of(s.key, e).chain for e in slots))
 
 
 # --- transactions ----------------------------------------------------------------------------
+
+
+#: Count a connection lb DNATed, once: the nat hooks see only its first packet, after
+#: the DNAT (postrouting, or input for a backend on this host). Per protocol, for nft
+#: to know the type of the original destination port.
+COUNT = [
+    f"        meta l4proto {p.value} counter name ct original ip daddr . meta l4proto . "
+    f"ct original proto-dst . ip daddr . {p.value} dport map @conns"
+    for p in Protocol
+]
 
 
 def base_script(hairpin: Iterable[NatPath] = ()) -> list[str]:
@@ -313,9 +356,16 @@ def base_script(hairpin: Iterable[NatPath] = ()) -> list[str]:
         "    set masq_paths { type ipv4_addr . ipv4_addr . inet_proto . inet_service; "
         + (f"elements = {{ {elements} }}; " if elements else "")
         + "}",
+        "    map conns { type ipv4_addr . inet_proto . inet_service . ipv4_addr . "
+        "inet_service : counter; }",
         "    chain postrouting {",
         "        type nat hook postrouting priority srcnat; policy accept;",
+        *COUNT,
         "        ip saddr . ip daddr . meta l4proto . th dport @masq_paths masquerade",
+        "    }",
+        "    chain input {",
+        "        type nat hook input priority 100; policy accept;",
+        *COUNT,
         "    }",
         "}",
     ]
@@ -401,6 +451,28 @@ class DeleteCounter:
 
 
 @dataclass(frozen=True, slots=True)
+class AddConns:
+    """The `conns` elements that find these counters."""
+
+    counters: tuple[Conns, ...]
+    table: str = TABLE
+
+    def nft(self) -> str:
+        elements = ", ".join(f'{c.element()} : "{c.counter}"' for c in self.counters)
+        return f"add element ip {self.table} conns {{ {elements} }}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteConns:
+    counters: tuple[Conns, ...]
+    table: str = TABLE
+
+    def nft(self) -> str:
+        elements = ", ".join(c.element() for c in self.counters)
+        return f"delete element ip {self.table} conns {{ {elements} }}"
+
+
+@dataclass(frozen=True, slots=True)
 class AddSet:
     table: str
     name: str
@@ -467,6 +539,8 @@ Op = (
     | AddRule
     | AddCounter
     | DeleteCounter
+    | AddConns
+    | DeleteConns
     | AddSet
     | DeleteSet
     | AddService
@@ -508,13 +582,20 @@ def diff_ops(old: Rendered | None, new: Rendered | None) -> list[Op]:
         elif name in rewrite:
             out.append(FlushChain(t, name))
     out += [DeleteSet(t, name) for name in old_sets if name in recreated]
-    gone = (old.counters if old else frozenset()) - (new.counters if new else frozenset())
-    out += [DeleteCounter(t, name) for name in gone]
+    old_counters = old.counters if old else frozenset()
+    new_counters = new.counters if new else frozenset()
+    gone = sorted(old_counters - new_counters, key=lambda c: c.counter)
+    if gone:
+        out.append(DeleteConns(tuple(gone)))
+        out += [DeleteCounter(TABLE, c.counter) for c in gone]
     if new is None:
         assert old is not None
         out.append(DeleteChain(t, old.chain))
         return out
-    out += [AddCounter(t, n) for n in sorted(new.counters - (old.counters if old else frozenset()))]
+    fresh = sorted(new_counters - old_counters, key=lambda c: c.counter)
+    if fresh:
+        out += [AddCounter(TABLE, c.counter) for c in fresh]
+        out.append(AddConns(tuple(fresh)))
     out += [AddSet(t, name, new_sets[name]) for name in sorted(changed_sets)]
     for name, (_, rule) in new_eps.items():
         if name in rewrite:

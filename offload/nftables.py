@@ -25,7 +25,6 @@ from offload.conntrack import Conntrack, ConntrackError, Flow
 from offload.nft_netlink import NftNetlink, NftNetlinkError
 from offload.nft_rules import (
     TABLE,
-    TABLES,
     AddMasq,
     DeleteMasq,
     Names,
@@ -111,7 +110,7 @@ class NftDataplane:
         self._rendered: dict[ServiceKey, Rendered] | None = None  # None: table not built
         self._pins: Counter[NatPath] = Counter()  # hairpin paths, by how many services need each
         self._desired: dict[ServiceKey, Service] = {}
-        self._ids: dict[int, ServiceKey] = {}  # id() of each service object in _desired
+        self._applied: dict[int, Service] = {}  # the service objects applied last, by id()
         self._counters: dict[str, tuple[int, int]] = {}
         self._flows: Counter[tuple[ServiceKey, Endpoint, bool]] = Counter()
 
@@ -170,7 +169,7 @@ class NftDataplane:
                 self.writes += 1
         except BaseException:
             self._rendered = None  # the next apply rebuilds the tables whole
-            self._ids.clear()
+            self._applied.clear()
             raise
         self._rendered = rendered
         await self._forget_dead(before, changed)
@@ -179,18 +178,12 @@ class NftDataplane:
         self, desired: list[Service]
     ) -> tuple[dict[ServiceKey, Service], list[ServiceKey]]:
         """The services that are not the objects applied last time (by `id`, which stays
-        valid because `_desired` keeps those objects), and the keys no service has now."""
-        previous = self._ids
-        ids: dict[int, ServiceKey] = {}
-        fresh: dict[ServiceKey, Service] = {}
-        for svc in desired:
-            key = previous.get(id(svc))
-            if key is None:
-                key = svc.key
-                fresh[key] = svc
-            ids[id(svc)] = key
-        self._ids = ids
-        removed = [previous[i] for i in previous.keys() - ids.keys()]
+        valid because `_applied` holds those objects), and the keys no service has now."""
+        previous = self._applied
+        now = dict(zip(map(id, desired), desired, strict=True))  # in C: no Python loop
+        fresh = {now[i].key: now[i] for i in now.keys() - previous.keys()}
+        removed = {previous[i].key for i in previous.keys() - now.keys()}
+        self._applied = now  # holds the objects: their ids stay theirs
         return fresh, sorted((k for k in removed if k not in fresh), key=str)
 
     async def _build(self, services: list[Rendered]) -> None:
@@ -266,11 +259,14 @@ class NftDataplane:
         flows each backend carries."""
         if self._rendered is None:
             return
-        out = await self.query("list", "counters")  # one read for all the tables
+        try:
+            out = await self.query("list", "counters", "table", "ip", TABLE)  # all of lb's
+        except NftError:  # the table is gone (deleted by hand): nothing counted
+            out = {}
         counters: dict[str, tuple[int, int]] = {}
         for item in out.get("nftables", []):
             c = item.get("counter")
-            if c is not None and c.get("family") == "ip" and c.get("table") in TABLES:
+            if c is not None and c.get("family") == "ip" and c.get("table") == TABLE:
                 counters[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
         self._counters = counters
         if self.conntrack is not None:
@@ -327,7 +323,7 @@ class NftDataplane:
         await self.nft(remove_script())
         self._rendered = None
         self._desired.clear()
-        self._ids.clear()
+        self._applied.clear()
         self._pins.clear()
 
 

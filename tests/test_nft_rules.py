@@ -67,17 +67,27 @@ def test_cycle_skips_backends_that_take_no_new_connections() -> None:
     assert "".join(name_of(e) for e in cycle(drained)) == "A"
 
 
-def test_rendered_service_dispatches_through_numgen_and_dnats() -> None:
+def test_rendered_service_picks_through_numgen_and_dnats_in_one_rule() -> None:
+    """Without persistence a service is one chain of one rule: no chain per backend (the
+    kernel walks every chain of the namespace at each commit)."""
     (s,) = svc("wrr", weights="3,2,1")
     r = render(s)
     sid = service_id(s.key)
     assert sid == "tcp_10_0_0_1_80" and r.chain == "svc_tcp_10_0_0_1_80"
     (rule,) = r.rules
-    assert rule.nft().startswith(
-        "numgen inc mod 6 vmap { 0 : goto ep_tcp_10_0_0_1_80_192_168_1_3_8080"
+    assert rule.nft() == (
+        "meta l4proto tcp dnat ip to numgen inc mod 6 map { 0 : 192.168.1.3 . 8080, "
+        "1 : 192.168.1.2 . 8080, 2 : 192.168.1.1 . 8080, 3 : 192.168.1.1 . 8080, "
+        "4 : 192.168.1.2 . 8080, 5 : 192.168.1.1 . 8080 }"
     )
-    _, ep = r.endpoints["ep_tcp_10_0_0_1_80_192_168_1_2_8080"]
-    assert ep.nft().endswith("meta l4proto tcp dnat to 192.168.1.2:8080")
+    assert r.endpoints == {} and r.sets == {}
+    # each backend's counter lives in table lb, found by the conns map
+    ops = diff_script(None, r)
+    assert "add counter ip lb c_tcp_10_0_0_1_80_192_168_1_2_8080" in ops
+    assert (
+        "add element ip lb conns { 10.0.0.1 . tcp . 80 . 192.168.1.1 . 8080 : "
+        '"c_tcp_10_0_0_1_80_192_168_1_1_8080", '
+    ) in ops[3]
 
 
 def test_persistence_renders_affinity_sets_checked_before_the_pick() -> None:
@@ -88,15 +98,24 @@ def test_persistence_renders_affinity_sets_checked_before_the_pick() -> None:
         "goto ep_tcp_10_0_0_1_80_192_168_1_2_8080"
     )
     assert "timeout 60s" in r.sets["aff_tcp_10_0_0_1_80_192_168_1_1_8080"].nft()
-    assert "update @aff_tcp_10_0_0_1_80_192_168_1_1_8080 { ip saddr & 255.255.255.0 }" in (
-        r.endpoints["ep_tcp_10_0_0_1_80_192_168_1_1_8080"][1].nft()
+    assert r.endpoints["ep_tcp_10_0_0_1_80_192_168_1_1_8080"][1].nft() == (
+        "update @aff_tcp_10_0_0_1_80_192_168_1_1_8080 { ip saddr & 255.255.255.0 } "
+        "meta l4proto tcp dnat to 192.168.1.1:8080"
+    )
+    assert (
+        r.rules[-1]
+        .nft()
+        .startswith("numgen inc mod 2 vmap { 0 : goto ep_tcp_10_0_0_1_80_192_168_1_2_8080")
     )
 
 
 def test_sh_hashes_the_client_over_weighted_slots() -> None:
     (s,) = svc("sh", ", scheduler_flags: [sh-port]", weights="2,1")
     (rule,) = render(s).rules
-    assert rule.nft().startswith("jhash ip saddr . th sport mod 3 seed 0x0 vmap {")
+    assert rule.nft() == (
+        "meta l4proto tcp dnat ip to jhash ip saddr . th sport mod 3 seed 0x0 map { "
+        "0 : 192.168.1.2 . 8080, 1 : 192.168.1.1 . 8080, 2 : 192.168.1.1 . 8080 }"
+    )
 
 
 def test_what_nftables_cannot_express() -> None:

@@ -263,6 +263,10 @@ async def test_changes_over_netlink_leave_the_same_ruleset_as_nft(topo: Topology
         with inside(topo.lb):
             await dp.remove_all()
     assert seen["netlink"] == seen["nft"]
-    assert "jhash ip saddr . th sport mod 3 seed 0x0 vmap" in seen["netlink"][1]
+    # each kind of pick: straight to the backends, or to their chains with persistence
+    ruleset = "".join(seen["netlink"])
+    assert "dnat ip to jhash ip saddr . tcp sport mod 3 seed 0x0 map {" in ruleset
+    assert "dnat ip to numgen inc mod 2 map { 0 : 10.99.2.4 . 53" in ruleset
+    assert "numgen inc mod 5 vmap { 0 : goto ep_" in ruleset
     assert "timeout 1m30s" in seen["netlink"][3]
     assert "svc_" not in seen["netlink"][-1]
