@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from lb.model import Protocol, ServiceKey
+from lb.model import Endpoint, IPAddress, Protocol, ServiceKey
 from offload.netns import inside
 from offload.nft_rules import (
     AFFINITY_SIZE,
@@ -285,38 +285,33 @@ def _set_id(b: Batch) -> int:
     return b.next_set_id
 
 
+def _port(port: int) -> bytes:
+    """A port as nft concatenates it: big endian, padded to 4 bytes."""
+    return struct.pack(">H", port) + b"\0\0"
+
+
+def _fields(ip: IPAddress, protocol: Protocol, port: int) -> bytes:
+    """Address . protocol . port, each field padded to 4 bytes (nft_rules.fields)."""
+    return ip.packed + bytes([PROTO[protocol], 0, 0, 0]) + _port(port)
+
+
 def _service_key(key: ServiceKey) -> bytes:
-    """VIP . protocol . port, each field padded to 4 bytes, as nft concatenates."""
-    return (
-        key.listen.ip.packed
-        + bytes([PROTO[key.protocol], 0, 0, 0])
-        + struct.pack(">H", key.listen.port)
-        + b"\0\0"
-    )
+    return _fields(key.listen.ip, key.protocol, key.listen.port)
+
+
+def _addr_port(e: Endpoint) -> bytes:
+    """A backend as address . port (a map's data, or the end of a `conns` key)."""
+    return e.ip.packed + _port(e.port)
 
 
 def _conns(counters: Iterable[Conns]) -> list[tuple[bytes, Value]]:
     """VIP . protocol . port . backend . port -> the counter's name."""
+    return [(_service_key(c.key) + _addr_port(c.backend), Counter(c.counter)) for c in counters]
+
+
+def _masq_keys(paths: Iterable[NatPath]) -> list[tuple[bytes, Value]]:
     return [
-        (_service_key(c.key) + _addr_port(c.backend.ip.packed, c.backend.port), Counter(c.counter))
-        for c in counters
-    ]
-
-
-def _addr_port(ip: bytes, port: int) -> bytes:
-    return ip + struct.pack(">H", port) + b"\0\0"
-
-
-def _masq_keys(paths: Iterable[NatPath]) -> list[tuple[bytes, str | None]]:
-    return [
-        (
-            p.source.packed
-            + p.backend.ip.packed
-            + bytes([PROTO[p.protocol], 0, 0, 0])
-            + struct.pack(">H", p.backend.port)
-            + b"\0\0",
-            None,
-        )
+        (p.source.packed + _fields(p.backend.ip, p.protocol, p.backend.port), None)
         for p in sorted(paths, key=NatPath.sort_key)
     ]
 
@@ -411,7 +406,7 @@ def _rule(b: Batch, table: str, rule: Rule, text: str) -> list[bytes]:
             pick = _pick(hashed, with_port, len(chains))
             return [*pick, lookup(name, REG_1, REG_VERDICT, set_id)]
         case DnatRule(hashed, with_port, protocol, targets):
-            slots = [_addr_port(e.ip.packed, e.port) for e in targets]
+            slots = [_addr_port(e) for e in targets]
             name, set_id = _anonymous_map(b, table, slots, text)
             return [
                 *_l4proto(protocol),
@@ -436,12 +431,16 @@ def _pick(hashed: bool, with_port: bool, slots: int) -> list[bytes]:
     out = [saddr(REG_2)]
     if with_port:
         out.append(payload(2, 0, 2, REG32_05))  # transport header: source port
-    length = 8 if with_port else 4
-    jenkins = 0
     out.append(
         expr(
             "hash",
-            *(u32(k, v) for k, v in enumerate((REG_2, REG_1, length, slots, 0, 0, jenkins), 1)),
+            u32(1, REG_2),
+            u32(2, REG_1),
+            u32(3, 8 if with_port else 4),
+            u32(4, slots),
+            u32(5, 0),
+            u32(6, 0),
+            u32(7, 0),  # jenkins
         )
     )
     return out

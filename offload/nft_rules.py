@@ -144,17 +144,26 @@ class NatPath:
         return (int(self.source), int(self.backend.ip), self.protocol.value, self.backend.port)
 
 
+def fields(ip: IPAddress, protocol: Protocol, port: int) -> str:
+    """Address . protocol . port, the concatenation every lb set and map key ends with."""
+    return f"{ip} . {protocol.value} . {port}"
+
+
+def key_fields(key: ServiceKey) -> str:
+    return fields(key.listen.ip, key.protocol, key.listen.port)
+
+
 def masq_elements(paths: Iterable[NatPath]) -> str:
     """The elements of a `masq_paths` set (source . backend ip . protocol . port)."""
     return ", ".join(
-        f"{p.source} . {p.backend.ip} . {p.protocol.value} . {p.backend.port}"
+        f"{p.source} . {fields(p.backend.ip, p.protocol, p.backend.port)}"
         for p in sorted(paths, key=NatPath.sort_key)
     )
 
 
 def key_element(key: ServiceKey) -> str:
     """A service key as a set element: `{ VIP . protocol . port }`."""
-    return f"{{ {key.listen.ip} . {key.protocol.value} . {key.listen.port} }}"
+    return f"{{ {key_fields(key)} }}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +264,7 @@ class AffinitySet:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, order=True)
 class Conns:
     """A backend's connection counter (in table `lb`), and its element in `conns`."""
 
@@ -264,8 +273,7 @@ class Conns:
     counter: str
 
     def element(self) -> str:
-        k, b = self.key, self.backend
-        return f"{k.listen.ip} . {k.protocol.value} . {k.listen.port} . {b.ip} . {b.port}"
+        return f"{key_fields(self.key)} . {self.backend.ip} . {self.backend.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,8 +508,7 @@ class AddService:
     chain: str
 
     def nft(self) -> str:
-        k = self.key
-        element = f"{k.listen.ip} . {k.protocol.value} . {k.listen.port} : goto {self.chain}"
+        element = f"{key_fields(self.key)} : goto {self.chain}"
         return f"add element ip {self.table} services {{ {element} }}"
 
 
@@ -584,7 +591,7 @@ def diff_ops(old: Rendered | None, new: Rendered | None) -> list[Op]:
     out += [DeleteSet(t, name) for name in old_sets if name in recreated]
     old_counters = old.counters if old else frozenset()
     new_counters = new.counters if new else frozenset()
-    gone = sorted(old_counters - new_counters, key=lambda c: c.counter)
+    gone = sorted(old_counters - new_counters)
     if gone:
         out.append(DeleteConns(tuple(gone)))
         out += [DeleteCounter(TABLE, c.counter) for c in gone]
@@ -592,7 +599,7 @@ def diff_ops(old: Rendered | None, new: Rendered | None) -> list[Op]:
         assert old is not None
         out.append(DeleteChain(t, old.chain))
         return out
-    fresh = sorted(new_counters - old_counters, key=lambda c: c.counter)
+    fresh = sorted(new_counters - old_counters)
     if fresh:
         out += [AddCounter(TABLE, c.counter) for c in fresh]
         out.append(AddConns(tuple(fresh)))
