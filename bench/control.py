@@ -24,12 +24,16 @@ from dataclasses import dataclass, replace
 from bench.stats import Summary
 from lb.model import Backend, Endpoint, Protocol, SchedulerName, Service
 from offload.nft_netlink import NftNetlink
+from offload.nft_rules import Op
 from offload.nftables import NftDataplane
 
 BACKENDS = 10
 VIP_BASE = int(ipaddress.ip_address("10.100.0.0"))
 BACKEND_BASE = int(ipaddress.ip_address("10.128.0.0"))
 STEPS = ("full", "add_one", "edit_one")
+#: The same changes, counting only the kernel transaction (lb encoding its netlink batch
+#: and the kernel committing it), for the dataplanes where it is separable
+KERNEL_STEPS = {"add_one": "add_one_kernel", "edit_one": "edit_one_kernel"}
 
 
 def services(n: int, backends: int = BACKENDS) -> list[Service]:
@@ -99,6 +103,9 @@ class Applier(typing.Protocol):
 
     async def reset(self) -> None: ...
 
+    def kernel_seconds(self) -> float | None:
+        """Of the last apply, the time in the kernel transaction; None: not separable."""
+
 
 class Nftables:
     """lb's nftables dataplane: the first apply through `nft -f`, changes over netlink
@@ -108,13 +115,38 @@ class Nftables:
         async def nft(script: str) -> str:
             return await run(ns.cmd("nft", "-f", "-"), script)
 
-        self.dp = NftDataplane(nft=nft, netlink=NftNetlink(ns.name) if netlink else None)
+        self.netlink = NftNetlink(ns.name) if netlink else None
+        self.dp = NftDataplane(nft=nft, netlink=self.netlink)
+        self._kernel: float | None = None
 
     async def apply(self, ss: list[Service]) -> None:
-        await self.dp.apply(ss)
+        self._kernel = None
+        if self.netlink is None:
+            await self.dp.apply(ss)
+            return
+        commit = self.netlink.run
+        spent = 0.0
+
+        def timed_run(ops: list[Op]) -> None:
+            nonlocal spent
+            start = time.perf_counter()
+            try:
+                commit(ops)
+            finally:
+                spent += time.perf_counter() - start
+
+        self.netlink.run = timed_run  # type: ignore[method-assign]
+        try:
+            await self.dp.apply(ss)
+        finally:
+            del self.netlink.run
+        self._kernel = spent
 
     async def reset(self) -> None:
         await self.dp.remove_all()
+
+    def kernel_seconds(self) -> float | None:
+        return self._kernel
 
 
 def iptables_rules(ss: list[Service]) -> str:
@@ -150,6 +182,9 @@ class IptablesRestore:
 
     async def reset(self) -> None:
         await run(self.ns.cmd(self.command), iptables_rules([]))
+
+    def kernel_seconds(self) -> float | None:
+        return None  # the restore command is the whole of it
 
 
 APPLIERS: dict[str, Callable[[Netns], Applier]] = {
@@ -193,9 +228,15 @@ async def measure(
             async with Netns(f"lbbench-control-{i}") as ns:
                 applier = make(ns)
                 for _ in range(runs):
-                    times["full"].append(await timed(applier.apply(base[:n])))
-                    times["add_one"].append(await timed(applier.apply(base)))
-                    times["edit_one"].append(await timed(applier.apply(edited(base))))
+                    for step, ss in (
+                        ("full", base[:n]),
+                        ("add_one", base),
+                        ("edit_one", edited(base)),
+                    ):
+                        times[step].append(await timed(applier.apply(ss)))
+                        kernel = applier.kernel_seconds()
+                        if step in KERNEL_STEPS and kernel is not None:
+                            times.setdefault(KERNEL_STEPS[step], []).append(kernel)
                     await applier.reset()
             results[name][n] = {step: Summary.of(v) for step, v in times.items()}
             advance(f"{name} at {n} services")

@@ -34,15 +34,19 @@ def test_quick_bench_writes_results_table_and_plot(tmp_path: Path) -> None:
         "iptables-restore (legacy)",
         "iptables-restore (nft)",
     }
-    for per in control.values():
+    for name, per in control.items():
         assert set(per) == {"1", "10", "100"}
         for steps in per.values():
-            assert set(steps) == {"full", "add_one", "edit_one"}
+            kernel = {"add_one_kernel", "edit_one_kernel"} if name == "lb nftables" else set()
+            assert set(steps) == {"full", "add_one", "edit_one"} | kernel
+            if kernel:  # a part of the change it was measured in
+                assert steps["add_one_kernel"]["low"] <= steps["add_one"]["high"]
             assert all(
                 s["runs"] == 2 and 0 < s["low"] <= s["median"] <= s["high"] for s in steps.values()
             )
     table = (out / "results.md").read_text()
     assert "| lb nftables |" in table and "### add one service to N" in table
+    assert "### add one service to N: the kernel transaction alone" in table
     assert (out / "control.png").read_bytes().startswith(b"\x89PNG")
     assert not [
         ns
