@@ -47,7 +47,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lb.daemon import run
 
     log.setup(args.log_level, args.log_format)
-    return run(Path(args.config), Path(args.pid_file) if args.pid_file else None, args.dataplane)
+    from lb.daemon import SourceOptions
+
+    source = SourceOptions(args.source, args.kubeconfig, args.hostname_override)
+    return run(
+        Path(args.config), Path(args.pid_file) if args.pid_file else None, args.dataplane, source
+    )
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -214,6 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the config's dataplane: userspace, ipvs (kernel IPVS, required), "
         "nftables (kernel nftables NAT, required), auto (userspace, stable services "
         "promoted to IPVS, or to nftables where the kernel has no IPVS)",
+    )
+    r.add_argument(
+        "--source",
+        choices=["file", "kubernetes"],
+        help="override the config's source of services: file (its `services`), kubernetes "
+        "(Services and EndpointSlices, as a node proxy)",
+    )
+    r.add_argument(
+        "--kubeconfig",
+        help="with --source kubernetes: this kubeconfig (default $KUBECONFIG, else the "
+        "in-cluster service account)",
+    )
+    r.add_argument(
+        "--hostname-override",
+        metavar="NODE",
+        help="with --source kubernetes: this node's name (default $NODE_NAME, else the host name)",
     )
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     r.add_argument(

@@ -35,6 +35,7 @@ from lb.model import (
     Config,
     Endpoint,
     HealthCheck,
+    KubernetesSettings,
     OffloadSettings,
     Persistence,
     Protocol,
@@ -204,8 +205,19 @@ class OffloadIn(_Model):
     ] = "lb0"
 
 
+class KubernetesIn(_Model):
+    min_sync_period: Duration = 1.0
+    sync_period: Duration = 30.0
+    default_scheduler: Literal["rr", "wrr", "lc", "wlc", "sed", "nq", "sh", "mh", "dh"] = "rr"
+    nodeport_addresses: list[Annotated[str, Strict()]] = []
+    kubeconfig: Annotated[str, Strict(), Field(min_length=1)] | None = None
+    node_name: Annotated[str, Strict(), Field(min_length=1, max_length=253)] | None = None
+
+
 class RootIn(_Model):
     services: list[Any] = Field(default_factory=list)
+    source: Literal["file", "kubernetes"] = "file"
+    kubernetes: KubernetesIn = KubernetesIn()
     shutdown_grace: Duration = 30.0
     admin: AdminIn = AdminIn()
     dataplane: Literal["userspace", "ipvs", "nftables", "auto"] = "userspace"
@@ -263,7 +275,14 @@ def _known_fields(prefix: tuple[PathPart, ...], loc: tuple[PathPart, ...]) -> li
         if isinstance(part, int):
             continue
         ann = model.model_fields[str(part)].annotation
-        for candidate in (BackendIn, PersistenceIn, HealthCheckIn, AdminIn, OffloadIn):
+        for candidate in (
+            BackendIn,
+            PersistenceIn,
+            HealthCheckIn,
+            AdminIn,
+            OffloadIn,
+            KubernetesIn,
+        ):
             if candidate in _type_args(ann):
                 model = candidate
                 break
@@ -357,6 +376,29 @@ def _admin_problems(admin: object, raw_services: list[Any]) -> Iterator[Problem]
             if other is not None and _overlaps(listen, other):
                 yield Problem(
                     ("admin", "listen"), f"tcp {listen} is already used by services[{i}] ({other})"
+                )
+
+
+def _kubernetes_problems(raw: Mapping[str, Any]) -> Iterator[Problem]:
+    if raw.get("source") == "kubernetes" and raw.get("services"):
+        yield Problem(
+            ("services",), "must be empty with source: kubernetes (services come from the API)"
+        )
+    k = raw.get("kubernetes")
+    if not isinstance(k, Mapping):
+        return
+    low = _try(parse_duration, k.get("min_sync_period", 1.0))
+    high = _try(parse_duration, k.get("sync_period", 30.0))
+    if high is not None and high <= 0:
+        yield Problem(("kubernetes", "sync_period"), "must be more than 0")
+    elif low is not None and high is not None and low > high:
+        yield Problem(("kubernetes", "min_sync_period"), f"must not exceed sync_period ({high:g}s)")
+    addresses = k.get("nodeport_addresses")
+    if isinstance(addresses, list):
+        for i, a in enumerate(addresses):
+            if isinstance(a, str) and _try(lambda v: ipaddress.ip_address(str(v)), a) is None:
+                yield Problem(
+                    ("kubernetes", "nodeport_addresses", i), f"{a!r} is not an IP address"
                 )
 
 
@@ -539,18 +581,28 @@ def parse_config(text: str, source: str = "<config>") -> Config:
             problems += _pydantic_problems(e, ("services", i))
     problems += _semantic_problems(raw_services)
     problems += _admin_problems(raw.get("admin"), raw_services)
+    problems += _kubernetes_problems(raw)
     if problems:
         located = [Problem(p.path, p.message, p.line or _line_of(node, p.path)) for p in problems]
         located.sort(key=lambda p: p.line or 0)
         raise ConfigError(source, _dedupe(located))
     assert root is not None
-    a, o = root.admin, root.offload
+    a, o, k = root.admin, root.offload, root.kubernetes
     return Config(
         services=tuple(_build_service(s) for s in services),
         shutdown_grace=root.shutdown_grace,
         admin=AdminSettings(a.enabled, a.listen, a.allow_remote, a.token_file),
         dataplane=root.dataplane,
         offload=OffloadSettings(o.hold_down, o.churn_limit, o.drain_timeout, o.device),
+        services_from=root.source,
+        kubernetes=KubernetesSettings(
+            k.min_sync_period,
+            k.sync_period,
+            SchedulerName(k.default_scheduler),
+            tuple(ipaddress.ip_address(a) for a in k.nodeport_addresses),
+            k.kubeconfig,
+            k.node_name,
+        ),
         source=source,
     )
 

@@ -10,15 +10,20 @@ import resource
 import signal
 import sys
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from socket import gethostname
 
 from lb.admin.server import AdminServer, AdminSetupError, Readiness, bind_admin, read_token
 from lb.config import ConfigError, load_config
 from lb.controller import Controller
+from lb.k8s.api import Api, ApiError
+from lb.k8s.source import KubernetesSource, SourceMetrics
 from lb.log import emit
 from lb.metrics import Metrics
-from lb.model import Config
+from lb.model import Config, Service
 from lb.proxy.dataplane import ApplyError, UserspaceDataplane
+from lb.proxy.sockets import BindError
 from lb.rates import INTERVAL, RateEstimator
 from offload.kernel import KernelUnavailable, open_kernel
 from offload.manager import OffloadManager
@@ -42,13 +47,30 @@ class StartError(Exception):
         super().__init__("; ".join(lines))
 
 
+@dataclass(frozen=True, slots=True)
+class SourceOptions:
+    """Command-line overrides of where services come from."""
+
+    source: str | None = None  # file | kubernetes; None: the config's `source`
+    kubeconfig: str | None = None
+    node_name: str | None = None
+
+
 class Daemon:
     def __init__(
-        self, config_path: Path, pid_file: Path | None, dataplane: str | None = None
+        self,
+        config_path: Path,
+        pid_file: Path | None,
+        dataplane: str | None = None,
+        source: SourceOptions | None = None,
     ) -> None:
         self.config_path = config_path
         self.pid_file = pid_file
         self.mode_override = dataplane
+        self.source_options = source or SourceOptions()
+        self.kubernetes: KubernetesSource | None = None
+        self._api: Api | None = None
+        self._from_kubernetes: tuple[Service, ...] = ()  # the services it applied last
         self.userspace = UserspaceDataplane()
         self.dataplane = OffloadManager(self.userspace, on_sync=self._on_sync)
         self.controller = Controller(self.dataplane)
@@ -135,19 +157,74 @@ class Daemon:
             if self.admin is not None:
                 await self.admin.stop()
             raise StartError([str(err) for err in e.errors]) from None
-        self.readiness.set_ready()
+        if self._services_from(config) == "kubernetes":
+            try:
+                await self._start_kubernetes(config)
+            except StartError:
+                await self.controller.shutdown(0)
+                if self.admin is not None:
+                    await self.admin.stop()
+                raise
+        else:
+            self.readiness.set_ready()
         self._sampler = asyncio.get_running_loop().create_task(self._sample_rates())
         emit(
             log,
             logging.INFO,
             "lb.started",
-            f"serving {len(config.services)} services from {self.config_path}"
+            (
+                f"serving services from Kubernetes (node {self.kubernetes.node_name})"
+                if self.kubernetes is not None
+                else f"serving {len(config.services)} services from {self.config_path}"
+            )
             + (f", admin API on http://{settings.listen}" if self.admin else ""),
             services=len(config.services),
             config=str(self.config_path),
             admin=str(settings.listen) if self.admin else None,
             pid=os.getpid(),
         )
+
+    def _services_from(self, config: Config) -> str:
+        return self.source_options.source or config.services_from
+
+    async def _start_kubernetes(self, config: Config) -> None:
+        """Connect to the API and start the informers; the dataplanes get the services
+        after the start-up gate (readiness says so until then)."""
+        if config.services:
+            raise StartError(
+                [f"{self.config_path}: services must be empty when the source is kubernetes"]
+            )
+        k = config.kubernetes
+        o = self.source_options
+        node_name = o.node_name or k.node_name or os.environ.get("NODE_NAME") or gethostname()
+        try:
+            api = await Api.connect(o.kubeconfig or k.kubeconfig)
+        except ApiError as e:
+            raise StartError([f"kubernetes: {e}"]) from None
+        self._api = api
+        self.kubernetes = KubernetesSource.from_api(
+            api, node_name, k, self._apply_kubernetes, SourceMetrics(self.metrics.registry)
+        )
+        self.readiness.set_not_ready("waiting for the first sync from the Kubernetes API")
+        self.kubernetes.start()
+        asyncio.get_running_loop().create_task(self._ready_after_first_sync(self.kubernetes))
+
+    async def _ready_after_first_sync(self, source: KubernetesSource) -> None:
+        await source.first_sync()
+        self.readiness.set_ready()
+
+    async def _apply_kubernetes(self, services: tuple[Service, ...]) -> None:
+        """The services from Kubernetes, with the file's settings. A service whose
+        listener cannot be bound is left out (and said so), not the whole sync."""
+        try:
+            await self.controller.reload(replace(self.config, services=services))
+        except ApplyError as e:
+            refused = {err.key for err in e.errors}
+            for err in e.errors:
+                _bind_failed(err, "; the service is left out")
+            services = tuple(s for s in services if s.key not in refused)
+            await self.controller.reload(replace(self.config, services=services))
+        self._from_kubernetes = services
 
     async def _enable_offload(self, config: Config) -> None:
         """Open the kernel dataplane the mode asks for: `ipvs` and `nftables` insist, `auto`
@@ -198,6 +275,10 @@ class Daemon:
             f"stopping: no new connections, {grace:g}s grace",
             grace=grace,
         )
+        if self.kubernetes is not None:
+            await self.kubernetes.stop()
+        if self._api is not None:
+            await self._api.close()
         await self.controller.shutdown(grace)
         if self._sampler is not None:
             self._sampler.cancel()
@@ -254,18 +335,19 @@ class Daemon:
                 f"reload of {self.config_path} rejected ({len(e.problems)} problems)"
             )
             return
+        if self.kubernetes is not None:
+            if config.services:
+                self._reload_failed(
+                    f"reload of {self.config_path} rejected: services must be empty when the "
+                    "source is kubernetes"
+                )
+                return
+            config = replace(config, services=self._from_kubernetes)
         try:
             await self.controller.reload(config)
         except ApplyError as e:
             for err in e.errors:
-                emit(
-                    log,
-                    logging.ERROR,
-                    "listener.bind_failed",
-                    str(err),
-                    service=err.service,
-                    listen=str(err.key),
-                )
+                _bind_failed(err)
             self._reload_failed(f"reload of {self.config_path} rejected")
             return
         if (config.dataplane, config.offload) != (self.config.dataplane, self.config.offload):
@@ -275,6 +357,16 @@ class Daemon:
                 "offload.unchanged",
                 "the dataplane or offload settings changed: they take effect when lb restarts",
             )
+        if (config.services_from, config.kubernetes) != (
+            self.config.services_from,
+            self.config.kubernetes,
+        ):
+            emit(
+                log,
+                logging.WARNING,
+                "source.unchanged",
+                "the source or kubernetes settings changed: they take effect when lb restarts",
+            )
         if config.admin != self.config.admin:
             emit(
                 log,
@@ -282,7 +374,7 @@ class Daemon:
                 "admin.unchanged",
                 "the admin settings changed: they take effect when lb restarts",
             )
-        self.config = config
+        self.config = replace(config, services=()) if self.kubernetes else config
         self.metrics.reloads.labels("success").inc()
         n = len(config.services)
         emit(
@@ -300,6 +392,17 @@ class Daemon:
         )
 
 
+def _bind_failed(err: BindError, then: str = "") -> None:
+    emit(
+        log,
+        logging.ERROR,
+        "listener.bind_failed",
+        f"{err}{then}",
+        service=err.service,
+        listen=str(err.key),
+    )
+
+
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     """uvloop when it is installed, asyncio's own loop otherwise."""
     try:
@@ -309,6 +412,11 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
-def run(config_path: Path, pid_file: Path | None, dataplane: str | None = None) -> int:
+def run(
+    config_path: Path,
+    pid_file: Path | None,
+    dataplane: str | None = None,
+    source: SourceOptions | None = None,
+) -> int:
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        return runner.run(Daemon(config_path, pid_file, dataplane).run())
+        return runner.run(Daemon(config_path, pid_file, dataplane, source).run())

@@ -250,10 +250,24 @@ class OffloadSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class KubernetesSettings:
+    """`source: kubernetes`: lb as a node proxy, services from the API (lb/k8s/)."""
+
+    min_sync_period: float = 1.0  # at most one sync this often
+    sync_period: float = 30.0  # at least one sync this often
+    default_scheduler: SchedulerName = SchedulerName.RR  # kube-proxy's IPVS mode default
+    nodeport_addresses: tuple[IPAddress, ...] = ()  # empty: the Node's InternalIP/ExternalIP
+    kubeconfig: str | None = None  # None: $KUBECONFIG, else the in-cluster service account
+    node_name: str | None = None  # None: $NODE_NAME, else the host name
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     services: tuple[Service, ...] = ()
     shutdown_grace: float = 30.0
     admin: AdminSettings = AdminSettings()
     dataplane: str = "userspace"  # userspace | ipvs | auto
     offload: OffloadSettings = OffloadSettings()
+    services_from: str = "file"  # file | kubernetes
+    kubernetes: KubernetesSettings = KubernetesSettings()
     source: str = field(default="", compare=False)  # where it was loaded from, for messages

@@ -22,7 +22,9 @@ class LbProcess:
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
-    async def start(cls, config: Path, *, prefix: Sequence[str] = ()) -> LbProcess:
+    async def start(
+        cls, config: Path, *, prefix: Sequence[str] = (), args: Sequence[str] = ()
+    ) -> LbProcess:
         pid_file = config.with_suffix(".pid")
         proc = await asyncio.create_subprocess_exec(
             *prefix,
@@ -36,6 +38,7 @@ class LbProcess:
             str(pid_file),
             "--log-format",
             "json",
+            *args,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -1,0 +1,1 @@
+"""Kubernetes as a source of services (lb run --source kubernetes)."""

@@ -1,0 +1,272 @@
+"""Kubernetes Services and EndpointSlices -> lb services, with kube-proxy's semantics.
+
+Pure: it reads the objects as the API serves them (JSON dicts, as `kubectl get -o json`
+shows them) and returns lb `Service` values plus a note for each thing it had to skip.
+
+- One lb service per Service port and per address it is reached on: each cluster IP
+  (`spec.clusterIPs`, both families), each `spec.externalIPs` entry, each load-balancer
+  ingress IP, and, for NodePort and LoadBalancer Services, each node address at the node
+  port. Named `namespace/name:port` (kube-proxy's service port name), with a suffix for
+  the addresses that are not the first cluster IP.
+- Headless (`clusterIP: None`) and ExternalName Services are not proxied; neither are
+  Services labelled `service.kubernetes.io/service-proxy-name` (another proxy's).
+- Backends come from the EndpointSlices labelled `kubernetes.io/service-name` with the
+  Service's name, in its namespace, of the address's family: the slice port with the
+  Service port's name carries the target port, already resolved from a named
+  `targetPort` by the EndpointSlice controller. Ready endpoints serve; when none is
+  ready, serving-and-terminating ones do; unready ones never.
+- `internalTrafficPolicy: Local` keeps the cluster IP's endpoints to this node's;
+  `externalTrafficPolicy: Local` does the same for node ports, external and
+  load-balancer IPs.
+- `sessionAffinity: ClientIP` -> persistence per client address (/32, /128), for
+  `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800 s).
+- The scheduler is the annotation `lb.io/scheduler` (rr, wrr, lc, ... as ipvsadm
+  names them), else the configured default (rr, as kube-proxy's IPVS mode).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lb.model import (
+    TCP_IDLE_TIMEOUT,
+    UDP_IDLE_TIMEOUT,
+    UDP_MAX_FLOWS,
+    Backend,
+    Endpoint,
+    IPAddress,
+    Persistence,
+    Protocol,
+    SchedulerName,
+    Service,
+    ServiceKey,
+)
+
+SCHEDULER_ANNOTATION = "lb.io/scheduler"
+PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, the API's default for ClientIP affinity
+
+Object = Mapping[str, Any]
+ObjectKey = tuple[str, str]  # namespace, name
+
+
+def object_key(obj: Object) -> ObjectKey:
+    meta = obj.get("metadata") or {}
+    return (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """This node: its name (for endpoints' `nodeName`) and the addresses node ports
+    listen on."""
+
+    name: str
+    addresses: tuple[IPAddress, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Translation:
+    services: tuple[Service, ...]
+    skipped: tuple[str, ...] = ()  # one line per object or port not proxied, and why
+    sources: dict[ServiceKey, ObjectKey] = field(default_factory=dict, compare=False)
+
+
+def node_addresses(node: Object | None) -> tuple[IPAddress, ...]:
+    """A Node's InternalIP and ExternalIP addresses, in its order."""
+    if node is None:
+        return ()
+    out: list[IPAddress] = []
+    for a in (node.get("status") or {}).get("addresses") or []:
+        if a.get("type") in ("InternalIP", "ExternalIP"):
+            ip = _ip(a.get("address"))
+            if ip is not None and ip not in out:
+                out.append(ip)
+    return tuple(out)
+
+
+def translate(
+    services: Iterable[Object],
+    slices: Iterable[Object],
+    node: Node,
+    default_scheduler: SchedulerName = SchedulerName.RR,
+) -> Translation:
+    by_service: dict[ObjectKey, list[Object]] = {}
+    for s in slices:
+        meta = s.get("metadata") or {}
+        owner = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+        if owner:
+            by_service.setdefault((str(meta.get("namespace") or ""), owner), []).append(s)
+    out: list[Service] = []
+    skipped: list[str] = []
+    sources: dict[ServiceKey, ObjectKey] = {}
+    for svc in sorted(services, key=object_key):
+        key = object_key(svc)
+        for lb_service in _translate_one(
+            svc, by_service.get(key, []), node, default_scheduler, skipped
+        ):
+            other = sources.get(lb_service.key)
+            if other is not None:
+                skipped.append(
+                    f"{lb_service.name}: {lb_service.protocol} {lb_service.listen} is already "
+                    f"used by {other[0]}/{other[1]}"
+                )
+                continue
+            sources[lb_service.key] = key
+            out.append(lb_service)
+    return Translation(tuple(out), tuple(skipped), sources)
+
+
+def _translate_one(
+    svc: Object,
+    slices: list[Object],
+    node: Node,
+    default_scheduler: SchedulerName,
+    skipped: list[str],
+) -> list[Service]:
+    ns, name = object_key(svc)
+    meta = svc.get("metadata") or {}
+    spec = svc.get("spec") or {}
+    if PROXY_NAME_LABEL in (meta.get("labels") or {}):
+        return []  # another proxy's: kube-proxy's rule
+    kind = spec.get("type") or "ClusterIP"
+    if kind == "ExternalName":
+        return []
+    cluster_ips = [ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")] if ip]
+    if not cluster_ips or cluster_ips[0] == "None":
+        return []  # headless: DNS only
+    scheduler = default_scheduler
+    wanted = (meta.get("annotations") or {}).get(SCHEDULER_ANNOTATION)
+    if wanted is not None:
+        try:
+            scheduler = SchedulerName(str(wanted).strip().lower())
+        except ValueError:
+            skipped.append(
+                f"{ns}/{name}: annotation {SCHEDULER_ANNOTATION}={wanted!r} is not a scheduler "
+                f"({', '.join(s.value for s in SchedulerName)}); using {default_scheduler}"
+            )
+    persistence_timeout: int | None = None
+    if spec.get("sessionAffinity") == "ClientIP":
+        cfg = (spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}
+        timeout = cfg.get("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT)
+        persistence_timeout = (
+            timeout if isinstance(timeout, int) and timeout > 0 else DEFAULT_AFFINITY_TIMEOUT
+        )
+    internal_local = spec.get("internalTrafficPolicy") == "Local"
+    external_local = spec.get("externalTrafficPolicy") == "Local"
+    external_ips = [*(spec.get("externalIPs") or [])]
+    external_ips += [
+        i["ip"]
+        for i in ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+        if i.get("ip")
+    ]
+    out: list[Service] = []
+    for port in spec.get("ports") or []:
+        base = f"{ns}/{name}:{port.get('name') or port.get('port')}"
+        protocol_name = str(port.get("protocol") or "TCP").lower()
+        if protocol_name not in ("tcp", "udp"):
+            skipped.append(f"{base}: protocol {port.get('protocol')} is not proxied (tcp, udp)")
+            continue
+        protocol = Protocol(protocol_name)
+        number = port.get("port")
+        if not isinstance(number, int) or not 1 <= number <= 65535:
+            skipped.append(f"{base}: port {number!r} is not a port number")
+            continue
+        vips: list[tuple[str, IPAddress, int, bool]] = []  # suffix, address, port, local only
+        for i, text in enumerate(cluster_ips):
+            ip = _ip(text)
+            if ip is None:
+                skipped.append(f"{base}: cluster IP {text!r} is not an IP address")
+                continue
+            vips.append(("" if i == 0 else f"@{ip}", ip, number, internal_local))
+        for text in external_ips:
+            ip = _ip(text)
+            if ip is None:
+                skipped.append(f"{base}: external IP {text!r} is not an IP address")
+                continue
+            vips.append((f"@{ip}", ip, number, external_local))
+        node_port = port.get("nodePort")
+        if kind in ("NodePort", "LoadBalancer") and isinstance(node_port, int) and node_port:
+            vips += [(f"@{ip}:{node_port}", ip, node_port, external_local) for ip in node.addresses]
+        for suffix, ip, listen_port, local_only in vips:
+            backends = _backends(
+                slices,
+                port_name=port.get("name") or "",
+                protocol=protocol,
+                family=ip.version,
+                node=node,
+                local_only=local_only,
+            )
+            udp = protocol is Protocol.UDP
+            out.append(
+                Service(
+                    name=base + suffix,
+                    protocol=protocol,
+                    listen=Endpoint(ip, listen_port),
+                    scheduler=scheduler,
+                    persistence=None
+                    if persistence_timeout is None
+                    else Persistence(persistence_timeout, 32 if ip.version == 4 else 128),
+                    backends=backends,
+                    idle_timeout=UDP_IDLE_TIMEOUT if udp else TCP_IDLE_TIMEOUT,
+                    retries=0 if udp else 1,
+                    max_connections=UDP_MAX_FLOWS if udp else 0,
+                )
+            )
+    return out
+
+
+def _backends(
+    slices: list[Object],
+    *,
+    port_name: str,
+    protocol: Protocol,
+    family: int,
+    node: Node,
+    local_only: bool,
+) -> tuple[Backend, ...]:
+    """Ready endpoints; if there is none, the serving-and-terminating ones."""
+    ready: list[Endpoint] = []
+    terminating: list[Endpoint] = []
+    address_type = "IPv4" if family == 4 else "IPv6"
+    for s in sorted(slices, key=object_key):
+        if s.get("addressType", "IPv4") != address_type:
+            continue
+        target = next(
+            (
+                p.get("port")
+                for p in s.get("ports") or []
+                if (p.get("name") or "") == port_name
+                and str(p.get("protocol") or "TCP").lower() == protocol.value
+            ),
+            None,
+        )
+        if not isinstance(target, int) or not 1 <= target <= 65535:
+            continue
+        for e in s.get("endpoints") or []:
+            if local_only and e.get("nodeName") != node.name:
+                continue
+            cond = e.get("conditions") or {}
+            is_ready = cond.get("ready") is not False  # unset means ready (the API's rule)
+            serving = cond.get("serving", cond.get("ready")) is not False
+            is_terminating = cond.get("terminating") is True
+            for text in (e.get("addresses") or [])[:1]:  # the API: one address is used
+                ip = _ip(text)
+                if ip is None or ip.version != family:
+                    continue
+                if is_ready and not is_terminating:
+                    ready.append(Endpoint(ip, target))
+                elif serving and is_terminating:
+                    terminating.append(Endpoint(ip, target))
+    chosen = ready or terminating
+    return tuple(Backend(e) for e in dict.fromkeys(chosen))
+
+
+def _ip(text: object) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(str(text))
+    except ValueError:
+        return None

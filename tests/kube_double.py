@@ -1,0 +1,397 @@
+"""A Kubernetes API server double that speaks the real wire protocol, for tests.
+
+Cluster-wide list and watch of Services, EndpointSlices and Nodes, as the API server
+serves them: one resourceVersion counter for everything, `limit`/`continue` pages
+(a snapshot per list), `?watch=1` streams of JSON lines (ADDED, MODIFIED, DELETED,
+BOOKMARK when asked for, ERROR 410 for a version older than the history kept), bearer
+token auth. The test drives it: put/delete objects, compact history, send bookmarks,
+expire or drop watches, stop and start it on the same port (an outage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+Obj = dict[str, Any]
+RESOURCES = {
+    "/api/v1/services": ("Service", "v1"),
+    "/apis/discovery.k8s.io/v1/endpointslices": ("EndpointSlice", "discovery.k8s.io/v1"),
+    "/api/v1/nodes": ("Node", "v1"),
+}
+KINDS = {kind: (path, version) for path, (kind, version) in RESOURCES.items()}
+
+
+def status(code: int, reason: str, message: str) -> Obj:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+class Watch:
+    def __init__(
+        self, kind: str, name: str | None, bookmarks: bool, response: web.StreamResponse
+    ) -> None:
+        self.kind = kind
+        self.name = name  # a field selector metadata.name=NAME
+        self.bookmarks = bookmarks
+        self.response = response
+        self.queue: asyncio.Queue[Obj | None] = asyncio.Queue()
+
+
+class FakeApiServer:
+    def __init__(self, token: str | None = "test-token") -> None:
+        self.token = token
+        self.objects: dict[tuple[str, str, str], Obj] = {}
+        self.history: list[tuple[int, str, Obj]] = []  # (rv, event type, object)
+        self.oldest = 0  # watches from a version below this get 410
+        self.rv = 100
+        self.watches: list[Watch] = []
+        self.requests: list[tuple[str, str]] = []
+        self._snapshots: dict[str, list[Obj]] = {}
+        self._tokens = itertools.count(1)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # --- the test's side ----------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def resource_version(self) -> str:
+        return str(self.rv)
+
+    async def start(self, port: int = 0) -> None:
+        app = web.Application()
+        for path in RESOURCES:
+            app.router.add_get(path, self._handle)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port or self.port or 0, reuse_address=True)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        await self.drop_connections()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def put(self, obj: Obj) -> Obj:
+        obj = copy.deepcopy(obj)
+        kind = obj["kind"]
+        meta = obj.setdefault("metadata", {})
+        key = (kind, meta.get("namespace", ""), meta["name"])
+        self.rv += 1
+        meta["resourceVersion"] = str(self.rv)
+        meta.setdefault("uid", f"uid-{kind}-{meta['name']}-{self.rv}")
+        meta.setdefault("creationTimestamp", "2026-11-22T00:00:00Z")
+        event = "MODIFIED" if key in self.objects else "ADDED"
+        self.objects[key] = obj
+        self._emit(event, obj)
+        return copy.deepcopy(obj)
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        obj = self.objects.pop((kind, namespace, name))
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        self._emit("DELETED", obj)
+
+    def bookmark(self) -> None:
+        for w in self.watches:
+            if w.bookmarks:
+                _, version = KINDS[w.kind]
+                meta = {"resourceVersion": str(self.rv)}
+                w.queue.put_nowait(
+                    {
+                        "type": "BOOKMARK",
+                        "object": {"kind": w.kind, "apiVersion": version, "metadata": meta},
+                    }
+                )
+
+    def compact(self) -> None:
+        """Forget the history: a watch from any version before now gets 410."""
+        self.history.clear()
+        self.oldest = self.rv + 1
+        self._snapshots.clear()
+
+    def expire_watches(self) -> None:
+        for w in self.watches:
+            w.queue.put_nowait(
+                {"type": "ERROR", "object": status(410, "Expired", "too old resource version")}
+            )
+            w.queue.put_nowait(None)
+
+    async def drop_connections(self) -> None:
+        """Abort every open watch, as a network failure would (no clean end)."""
+        for w in list(self.watches):
+            transport = w.response._req.transport if w.response._req else None
+            if transport is not None:
+                transport.abort()
+            w.queue.put_nowait(None)
+        await asyncio.sleep(0)
+
+    def open_watches(self, kind: str | None = None) -> int:
+        return sum(1 for w in self.watches if kind is None or w.kind == kind)
+
+    async def wait_for_watches(self, n: int, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while self.open_watches() < n:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
+    def write_kubeconfig(self, path: Path) -> None:
+        user: Obj = {"token": self.token} if self.token else {}
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "double", "cluster": {"server": self.url}}],
+                    "users": [{"name": "lb", "user": user}],
+                    "contexts": [
+                        {"name": "double", "context": {"cluster": "double", "user": "lb"}}
+                    ],
+                    "current-context": "double",
+                }
+            )
+        )
+
+    # --- the API's side -----------------------------------------------------------------
+
+    def _emit(self, event: str, obj: Obj) -> None:
+        self.history.append((self.rv, event, copy.deepcopy(obj)))
+        for w in self.watches:
+            if w.kind == obj["kind"] and _selected(obj, w):
+                w.queue.put_nowait({"type": event, "object": copy.deepcopy(obj)})
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append((request.path, request.query_string))
+        if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.json_response(status(401, "Unauthorized", "Unauthorized"), status=401)
+        kind, version = RESOURCES[request.path]
+        q = request.query
+        selector = q.get("fieldSelector", "")
+        if selector and not selector.startswith("metadata.name="):
+            return web.json_response(
+                status(400, "BadRequest", f"unsupported field selector {selector}"), status=400
+            )
+        name = selector.partition("=")[2] or None
+        if _bool(q.get("watch")):
+            return await self._watch(request, kind, name)
+        return self._list(kind, version, name, q)
+
+    def _current(self, kind: str, name: str | None) -> list[Obj]:
+        return [
+            copy.deepcopy(o)
+            for (k, _, n), o in sorted(self.objects.items())
+            if k == kind and (name is None or n == name)
+        ]
+
+    def _list(self, kind: str, version: str, name: str | None, q: Any) -> web.Response:
+        token = q.get("continue")
+        if token:
+            if token not in self._snapshots:
+                return web.json_response(
+                    status(410, "Expired", "the provided continue parameter is too old"),
+                    status=410,
+                )
+            items, rv = self._snapshots.pop(token), token.split("-")[0]
+        else:
+            items, rv = self._current(kind, name), str(self.rv)
+        limit = int(q.get("limit", "0") or 0)
+        meta: Obj = {"resourceVersion": rv}
+        if limit and len(items) > limit:
+            next_token = f"{rv}-{next(self._tokens)}"
+            self._snapshots[next_token] = items[limit:]
+            items = items[:limit]
+            meta["continue"] = next_token
+        return web.json_response(
+            {"kind": f"{kind}List", "apiVersion": version, "metadata": meta, "items": items}
+        )
+
+    async def _watch(self, request: web.Request, kind: str, name: str | None) -> web.StreamResponse:
+        q = request.query
+        since = int(q.get("resourceVersion") or 0)
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        w = Watch(kind, name, _bool(q.get("allowWatchBookmarks")), response)
+        if since == 0:
+            for obj in self._current(kind, name):
+                w.queue.put_nowait({"type": "ADDED", "object": obj})
+        elif since < self.oldest - 1:
+            w.queue.put_nowait(
+                {
+                    "type": "ERROR",
+                    "object": status(
+                        410, "Expired", f"too old resource version: {since} ({self.oldest})"
+                    ),
+                }
+            )
+            w.queue.put_nowait(None)
+        else:
+            for rv, event, obj in self.history:
+                if rv > since and obj["kind"] == kind and _selected(obj, w):
+                    w.queue.put_nowait({"type": event, "object": copy.deepcopy(obj)})
+        self.watches.append(w)
+        timeout = float(q.get("timeoutSeconds") or 3600)
+        try:
+            async with asyncio.timeout(timeout):
+                while (item := await w.queue.get()) is not None:
+                    await response.write(json.dumps(item).encode() + b"\n")
+            await response.write_eof()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            self.watches.remove(w)
+        return response
+
+
+def _bool(text: str | None) -> bool:
+    """Go's strconv.ParseBool, as the API server parses `watch` (kubernetes-asyncio sends
+    `True`)."""
+    return text in ("1", "t", "T", "TRUE", "true", "True")
+
+
+def _selected(obj: Obj, w: Watch) -> bool:
+    return w.name is None or obj["metadata"]["name"] == w.name
+
+
+# --- objects as `kubectl get -o json` shows them -------------------------------------------
+
+
+def service(
+    name: str,
+    *,
+    namespace: str = "default",
+    cluster_ip: str = "10.96.0.10",
+    ports: list[Obj] | None = None,
+    type: str = "ClusterIP",
+    session_affinity: int | None = None,
+    annotations: dict[str, str] | None = None,
+    labels: dict[str, str] | None = None,
+    internal_traffic_policy: str = "Cluster",
+) -> Obj:
+    spec: Obj = {
+        "type": type,
+        "selector": {"app": name},
+        "sessionAffinity": "None" if session_affinity is None else "ClientIP",
+        "internalTrafficPolicy": internal_traffic_policy,
+    }
+    if type == "ExternalName":
+        spec = {"type": type, "externalName": f"{name}.example.com", "sessionAffinity": "None"}
+    else:
+        spec |= {
+            "clusterIP": cluster_ip,
+            "clusterIPs": [cluster_ip],
+            "ipFamilies": ["IPv4"],
+            "ipFamilyPolicy": "SingleStack",
+            "ports": ports
+            if ports is not None
+            else [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}],
+        }
+        if type in ("NodePort", "LoadBalancer"):
+            spec["externalTrafficPolicy"] = "Cluster"
+    if session_affinity is not None:
+        spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": session_affinity}}
+    meta: Obj = {"name": name, "namespace": namespace}
+    if annotations:
+        meta["annotations"] = annotations
+    if labels:
+        meta["labels"] = labels
+    return {
+        "kind": "Service",
+        "apiVersion": "v1",
+        "metadata": meta,
+        "spec": spec,
+        "status": {"loadBalancer": {}},
+    }
+
+
+def endpoint(
+    ip: str,
+    *,
+    ready: bool = True,
+    serving: bool | None = None,
+    terminating: bool = False,
+    node_name: str = "node-1",
+) -> Obj:
+    return {
+        "addresses": [ip],
+        "conditions": {
+            "ready": ready,
+            "serving": ready if serving is None else serving,
+            "terminating": terminating,
+        },
+        "nodeName": node_name,
+        "targetRef": {"kind": "Pod", "name": f"pod-{ip.replace('.', '-')}", "namespace": "default"},
+    }
+
+
+def endpoint_slice(
+    name: str,
+    service: str,
+    *,
+    namespace: str = "default",
+    endpoints: list[Obj] | None = None,
+    ports: list[Obj] | None = None,
+    trigger_time: str | None = None,
+) -> Obj:
+    meta: Obj = {
+        "name": name,
+        "namespace": namespace,
+        "generateName": f"{service}-",
+        "labels": {
+            "kubernetes.io/service-name": service,
+            "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+        },
+        "ownerReferences": [
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "name": service,
+                "controller": True,
+                "blockOwnerDeletion": True,
+                "uid": f"uid-Service-{service}",
+            }
+        ],
+    }
+    if trigger_time:
+        meta["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": trigger_time}
+    return {
+        "kind": "EndpointSlice",
+        "apiVersion": "discovery.k8s.io/v1",
+        "metadata": meta,
+        "addressType": "IPv4",
+        "endpoints": endpoints or [],
+        "ports": ports
+        if ports is not None
+        else [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    }
+
+
+def node(name: str, internal_ip: str, external_ip: str | None = None) -> Obj:
+    addresses = [{"type": "InternalIP", "address": internal_ip}]
+    if external_ip:
+        addresses.append({"type": "ExternalIP", "address": external_ip})
+    addresses.append({"type": "Hostname", "address": name})
+    return {
+        "kind": "Node",
+        "apiVersion": "v1",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "spec": {"podCIDR": "10.244.0.0/24"},
+        "status": {"addresses": addresses},
+    }

@@ -1,0 +1,268 @@
+"""The Kubernetes source against an API server double speaking the real wire protocol
+(tests/kube_double.py): informers, the start-up gate, coalescing, 410 recovery, outages.
+The real kubernetes-asyncio client talks HTTP to it through a kubeconfig."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from lb.k8s.api import Api, Resource
+from lb.k8s.informer import Backoff
+from lb.k8s.source import KubernetesSource, SourceMetrics
+from lb.model import KubernetesSettings, Service
+from tests.kube_double import FakeApiServer, endpoint, endpoint_slice, node, service
+from tests.net import eventually
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = KubernetesSettings(min_sync_period=0.05, sync_period=30.0)
+
+
+def value(metric: Any) -> float:
+    return float(next(iter(metric.collect())).samples[0].value)
+
+
+class Recorder:
+    """The `apply` of the source: what it was given, in order."""
+
+    def __init__(self) -> None:
+        self.applied: list[tuple[Service, ...]] = []
+        self.fail = False
+
+    async def __call__(self, services: tuple[Service, ...]) -> None:
+        if self.fail:
+            raise RuntimeError("the dataplane refused")
+        self.applied.append(services)
+
+    @property
+    def last(self) -> dict[str, list[str]]:
+        """The last applied state: service name -> backend addresses."""
+        assert self.applied, "nothing applied yet"
+        return {s.name: [str(b.address) for b in s.backends] for s in self.applied[-1]}
+
+
+class GatedApi:
+    """The real Api, with the listing of EndpointSlices held until `release`."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.gate = asyncio.Event()
+
+    async def list_page(self, r: Resource, limit: int, token: str | None) -> dict[str, Any]:
+        if r.kind == "EndpointSlice":
+            await self.gate.wait()
+        return await self.api.list_page(r, limit, token)
+
+    def watch(self, r: Resource, version: str) -> AsyncIterator[dict[str, Any]]:
+        return self.api.watch(r, version)
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[FakeApiServer]:
+    s = FakeApiServer()
+    await s.start()
+    s.put(node("node-1", "192.168.0.10"))
+    yield s
+    await s.stop()
+
+
+@pytest.fixture
+async def api(server: FakeApiServer, tmp_path: Path) -> AsyncIterator[Api]:
+    path = tmp_path / "kubeconfig"
+    server.write_kubeconfig(path)
+    a = await Api.connect(str(path))
+    yield a
+    await a.close()
+
+
+def source(
+    reader: Any, api: Api, apply: Recorder, settings: KubernetesSettings = FAST
+) -> KubernetesSource:
+    return KubernetesSource(
+        reader,
+        services=api.services,
+        endpoint_slices=api.endpoint_slices,
+        node=api.node("node-1"),
+        node_name="node-1",
+        settings=settings,
+        apply=apply,
+        metrics=SourceMetrics(CollectorRegistry()),
+        backoff=lambda: Backoff(initial=0.05, cap=0.2),
+    )
+
+
+def web(n: int = 0) -> dict[str, Any]:
+    return service(f"web{n}", cluster_ip=f"10.96.0.{10 + n}")
+
+
+def web_slice(n: int, *ips: str, trigger: str | None = None) -> dict[str, Any]:
+    return endpoint_slice(
+        f"web{n}-abc", f"web{n}", endpoints=[endpoint(ip) for ip in ips], trigger_time=trigger
+    )
+
+
+async def test_nothing_is_applied_before_services_slices_and_node_are_listed(
+    server: FakeApiServer, api: Api
+) -> None:
+    server.put(web())
+    server.put(web_slice(0, "10.244.1.5"))
+    gated = GatedApi(api)
+    rec = Recorder()
+    src = source(gated, api, rec)
+    src.start()
+    try:
+        await eventually(lambda: src.services.synced.is_set() and src.node.synced.is_set())
+        await asyncio.sleep(0.3)  # services known, endpoints not: a partial view
+        assert rec.applied == []
+        gated.gate.set()
+        await asyncio.wait_for(src.first_sync(), 5)
+        assert rec.applied[0] == rec.applied[-1]
+        assert rec.last == {"default/web0:http": ["10.244.1.5:8080"]}
+    finally:
+        await src.stop()
+
+
+async def test_changes_are_coalesced_and_the_sync_period_resyncs(
+    server: FakeApiServer, api: Api
+) -> None:
+    rec = Recorder()
+    src = source(api, api, rec, replace(FAST, min_sync_period=0.5, sync_period=1.0))
+    src.start()
+    try:
+        await asyncio.wait_for(src.first_sync(), 5)
+        before = len(rec.applied)
+        for i in range(20):  # a burst of changes well within one min_sync_period
+            server.put(web(i))
+        await eventually(lambda: len(rec.last) == 20, timeout=5)
+        assert len(rec.applied) - before <= 2  # at most one sync per 0.5 s, not 20
+        quiet = len(rec.applied)
+        await asyncio.sleep(2.3)  # nothing changes: sync_period (1 s) still syncs
+        assert len(rec.applied) - quiet >= 2
+        assert value(src.metrics.pending) == 0
+    finally:
+        await src.stop()
+
+
+async def test_410_relists_without_losing_or_duplicating_a_service(
+    server: FakeApiServer, api: Api
+) -> None:
+    for i in range(3):
+        server.put(web(i))
+        server.put(web_slice(i, f"10.244.{i}.5"))
+    rec = Recorder()
+    src = source(api, api, rec)
+    src.start()
+    try:
+        await asyncio.wait_for(src.first_sync(), 5)
+        assert sorted(rec.last) == ["default/web0:http", "default/web1:http", "default/web2:http"]
+        lists = src.services.lists
+        # the watches break; while they are down, things change and history is compacted:
+        # the client's next watch is from a version the server no longer has -> 410
+        await server.drop_connections()
+        server.delete("Service", "default", "web0")
+        server.put(web(3))
+        server.put(web_slice(3, "10.244.3.5"))
+        server.put(web_slice(1, "10.244.1.5", "10.244.1.6"))
+        server.compact()
+        await eventually(lambda: "default/web3:http" in rec.last, timeout=10)
+        assert rec.last == {
+            "default/web1:http": ["10.244.1.5:8080", "10.244.1.6:8080"],
+            "default/web2:http": ["10.244.2.5:8080"],
+            "default/web3:http": ["10.244.3.5:8080"],
+        }
+        assert src.services.lists > lists  # it re-listed
+        names = [s.name for s in rec.applied[-1]]
+        assert len(names) == len(set(names))
+        # and the watch resumed from the new list: live changes flow again
+        server.put(web(4))
+        await eventually(lambda: "default/web4:http" in rec.last, timeout=5)
+    finally:
+        await src.stop()
+
+
+async def test_a_410_error_event_on_a_live_watch_relists(server: FakeApiServer, api: Api) -> None:
+    server.put(web())
+    rec = Recorder()
+    src = source(api, api, rec)
+    src.start()
+    try:
+        await asyncio.wait_for(src.first_sync(), 5)
+        lists = src.slices.lists
+        await server.wait_for_watches(3, 5)
+        server.expire_watches()
+        await eventually(lambda: src.slices.lists > lists, timeout=5)
+        server.put(web_slice(0, "10.244.9.9"))
+        await eventually(lambda: rec.last == {"default/web0:http": ["10.244.9.9:8080"]}, timeout=5)
+    finally:
+        await src.stop()
+
+
+async def test_api_outage_keeps_the_last_state_and_recovers(
+    server: FakeApiServer, api: Api
+) -> None:
+    server.put(web())
+    server.put(web_slice(0, "10.244.1.5"))
+    rec = Recorder()
+    src = source(api, api, rec)
+    src.start()
+    try:
+        await asyncio.wait_for(src.first_sync(), 5)
+        port = int(server.url.rsplit(":", 1)[1])
+        await server.stop()
+        await asyncio.sleep(1.0)  # several failed reconnects
+        assert rec.last == {"default/web0:http": ["10.244.1.5:8080"]}  # nothing was emptied
+        assert src.services.store  # the last known objects are kept
+        await server.start(port)
+        server.put(web_slice(0, "10.244.1.5", "10.244.1.6"))
+        await eventually(
+            lambda: rec.last == {"default/web0:http": ["10.244.1.5:8080", "10.244.1.6:8080"]},
+            timeout=10,
+        )
+    finally:
+        await src.stop()
+
+
+async def test_bookmarks_advance_the_resource_version(server: FakeApiServer, api: Api) -> None:
+    rec = Recorder()
+    src = source(api, api, rec)
+    src.start()
+    try:
+        await asyncio.wait_for(src.first_sync(), 5)
+        await server.wait_for_watches(3, 5)
+        server.put(node("node-2", "192.168.0.11"))  # another node: not watched here
+        server.bookmark()
+        await eventually(
+            lambda: int(src.node.resource_version) == int(server.resource_version), timeout=5
+        )
+    finally:
+        await src.stop()
+
+
+async def test_a_failed_apply_is_retried_and_programming_latency_is_measured(
+    server: FakeApiServer, api: Api
+) -> None:
+    rec = Recorder()
+    src = source(api, api, rec, replace(FAST, sync_period=0.3))
+    src.start()
+    try:
+        await asyncio.wait_for(src.first_sync(), 5)
+        rec.fail = True
+        server.put(web())
+        server.put(web_slice(0, "10.244.1.5", trigger="2026-01-01T00:00:00Z"))
+        await asyncio.sleep(0.4)
+        assert value(src.metrics.pending) > 0
+        rec.fail = False
+        await eventually(lambda: rec.last == {"default/web0:http": ["10.244.1.5:8080"]}, 5)
+        observed = next(iter(src.metrics.programming.collect())).samples
+        count = next(s.value for s in observed if s.name.endswith("_count"))
+        total = next(s.value for s in observed if s.name.endswith("_sum"))
+        assert count == 1 and total > 3600  # since 2026-01-01: an old trigger, a long latency
+    finally:
+        await src.stop()

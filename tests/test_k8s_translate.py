@@ -1,0 +1,175 @@
+"""Kubernetes Services + EndpointSlices -> lb services: every kube-proxy translation rule,
+on the objects as the API serves them (tests/kube_double.py builds kubectl's JSON shapes)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from lb.k8s.translate import Node, node_addresses, translate
+from lb.model import Endpoint, Persistence, Protocol, SchedulerName, Service
+from tests.kube_double import endpoint, endpoint_slice, node, service
+
+NODE = Node("node-1", (ipaddress.ip_address("192.168.0.10"),))
+
+
+def one(services: list[dict[str, Any]], slices: list[dict[str, Any]]) -> list[Service]:
+    return list(translate(services, slices, NODE).services)
+
+
+def addresses(s: Service) -> list[str]:
+    return [str(b.address) for b in s.backends]
+
+
+def web(**kw: Any) -> dict[str, Any]:
+    return service("web", **kw)
+
+
+def web_slice(*eps: dict[str, Any], name: str = "web-abc12", **kw: Any) -> dict[str, Any]:
+    return endpoint_slice(name, "web", endpoints=list(eps), **kw)
+
+
+def test_cluster_ip_port_maps_to_target_port_with_kube_proxy_name() -> None:
+    [s] = one([web()], [web_slice(endpoint("10.244.1.5"), endpoint("10.244.2.7"))])
+    assert s.name == "default/web:http"
+    assert s.protocol is Protocol.TCP
+    assert s.listen == Endpoint.parse("10.96.0.10:80")
+    assert addresses(s) == ["10.244.1.5:8080", "10.244.2.7:8080"]
+    assert s.scheduler is SchedulerName.RR and s.persistence is None
+
+
+def test_one_lb_service_per_port_and_protocol() -> None:
+    ports = [
+        {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"},
+        {"name": "dns-tcp", "port": 53, "targetPort": 5353, "protocol": "TCP"},
+    ]
+    slice_ports = [
+        {"name": "dns", "port": 5353, "protocol": "UDP"},
+        {"name": "dns-tcp", "port": 5353, "protocol": "TCP"},
+    ]
+    out = one([web(ports=ports)], [web_slice(endpoint("10.244.1.5"), ports=slice_ports)])
+    assert {(s.name, s.protocol, str(s.listen)) for s in out} == {
+        ("default/web:dns", Protocol.UDP, "10.96.0.10:53"),
+        ("default/web:dns-tcp", Protocol.TCP, "10.96.0.10:53"),
+    }
+    assert all(addresses(s) == ["10.244.1.5:5353"] for s in out)
+
+
+def test_named_target_port_is_resolved_through_the_slice_ports() -> None:
+    ports = [{"name": "http", "port": 80, "targetPort": "web-port", "protocol": "TCP"}]
+    # the EndpointSlice controller resolved "web-port" to each pod's container port
+    [s] = one(
+        [web(ports=ports)],
+        [
+            web_slice(
+                endpoint("10.244.1.5"), ports=[{"name": "http", "port": 9376, "protocol": "TCP"}]
+            )
+        ],
+    )
+    assert addresses(s) == ["10.244.1.5:9376"]
+
+
+def test_slices_of_other_services_ports_or_namespaces_are_not_used() -> None:
+    other_ns = endpoint_slice("web-x", "web", namespace="other", endpoints=[endpoint("10.1.1.1")])
+    other_svc = endpoint_slice("api-x", "api", endpoints=[endpoint("10.1.1.2")])
+    other_port = web_slice(
+        endpoint("10.1.1.3"),
+        name="web-y",
+        ports=[{"name": "metrics", "port": 9090, "protocol": "TCP"}],
+    )
+    [s] = one([web()], [other_ns, other_svc, other_port, web_slice(endpoint("10.244.1.5"))])
+    assert addresses(s) == ["10.244.1.5:8080"]
+
+
+def test_backends_from_several_slices_once_each() -> None:
+    [s] = one(
+        [web()],
+        [
+            web_slice(endpoint("10.244.1.5"), endpoint("10.244.1.6"), name="web-a"),
+            web_slice(endpoint("10.244.1.6"), endpoint("10.244.1.7"), name="web-b"),
+        ],
+    )
+    assert addresses(s) == ["10.244.1.5:8080", "10.244.1.6:8080", "10.244.1.7:8080"]
+
+
+def test_headless_external_name_and_other_proxys_services_are_ignored() -> None:
+    headless = service("db", cluster_ip="None")
+    external = service("ext", type="ExternalName")
+    foreign = service(
+        "mesh", cluster_ip="10.96.0.20", labels={"service.kubernetes.io/service-proxy-name": "x"}
+    )
+    slices = [
+        endpoint_slice("db-a", "db", endpoints=[endpoint("10.1.0.1")]),
+        endpoint_slice("mesh-a", "mesh", endpoints=[endpoint("10.1.0.2")]),
+    ]
+    assert one([headless, external, foreign], slices) == []
+
+
+def test_client_ip_affinity_is_persistence_per_address_with_default_timeout() -> None:
+    [default] = one([web(session_affinity=10800)], [])
+    assert default.persistence == Persistence(10800, 32)
+    [short] = one([web(session_affinity=60)], [])
+    assert short.persistence == Persistence(60, 32)
+
+
+def test_ready_endpoints_serve_terminating_only_when_none_is_ready_unready_never() -> None:
+    unready = endpoint("10.244.0.9", ready=False, serving=False)
+    draining = endpoint("10.244.0.8", ready=False, serving=True, terminating=True)
+    [s] = one([web()], [web_slice(endpoint("10.244.1.5"), draining, unready)])
+    assert addresses(s) == ["10.244.1.5:8080"]
+    [s] = one([web()], [web_slice(draining, unready)])
+    assert addresses(s) == ["10.244.0.8:8080"]
+    [s] = one([web()], [web_slice(unready)])
+    assert addresses(s) == []
+    stopping = endpoint("10.244.0.7", ready=False, serving=False, terminating=True)
+    [s] = one([web()], [web_slice(stopping)])
+    assert addresses(s) == []
+
+
+def test_internal_traffic_policy_local_keeps_this_nodes_endpoints() -> None:
+    eps = [endpoint("10.244.1.5", node_name="node-1"), endpoint("10.244.2.7", node_name="node-2")]
+    [s] = one([web(internal_traffic_policy="Local")], [web_slice(*eps)])
+    assert addresses(s) == ["10.244.1.5:8080"]
+    [s] = one([web(internal_traffic_policy="Cluster")], [web_slice(*eps)])
+    assert addresses(s) == ["10.244.1.5:8080", "10.244.2.7:8080"]
+
+
+def test_node_port_listens_on_the_node_addresses() -> None:
+    ports = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30080}]
+    out = one([web(type="NodePort", ports=ports)], [web_slice(endpoint("10.244.1.5"))])
+    assert {(s.name, str(s.listen)) for s in out} == {
+        ("default/web:http", "10.96.0.10:80"),
+        ("default/web:http@192.168.0.10:30080", "192.168.0.10:30080"),
+    }
+    assert all(addresses(s) == ["10.244.1.5:8080"] for s in out)
+
+
+def test_node_addresses_come_from_the_node_object() -> None:
+    n = node("node-1", "192.168.0.10", external_ip="203.0.113.5")
+    assert [str(a) for a in node_addresses(n)] == ["192.168.0.10", "203.0.113.5"]
+    assert node_addresses(None) == ()
+
+
+def test_scheduler_annotation_and_a_bad_one_is_reported() -> None:
+    [s] = one([web(annotations={"lb.io/scheduler": "wrr"})], [])
+    assert s.scheduler is SchedulerName.WRR
+    t = translate([web(annotations={"lb.io/scheduler": "fastest"})], [], NODE)
+    assert t.services[0].scheduler is SchedulerName.RR
+    assert any("'fastest' is not a scheduler" in line for line in t.skipped)
+    t = translate([web()], [], NODE, default_scheduler=SchedulerName.MH)
+    assert t.services[0].scheduler is SchedulerName.MH
+
+
+def test_sctp_ports_are_skipped_with_a_reason() -> None:
+    ports = [{"name": "s", "port": 9, "targetPort": 9, "protocol": "SCTP"}]
+    t = translate([web(ports=ports)], [], NODE)
+    assert t.services == ()
+    assert t.skipped == ("default/web:s: protocol SCTP is not proxied (tcp, udp)",)
+
+
+def test_two_services_claiming_one_address_first_wins_and_the_other_is_reported() -> None:
+    a = service("a", cluster_ip="10.96.0.30")
+    b = service("b", cluster_ip="10.96.0.30")
+    t = translate([b, a], [], NODE)
+    assert [s.name for s in t.services] == ["default/a:http"]
+    assert t.skipped == ("default/b:http: tcp 10.96.0.30:80 is already used by default/a",)
