@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from lb.k8s.api import Api, Resource
-from lb.k8s.informer import Backoff
+from lb.k8s.informer import Backoff, Informer
 from lb.k8s.source import KubernetesSource, SourceMetrics
 from lb.model import KubernetesSettings, Service
 from tests.kube_double import FakeApiServer, endpoint, endpoint_slice, node, service
@@ -165,18 +165,20 @@ async def test_410_relists_without_losing_or_duplicating_a_service(
         lists = src.services.lists
         # the watches break; while they are down, things change and history is compacted:
         # the client's next watch is from a version the server no longer has -> 410
+        await server.wait_for_watches(3, 5)
         await server.drop_connections()
         server.delete("Service", "default", "web0")
         server.put(web(3))
         server.put(web_slice(3, "10.244.3.5"))
         server.put(web_slice(1, "10.244.1.5", "10.244.1.6"))
         server.compact()
-        await eventually(lambda: "default/web3:http" in rec.last, timeout=10)
-        assert rec.last == {
+        expected = {
             "default/web1:http": ["10.244.1.5:8080", "10.244.1.6:8080"],
             "default/web2:http": ["10.244.2.5:8080"],
             "default/web3:http": ["10.244.3.5:8080"],
         }
+        # the informers re-list each on its own: wait for both to be through
+        await eventually(lambda: bool(rec.applied) and rec.last == expected, timeout=10)
         assert src.services.lists > lists  # it re-listed
         names = [s.name for s in rec.applied[-1]]
         assert len(names) == len(set(names))
@@ -266,3 +268,52 @@ async def test_a_failed_apply_is_retried_and_programming_latency_is_measured(
         assert count == 1 and total > 3600  # since 2026-01-01: an old trigger, a long latency
     finally:
         await src.stop()
+
+
+async def test_lists_are_read_in_pages_and_an_expired_continue_token_relists(
+    server: FakeApiServer, api: Api
+) -> None:
+    for i in range(5):
+        server.put(web(i))
+    seen: list[tuple[str, Any]] = []
+    informer = Informer(
+        api,
+        api.services,
+        lambda kind, key, obj: seen.append((key[1], obj is not None)),
+        page_size=2,
+        backoff=Backoff(initial=0.01, cap=0.05),
+    )
+    await informer._list()  # one list, without the watch that follows
+    assert sorted(informer.store) == [("default", f"web{i}") for i in range(5)]
+    pages = [q for path, q in server.requests if path == "/api/v1/services"]
+    assert len(pages) == 3 and sum("continue=" in q for q in pages) == 2
+    assert sorted(seen) == [(f"web{i}", True) for i in range(5)]
+    # a continue token that expires between pages: the list starts over, whole
+    errors: list[str] = []
+    fresh = Informer(
+        api,
+        api.services,
+        lambda kind, key, obj: None,
+        page_size=2,
+        backoff=Backoff(initial=0.01, cap=0.05),
+        on_error=lambda kind, reason: errors.append(reason),
+    )
+    original = api.list_page
+    first = True
+
+    async def list_page(r: Resource, limit: int, token: str | None) -> dict[str, Any]:
+        nonlocal first
+        page = await original(r, limit, token)
+        if first:  # the snapshot behind the first page's continue token goes
+            first = False
+            server.compact()
+        return page
+
+    api.list_page = list_page  # type: ignore[method-assign,assignment]
+    task = asyncio.get_running_loop().create_task(fresh.run())
+    try:
+        await asyncio.wait_for(fresh.synced.wait(), 5)
+        assert errors == ["gone"]
+        assert sorted(fresh.store) == [("default", f"web{i}") for i in range(5)]
+    finally:
+        task.cancel()
