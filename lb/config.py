@@ -11,6 +11,7 @@ of the file it sits on; nothing is built unless there are none.
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -35,6 +36,7 @@ from lb.model import (
     Config,
     Endpoint,
     HealthCheck,
+    IPAddress,
     KubernetesSettings,
     OffloadSettings,
     Persistence,
@@ -107,7 +109,14 @@ def parse_duration(value: object) -> float:
 def parse_endpoint(value: object) -> Endpoint:
     if not isinstance(value, str):
         raise ValueError("must be a string ADDRESS:PORT, e.g. 127.0.0.1:8080 or [::1]:8080")
-    return Endpoint.parse(value)
+    return _parse_endpoint(value)
+
+
+@functools.cache
+def _parse_endpoint(text: str) -> Endpoint:
+    """Each address is read by two passes (model, then meaning): parse it once (the cache
+    lives for one parse_config)."""
+    return Endpoint.parse(text)
 
 
 def parse_prefix(value: object, family: int) -> int:
@@ -311,9 +320,31 @@ def _try(parse: Callable[[object], T], value: object) -> T | None:
         return None
 
 
+class _Listens:
+    """The listen addresses seen so far, found by protocol and port: checking a service
+    against all the others is a lookup, not a walk (10,000 services load in seconds)."""
+
+    def __init__(self) -> None:
+        self._by: dict[tuple[str, int, int], dict[IPAddress, tuple[int, Endpoint]]] = {}
+
+    def clashes(self, protocol: str, listen: Endpoint) -> list[tuple[int, Endpoint]]:
+        same = self._by.get((protocol, listen.port, listen.ip.version), {})
+        if listen.ip.is_unspecified:
+            return sorted(same.values(), key=lambda x: x[0])  # a wildcard takes every address
+        out = [x for x in (same.get(listen.ip),) if x is not None]
+        wildcard = ipaddress.ip_address("0.0.0.0" if listen.ip.version == 4 else "::")
+        if wildcard != listen.ip and wildcard in same:
+            out.append(same[wildcard])
+        return sorted(out, key=lambda x: x[0])
+
+    def add(self, i: int, protocol: str, listen: Endpoint) -> None:
+        same = self._by.setdefault((protocol, listen.port, listen.ip.version), {})
+        same.setdefault(listen.ip, (i, listen))
+
+
 def _semantic_problems(raw_services: list[Any]) -> Iterator[Problem]:
     names: dict[str, int] = {}
-    listens: list[tuple[int, str, Endpoint]] = []
+    listens = _Listens()
     for i, svc in enumerate(raw_services):
         if not isinstance(svc, Mapping):
             continue
@@ -329,13 +360,12 @@ def _semantic_problems(raw_services: list[Any]) -> Iterator[Problem]:
         protocol = svc.get("protocol", "tcp")
         listen = _try(parse_endpoint, svc.get("listen"))
         if listen is not None and protocol in ("tcp", "udp"):
-            for j, other_proto, other in listens:
-                if other_proto == protocol and _overlaps(listen, other):
-                    yield Problem(
-                        (*at, "listen"),
-                        f"{protocol} {listen} is already used by services[{j}] ({other})",
-                    )
-            listens.append((i, protocol, listen))
+            for j, other in listens.clashes(protocol, listen):
+                yield Problem(
+                    (*at, "listen"),
+                    f"{protocol} {listen} is already used by services[{j}] ({other})",
+                )
+            listens.add(i, protocol, listen)
             if protocol == "udp" and listen.ip.is_unspecified:
                 yield Problem(
                     (*at, "listen"),
@@ -549,11 +579,28 @@ def _build_service(s: ServiceIn) -> Service:
     )
 
 
+def _load_yaml(text: str) -> tuple[yaml.Node | None, Any]:
+    """The document's node tree (for line numbers and duplicate keys) and its data, from
+    one parse; with libyaml (PyYAML's C loader) when it is there."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+    try:
+        node = loader.get_single_node()
+        return node, loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+
+
 def parse_config(text: str, source: str = "<config>") -> Config:
     """Validate YAML text; raise ConfigError with every problem found."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
+        return _parse_config(text, source)
+    finally:
+        _parse_endpoint.cache_clear()
+
+
+def _parse_config(text: str, source: str) -> Config:
+    try:
+        node, raw = _load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None

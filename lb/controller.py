@@ -18,7 +18,7 @@ import aiohttp
 
 from lb.health.monitor import Monitor
 from lb.log import emit
-from lb.model import AdminState, Backend, BackendState, Config, Endpoint, Service, ServiceKey
+from lb.model import AdminState, Backend, Config, Endpoint, Service, ServiceKey
 from lb.stats import ServiceSnapshot
 
 log = logging.getLogger("lb.controller")
@@ -32,6 +32,10 @@ class Dataplane(Protocol):
     async def apply(self, desired: list[Service]) -> None: ...
 
     def observe(self) -> list[ServiceSnapshot]: ...
+
+    def observe_one(self, key: ServiceKey) -> list[ServiceSnapshot]:
+        """What `observe` shows of one service (nothing if it has none)."""
+        ...
 
     async def close(self, grace: float) -> None: ...
 
@@ -69,7 +73,15 @@ class Controller:
         self._dirty = False
         self._sync_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._shown: dict[BackendKey, tuple[BackendState, int]] = {}
+        # The desired services, in config order, each made from the config's service
+        # (`_made_from`) with its overrides and health. Only the services of `_stale` are
+        # made again: a health change or an edit costs one service, whatever the number of
+        # services, and the others stay the very objects the dataplanes applied last time
+        # (which they recognise by identity). `_stale` None: all of them (a new config).
+        self._desired: dict[ServiceKey, Service] = {}
+        self._made_from: dict[ServiceKey, Service] = {}
+        self._stale: set[ServiceKey] | None = None
+        self._names: tuple[tuple[Service, ...], dict[str, Service]] = ((), {})
 
     # --- desired state ------------------------------------------------------------------
 
@@ -81,47 +93,111 @@ class Controller:
             out.append(o.apply(b) if o else b)
         return out
 
+    def _make(self, s: Service) -> Service:
+        """One desired service: the config's, with its overrides and health."""
+        backends: list[Backend] = []
+        changed = False
+        for configured in self._configured(s):
+            m = self.monitors.get((s.key, configured.address))
+            healthy = m.up if m is not None and m.running else True
+            b = configured
+            if b.healthy != healthy:
+                b = dataclasses.replace(b, healthy=healthy)
+            changed = changed or b is not s.backends[len(backends)]
+            backends.append(b)
+        return s.with_backends(tuple(backends)) if changed else s
+
+    def service_named(self, name: str) -> Service | None:
+        """The config's service of that name."""
+        return self._by_name().get(name)
+
+    def _by_name(self) -> dict[str, Service]:
+        services = self.config.services
+        if self._names[0] is not services:
+            self._names = (services, {s.name: s for s in services})
+        return self._names[1]
+
+    def _invalidate(self, key: ServiceKey) -> None:
+        if self._stale is not None:
+            self._stale.add(key)
+
     def desired(self) -> list[Service]:
-        out = []
-        for s in self.config.services:
-            backends = []
-            for b in self._configured(s):
-                m = self.monitors.get((s.key, b.address))
-                healthy = m.up if m is not None and m.running else True
-                backends.append(
-                    b if b.healthy == healthy else dataclasses.replace(b, healthy=healthy)
-                )
-            out.append(s.with_backends(tuple(backends)))
-        return out
+        """The services the dataplanes should carry now."""
+        return list(self._build(self._stale)[0].values())
 
-    async def _apply(self, desired: list[Service]) -> None:
-        await self.dataplane.apply(desired)
-        self._report_changes(desired)
+    def _build(
+        self, stale: set[ServiceKey] | None
+    ) -> tuple[dict[ServiceKey, Service], dict[ServiceKey, Service], list[ServiceKey]]:
+        """The desired services made again where `stale` says (None: all of them), the
+        config services they were made from, and the keys whose service changed."""
+        previous = self._desired
+        if stale is None:  # a new config: every service, in its order
+            desired: dict[ServiceKey, Service] = {}
+            made_from = {}
+            for s in self.config.services:
+                key = s.key
+                made_from[key] = s
+                old = previous.get(key)
+                if old is not None and self._made_from.get(key) is s:
+                    desired[key] = old  # the very config service: nothing to make
+                    continue
+                new = self._make(s)
+                desired[key] = old if old == new else new
+            changed = [k for k, s in desired.items() if previous.get(k) is not s]
+            return desired, made_from, changed
+        desired = dict(previous)
+        changed = []
+        for key in stale:
+            source = self._made_from.get(key)
+            if source is None:
+                continue
+            new = self._make(source)
+            if new != desired[key]:
+                desired[key] = new
+                changed.append(key)
+        return desired, self._made_from, changed
 
-    def _report_changes(self, desired: list[Service]) -> None:
+    async def _apply(self) -> None:
+        """Make the desired services again where stale and give them to the dataplane; on
+        failure nothing is taken as applied (what was stale stays stale)."""
+        stale, self._stale = self._stale, set()
+        try:
+            desired, made_from, changed = self._build(stale)
+            await self.dataplane.apply(list(desired.values()))
+        except BaseException:
+            self._stale = None if stale is None or self._stale is None else stale | self._stale
+            raise
+        previous = self._desired
+        self._desired, self._made_from = desired, made_from
+        self._report_changes(previous, changed)
+
+    def _report_changes(self, previous: dict[ServiceKey, Service], keys: list[ServiceKey]) -> None:
         """One event per backend whose state or programmed weight changed, whatever the cause."""
-        shown: dict[BackendKey, tuple[BackendState, int]] = {}
-        for s in desired:
+        for key in keys:
+            old = previous.get(key)
+            if old is None:
+                continue
+            before = {b.address: b for b in old.backends}
+            s = self._desired[key]
             for b in s.backends:
-                key = (s.key, b.address)
-                now = (b.state, b.effective_weight)
-                shown[key] = now
-                before = self._shown.get(key)
-                if before is not None and before != now:
+                was = before.get(b.address)
+                if was is None:
+                    continue
+                then, now = (was.state, was.effective_weight), (b.state, b.effective_weight)
+                if then != now:
                     emit(
                         log,
                         logging.INFO,
                         "backend.state",
-                        f"backend {b.address} of service {s.name}: {before[0]} weight {before[1]}"
+                        f"backend {b.address} of service {s.name}: {then[0]} weight {then[1]}"
                         f" -> {now[0]} weight {now[1]}",
                         service=s.name,
                         backend=str(b.address),
                         state=str(now[0]),
                         weight=now[1],
-                        previous_state=str(before[0]),
-                        previous_weight=before[1],
+                        previous_state=str(then[0]),
+                        previous_weight=then[1],
                     )
-        self._shown = shown
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -138,8 +214,9 @@ class Controller:
             self.config = config
             present = {(s.key, b.address) for s in config.services for b in s.backends}
             self.overrides = {k: o for k, o in old_overrides.items() if k in present}
+            self._stale = None
             try:
-                await self._apply(self.desired())
+                await self._apply()
             except Exception:
                 self.config, self.overrides = old_config, old_overrides
                 raise
@@ -166,7 +243,7 @@ class Controller:
         reset: bool = False,
     ) -> Backend:
         """A runtime edit, as if the file said so: applied whole or not at all."""
-        svc = next((s for s in self.config.services if s.name == service), None)
+        svc = self._by_name().get(service)
         if svc is None:
             raise EditError(404, f"no service named {service!r}")
         backend = next((b for b in svc.backends if str(b.address) == address), None)
@@ -187,19 +264,24 @@ class Controller:
                 self.overrides.pop(key, None)
             else:
                 self.overrides[key] = after
+            self._invalidate(svc.key)
             try:
-                await self._apply(self.desired())
+                await self._apply()
             except Exception:
                 if before == Override():
                     self.overrides.pop(key, None)
                 else:
                     self.overrides[key] = before
+                self._invalidate(svc.key)
                 raise
-            self._sync_monitors()
+            self._sync_monitors(only=svc.key)
         self.request_sync()
         return after.apply(backend)
 
-    def _sync_monitors(self) -> None:
+    def _sync_monitors(self, only: ServiceKey | None = None) -> None:
+        """Start, retune and stop health monitors as the config and the edits say (for
+        every service, or `only` this one). A service whose monitors start or stop is made
+        again at the next sync: its health as seen changes."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(force_close=True, limit=0),
@@ -207,13 +289,14 @@ class Controller:
             )
         wanted: dict[BackendKey, tuple[Service, Endpoint, AdminState]] = {}
         for s in self.config.services:
-            if s.health_check is None:
+            if s.health_check is None or (only is not None and s.key != only):
                 continue
             for b in self._configured(s):
                 wanted[(s.key, b.address)] = (s, b.address, b.admin)
-        for key in [k for k in self.monitors if k not in wanted]:
+        for key in [k for k in self.monitors if k not in wanted and only in (None, k[0])]:
             m = self.monitors.pop(key)
             asyncio.get_running_loop().create_task(m.stop())
+            self._invalidate(key[0])
         for key, (s, address, admin) in wanted.items():
             assert s.health_check is not None
             existing = self.monitors.get(key)
@@ -229,9 +312,11 @@ class Controller:
             if admin is AdminState.MAINT:
                 if m.running:
                     asyncio.get_running_loop().create_task(m.stop())
+                    self._invalidate(s.key)
             elif not m.running:
                 m.restart_fresh()
                 m.start()
+                self._invalidate(s.key)
 
     def _on_health(self, key: BackendKey) -> Callable[[bool, str], None]:
         def changed(up: bool, reason: str) -> None:
@@ -245,6 +330,7 @@ class Controller:
                 up=up,
                 reason=reason,
             )
+            self._invalidate(key[0])
             self.request_sync()
 
         return changed
@@ -260,7 +346,7 @@ class Controller:
             self._dirty = False
             async with self._lock:
                 try:
-                    await self._apply(self.desired())
+                    await self._apply()
                 except Exception:
                     log.exception("applying the desired state failed")
 

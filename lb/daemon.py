@@ -9,7 +9,7 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from socket import gethostname
@@ -287,20 +287,12 @@ class Daemon:
         emit(log, logging.INFO, "lb.stopped", "stopped")
 
     async def _sample_rates(self) -> None:
-        """Feed the rate estimator every 2 s, as the kernel's estimator runs."""
+        """Feed the rate estimator every 2 s, as the kernel's estimator runs: only the
+        services whose counters moved (idle ones cost nothing)."""
         loop = asyncio.get_running_loop()
         while True:
-            now = loop.time()
-            keys: set[Hashable] = set()
-            for s in self.dataplane.observe():
-                key: Hashable = (s.service.key, s.dataplane)
-                self.rates.sample(key, now, s.totals)
-                keys.add(key)
-                for b in s.backends:
-                    key = ((s.service.key, b.address), s.dataplane)
-                    self.rates.sample(key, now, b.totals)
-                    keys.add(key)
-            self.rates.forget_except(keys)
+            self.rates.round(loop.time(), self.dataplane.active())
+            self.rates.prune(self.dataplane.carries)
             await asyncio.sleep(INTERVAL)
 
     def _on_hup(self) -> None:

@@ -81,11 +81,15 @@ class Endpoint:
 
     ip: IPAddress
     port: int
+    # Endpoints key every table of services and backends: the hash is computed once
+    # (ipaddress would hash through hex() each time). Not part of equality or order.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((int(self.ip), self.port)))
 
     def __hash__(self) -> int:
-        # ipaddress hashes through hex(): endpoints key every table of services and
-        # backends, so hash the integer (equal endpoints still hash alike).
-        return hash((int(self.ip), self.port))
+        return self._hash
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
@@ -205,10 +209,11 @@ class Service:
     retries: int = 1
     max_connections: int = 0  # 0 = unlimited (TCP); UDP: the flow-table bound
     access_log: bool = False  # log one line per connection / flow
+    #: protocol + listen, made once: every table of services is keyed by it
+    key: ServiceKey = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> ServiceKey:
-        return ServiceKey(self.protocol, self.listen)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", ServiceKey(self.protocol, self.listen))
 
     def with_backends(self, backends: tuple[Backend, ...]) -> Service:
         return replace(self, backends=backends)
@@ -220,6 +225,13 @@ class ServiceKey:
 
     protocol: Protocol
     listen: Endpoint
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.protocol, self.listen)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         return f"{self.protocol}/{self.listen}"

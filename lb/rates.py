@@ -1,18 +1,26 @@
 """Rates for `lb list --rate`, estimated as the kernel's IPVS estimator does.
 
 Every 2 seconds the counters are sampled; the rate over the interval moves a smoothed
-average a quarter of the way (ip_vs_est.c: `avg += (rate - avg) >> 2`). Pure: the caller
-passes the time and the totals.
+average a quarter of the way (ip_vs_est.c: `avg += (rate - avg) >> 2`).
+
+Only services whose counters may have changed are sampled (the dataplanes say which:
+`active()`), so an idle service costs nothing however many there are. That loses
+nothing: over an interval in which a service was not sampled its counters did not move,
+so the kernel's estimator would have fed it a rate of 0, which only decays the average by
+3/4. Those decays are applied when the service is next sampled or read. Pure: the caller
+passes the time and the snapshots.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from lb.stats import Totals
+from lb.model import Endpoint, ServiceKey
+from lb.stats import ServiceSnapshot, Totals
 
 INTERVAL = 2.0
+DECAY = 0.75  # what an interval with no change leaves of the average
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,39 +31,88 @@ class Rates:
     in_bps: float = 0.0  # bytes per second
     out_bps: float = 0.0
 
+    def decayed(self, intervals: int) -> Rates:
+        if intervals <= 0:
+            return self
+        f = DECAY**intervals
+        return Rates(
+            self.cps * f, self.in_pps * f, self.out_pps * f, self.in_bps * f, self.out_bps * f
+        )
+
+    def moved(self, new: Totals, old: Totals, dt: float) -> Rates:
+        def smooth(current: float, now: int, before: int) -> float:
+            return current + ((now - before) / dt - current) / 4
+
+        return Rates(
+            smooth(self.cps, new.conns, old.conns),
+            smooth(self.in_pps, new.packets_in, old.packets_in),
+            smooth(self.out_pps, new.packets_out, old.packets_out),
+            smooth(self.in_bps, new.bytes_in, old.bytes_in),
+            smooth(self.out_bps, new.bytes_out, old.bytes_out),
+        )
+
+
+ZERO = Rates()
+
+#: A service's own counters are filed under None, its backends' under their address.
+Part = Endpoint | None
+
+
+@dataclass(slots=True)
+class _Entry:
+    then: float  # when it was last sampled
+    totals: dict[Part, Totals]
+    rates: dict[Part, Rates]
+
 
 class RateEstimator:
     def __init__(self) -> None:
-        self._last: dict[Hashable, tuple[float, Totals]] = {}
-        self._rates: dict[Hashable, Rates] = {}
+        self._entries: dict[tuple[ServiceKey, str], _Entry] = {}
+        self._round = 0.0  # the time of the latest sampling round
 
-    def sample(self, key: Hashable, now: float, totals: Totals) -> None:
-        prev = self._last.get(key)
-        self._last[key] = (now, totals)
-        if prev is None:
+    def round(self, now: float, active: list[ServiceSnapshot]) -> None:
+        """One sampling round: the snapshots of every service whose counters moved since
+        the last round (others may be left out)."""
+        self._round = now
+        for snap in active:
+            self._sample(snap, now)
+
+    def _sample(self, snap: ServiceSnapshot, now: float) -> None:
+        key = (snap.service.key, snap.dataplane)
+        totals: dict[Part, Totals] = {None: snap.totals}
+        for b in snap.backends:
+            totals[b.address] = b.totals
+        entry = self._entries.get(key)
+        if entry is None:  # first seen: the baseline
+            self._entries[key] = _Entry(now, totals, {})
             return
-        then, old = prev
-        dt = now - then
-        if dt <= 0:
+        elapsed = now - entry.then
+        if elapsed <= 0:
             return
-        avg = self._rates.get(key, Rates())
+        # the rounds it was left out of had no change: rate 0, the average decays
+        missed = max(0, round(elapsed / INTERVAL) - 1)
+        dt = max(elapsed - missed * INTERVAL, 1e-9)
+        rates: dict[Part, Rates] = {}
+        for part, new in totals.items():
+            old = entry.totals.get(part)
+            if old is not None:
+                rates[part] = entry.rates.get(part, ZERO).decayed(missed).moved(new, old, dt)
+        entry.then, entry.totals, entry.rates = now, totals, rates
 
-        def smooth(current: float, new: int, before: int) -> float:
-            return current + ((new - before) / dt - current) / 4
+    def _get(self, key: tuple[ServiceKey, str], part: Part) -> Rates:
+        entry = self._entries.get(key)
+        if entry is None:
+            return ZERO
+        missed = round((self._round - entry.then) / INTERVAL)
+        return entry.rates.get(part, ZERO).decayed(missed)
 
-        self._rates[key] = Rates(
-            smooth(avg.cps, totals.conns, old.conns),
-            smooth(avg.in_pps, totals.packets_in, old.packets_in),
-            smooth(avg.out_pps, totals.packets_out, old.packets_out),
-            smooth(avg.in_bps, totals.bytes_in, old.bytes_in),
-            smooth(avg.out_bps, totals.bytes_out, old.bytes_out),
-        )
+    def service(self, key: ServiceKey, dataplane: str) -> Rates:
+        return self._get((key, dataplane), None)
 
-    def get(self, key: Hashable) -> Rates:
-        return self._rates.get(key, Rates())
+    def backend(self, key: ServiceKey, address: Endpoint, dataplane: str) -> Rates:
+        return self._get((key, dataplane), address)
 
-    def forget_except(self, keys: set[Hashable]) -> None:
-        for k in list(self._last):
-            if k not in keys:
-                self._last.pop(k, None)
-                self._rates.pop(k, None)
+    def prune(self, known: Callable[[ServiceKey, str], bool]) -> None:
+        """Forget the services a dataplane no longer has (work: the services sampled once)."""
+        for key in [k for k in self._entries if not known(*k)]:
+            del self._entries[key]

@@ -132,6 +132,11 @@ class VirtualService:
         """Destinations in the list, and deleted ones whose connections are still counted."""
         return set(self._by_endpoint) | set(self._trash)
 
+    def idle(self) -> bool:
+        """Nothing counted and nothing timed: no connection (open or lingering), no
+        template, no deleted destination still holding some. Housekeeping can skip it."""
+        return not self._trash and not len(self.templates) and all(d.total == 0 for d in self.dests)
+
     def at_limit(self) -> bool:
         """Whether a refusal is down to connection limits: a backend that would take
         connections by weight is overloaded."""

@@ -181,16 +181,25 @@ class Host:
         await self._nl.run(self._set_vips(set(wanted)))
 
     async def _set_vips(self, wanted: set[IPAddress]) -> None:
+        have = await self._vips()
+        if wanted != have:
+            await self._change_vips(wanted - have, have - wanted)
+
+    async def change_vips(self, add: Iterable[IPAddress], remove: Iterable[IPAddress]) -> None:
+        """Add and remove these VIPs, without reading what the device has (the caller
+        knows: the work is that of the change)."""
+        await self._nl.run(self._change_vips(set(add), set(remove)))
+
+    async def _change_vips(self, add: set[IPAddress], remove: set[IPAddress]) -> None:
         from pyroute2 import AsyncIPRoute
 
-        have = await self._vips()
-        if wanted == have:
+        if not add and not remove:
             return
         async with AsyncIPRoute() as ipr:
             index = await self._index(ipr)
-            for ip in sorted(wanted - have, key=str):
+            for ip in sorted(add, key=str):
                 await ipr.addr("add", index=index, address=str(ip), prefixlen=ip.max_prefixlen)
-            for ip in sorted(have - wanted, key=str):
+            for ip in sorted(remove, key=str):
                 await ipr.addr("del", index=index, address=str(ip), prefixlen=ip.max_prefixlen)
 
     # --- masquerade ----------------------------------------------------------------------

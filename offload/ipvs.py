@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from lb.log import emit
@@ -230,9 +230,18 @@ class IpvsDataplane:
     def has(self, key: ServiceKey) -> bool:
         return key in self._services
 
-    def observe(self) -> list[ServiceSnapshot]:
+    def active(self) -> list[ServiceSnapshot]:
+        """Every service: a refresh reads them all anyway."""
+        return self.observe()
+
+    def observe(self, only: ServiceKey | None = None) -> list[ServiceSnapshot]:
         out = []
-        for key, k in self._services.items():
+        services: Iterable[tuple[ServiceKey, KService]]
+        if only is None:
+            services = self._services.items()
+        else:
+            services = [(only, self._services[only])] if only in self._services else []
+        for key, k in services:
             s = self._desired[key]
             wanted = {b.address: b for b in s.backends}
             backends = tuple(

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from lb.changes import Applied
 from lb.log import emit
 from lb.model import IPAddress, Service, ServiceKey
 from lb.proxy.dataplane import UserspaceDataplane
@@ -33,6 +34,8 @@ from offload.policy import Mode, OffloadPolicy, demoting_form, orphan_form
 log = logging.getLogger("lb.offload")
 
 TICK = 1.0
+#: A refresh of the kernel's counters waits this many times as long as the last one took.
+REFRESH_DUTY = 20.0
 
 
 class Placement(enum.StrEnum):
@@ -48,6 +51,10 @@ class Offload:
 
 
 class OffloadManager:
+    """Work is that of the change: an apply looks only at the services that are new,
+    changed or gone (found by identity, lb.changes), the ticker only at those a timer or a
+    demotion concerns; idle services cost nothing however many there are."""
+
     name = "offload"
 
     def __init__(
@@ -62,15 +69,26 @@ class OffloadManager:
         self.policy = OffloadPolicy(Mode.USERSPACE, 10.0, 3)
         self.drain_timeout = 300.0
         self._on_sync = on_sync
-        self._desired: list[Service] = []
+        self._desired: dict[ServiceKey, Service] = {}
+        self._applied = Applied()
         self._placement: dict[ServiceKey, Placement] = {}
         self._reasons: dict[ServiceKey, str] = {}
         self._demote_started: dict[ServiceKey, float] = {}
         self._orphans: dict[ServiceKey, Service] = {}  # left the config while in the kernel
-        self._previous: dict[ServiceKey, Service] = {}
+        # What the kernel is given, by service: the service itself, or its demoting or
+        # orphan form (made once per service object, so that the kernel sees no change).
+        self._forms: dict[ServiceKey, Service] = {}
+        self._made: dict[ServiceKey, tuple[Service, Placement | None, Service]] = {}
+        # The VIPs lb holds on its device, and which service needs each.
+        self._held: set[IPAddress] | None = None  # None: not read from the device yet
+        self._vip_of: dict[ServiceKey, IPAddress] = {}
+        self._local: dict[IPAddress, str] = {}
         self._lock = asyncio.Lock()
         self._tick: asyncio.Task[None] | None = None
-        self._local: dict[IPAddress, str] = {}
+        self._next_refresh = 0.0
+        # The kernel must get an apply although nothing changed: the first one (it adopts
+        # or clears what a previous run left), or the one after an apply that failed.
+        self._kernel_stale = True
 
     def enable(
         self,
@@ -92,30 +110,59 @@ class OffloadManager:
     async def apply(self, desired: list[Service]) -> None:
         loop = asyncio.get_running_loop()
         async with self._lock:
-            self._desired = list(desired)
-            await self._sync_vips(remove=False)
-            start = loop.time()
-            await self.userspace.apply(desired)
-            if self._on_sync is not None:
-                self._on_sync("userspace", loop.time() - start)
-            self.policy.observe(desired, loop.time())
-            await self._reconcile()
+            fresh, removed = self._applied.changes(desired)
+            try:
+                previous = self._desired
+                self._desired = {s.key: s for s in desired}
+                await self._add_vips([s for s in fresh if s.key not in previous])
+                start = loop.time()
+                await self.userspace.apply(desired)
+                if self._on_sync is not None:
+                    self._on_sync("userspace", loop.time() - start)
+            except BaseException:
+                self._applied.clear()  # the next apply looks at every service again
+                raise
+            self.policy.observe(fresh, removed, loop.time())
+            await self._reconcile({s.key for s in fresh} | set(removed))
         if self._tick is None:
             self._tick = loop.create_task(self._ticker())
 
     def observe(self) -> list[ServiceSnapshot]:
-        by_key = {s.key: s for s in self._desired}
         out = []
-        kernel = {s.service.key: s for s in self.kernel.observe()} if self.kernel else {}
         for snap in self.userspace.observe():
             key = snap.service.key
             if self._placement.get(key, Placement.USERSPACE) is Placement.KERNEL and snap.open == 0:
                 continue  # the kernel carries it: the idle listener is not worth a line
             out.append(snap)
-        for key, snap in kernel.items():
-            shown = by_key.get(key) or self._orphans.get(key)
-            out.append(replace(snap, service=shown) if shown is not None else snap)
+        if self.kernel is not None:
+            out += [self._shown(s) for s in self.kernel.observe()]
         return out
+
+    def observe_one(self, key: ServiceKey) -> list[ServiceSnapshot]:
+        """What `observe` shows of one service (the work: that service's)."""
+        in_kernel = self._placement.get(key, Placement.USERSPACE) is Placement.KERNEL
+        out = [s for s in self.userspace.observe_one(key) if not (in_kernel and s.open == 0)]
+        if self.kernel is not None:
+            out += [self._shown(s) for s in self.kernel.observe(only=key)]
+        return out
+
+    def active(self) -> list[ServiceSnapshot]:
+        """The services whose counters may have moved since the last call (for rates)."""
+        out = self.userspace.active()
+        if self.kernel is not None:
+            out += [self._shown(s) for s in self.kernel.active()]
+        return out
+
+    def carries(self, key: ServiceKey, dataplane: str) -> bool:
+        if dataplane == self.userspace.name:
+            return self.userspace.has(key)
+        return self.kernel is not None and self.kernel.has(key)
+
+    def _shown(self, snap: ServiceSnapshot) -> ServiceSnapshot:
+        """A kernel snapshot with the service as configured (not its demoting form)."""
+        key = snap.service.key
+        shown = self._desired.get(key) or self._orphans.get(key)
+        return replace(snap, service=shown) if shown is not None else snap
 
     def explain(self, key: ServiceKey) -> Offload:
         placement = self._placement.get(key, Placement.USERSPACE)
@@ -132,26 +179,55 @@ class OffloadManager:
             if self.host is not None:
                 await self.host.remove()
 
-    # --- decisions ---------------------------------------------------------------------------
+    # --- VIPs ----------------------------------------------------------------------------------
 
-    async def _sync_vips(self, *, remove: bool) -> None:
-        """Before the listeners bind: add the VIPs lb may offload. After IPVS changed: drop
-        those nothing needs any more. A VIP stays while an IPVS service on it exists: the
-        VIPs on the device are how lb knows which IPVS services are its own."""
-        if self.host is None or self.kernel is None:
+    async def _add_vips(self, new: list[Service]) -> None:
+        """Before the listeners of new services bind: put on the device the VIPs lb may
+        offload. A VIP on another device stays there (the service stays in userspace)."""
+        if self.host is None or self.kernel is None or not new:
             return
         device = self.host.device
         self._local = await self.host.local_addresses()
-        held = {ip for ip, dev in self._local.items() if dev == device and not ip.is_link_local}
-        wanted = {
-            s.listen.ip
-            for s in self._desired
-            if self.policy.check(s) is None and self._local.get(s.listen.ip, device) == device
-        }
-        wanted |= {key.listen.ip for key in self._orphans}
-        wanted |= {rt.service.listen.ip for rt in self.userspace.retired} & held  # still finishing
-        wanted |= {key.listen.ip for key in await self.kernel.owned()} & held
-        await self.host.set_vips(wanted if remove else wanted | held)
+        if self._held is None:
+            self._held = {
+                ip for ip, dev in self._local.items() if dev == device and not ip.is_link_local
+            }
+        for s in new:
+            ip = s.listen.ip
+            if self._local.get(ip, device) == device and (
+                self.policy.check(s) is None or ip in self._held
+            ):
+                self._vip_of[s.key] = ip  # held as long as the service is there
+        await self._set_held(self._held | set(self._vip_of.values()))
+        for ip in self._held:
+            self._local[ip] = device
+
+    async def _drop_vips(self) -> None:
+        """After the kernel changed: drop the VIPs nothing needs any more. A VIP stays while
+        a kernel service of lb's uses it (the VIPs on the device are how lb knows which
+        IPVS services are its own), and while a userspace listener on it finishes."""
+        if self.host is None or self.kernel is None or self._held is None:
+            return
+        wanted = set(self._vip_of.values())
+        unused = self._held - wanted
+        if not unused:
+            return
+        unused -= {rt.service.listen.ip for rt in self.userspace.retired}
+        unused -= {key.listen.ip for key in await self.kernel.owned()}
+        if unused:
+            await self._set_held(self._held - unused)
+
+    async def _set_held(self, wanted: set[IPAddress]) -> None:
+        assert self.host is not None and self._held is not None
+        if wanted == self._held:
+            return
+        try:
+            await self.host.change_vips(wanted - self._held, self._held - wanted)
+        except Exception:  # the device was changed behind lb's back: read it, then set it
+            await self.host.set_vips(wanted)
+        self._held = wanted
+
+    # --- decisions ---------------------------------------------------------------------------
 
     def _want(self, s: Service, now: float) -> tuple[bool, str]:
         if (
@@ -169,74 +245,124 @@ class OffloadManager:
         w = self.policy.want(s.key, now, current is Placement.KERNEL)
         return w.kernel, w.reason
 
-    async def _reconcile(self) -> None:
-        """Move services as the policy says, then give the kernel its desired state."""
+    async def _reconcile(self, keys: set[ServiceKey]) -> None:
+        """Move the services of `keys` (and those a timer or a demotion concerns) as the
+        policy says, then give the kernel what changed."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         lingers = self.kernel is not None and self.kernel.lingers
-        wanted_keys = {s.key for s in self._desired}
-        for key in [k for k in self._placement if k not in wanted_keys]:
-            gone = self._placement.pop(key)
-            if gone is not Placement.USERSPACE and lingers and key in self._previous:
-                self._orphans[key] = self._previous[key]
-            self._reasons.pop(key, None)
-            self._demote_started.pop(key, None)
-        self._previous = {s.key: s for s in self._desired}
-        kernel: list[Service] = []
-        for s in self._desired:
-            want, reason = self._want(s, now)
-            self._reasons[s.key] = reason
-            current = self._placement.get(s.key, Placement.USERSPACE)
-            if want and current is Placement.USERSPACE:
-                self._placement[s.key] = Placement.KERNEL
-                self._demote_started.pop(s.key, None)
-                name = self.kernel.name if self.kernel is not None else "the kernel"
-                self._moved(s, "offload.promote", f"moves to {name} ({reason})", reason)
-            elif not want and current is Placement.KERNEL:
-                self._moved(s, "offload.demote", f"moves back to userspace ({reason})", reason)
-                if lingers:
-                    self._placement[s.key] = Placement.DEMOTING
-                    self._demote_started[s.key] = now
-                else:
-                    self._placement[s.key] = Placement.USERSPACE
-                    self._moved(s, "offload.demoted", "is back in userspace")
-            elif current is Placement.DEMOTING and self.kernel is not None:
-                started = self._demote_started.get(s.key, now)
-                if self.kernel.drained(s.key, keep=s.listen) or now - started >= self.drain_timeout:
-                    self._placement[s.key] = Placement.USERSPACE
-                    self._demote_started.pop(s.key, None)
-                    self._moved(s, "offload.demoted", "is back in userspace")
-            placement = self._placement.get(s.key, Placement.USERSPACE)
-            if placement is Placement.KERNEL:
-                kernel.append(s)
-            elif placement is Placement.DEMOTING:
-                kernel.append(demoting_form(s))
-        for key, s in list(self._orphans.items()):
-            if key in wanted_keys or (
-                self.kernel is not None and self.kernel.has(key) and self.kernel.drained(key)
-            ):
-                del self._orphans[key]
-            else:
-                kernel.append(orphan_form(s))
-        if self.kernel is None:
+        keys = keys | self.policy.due(now) | self._demote_started.keys() | self._orphans.keys()
+        changed = False
+        for key in keys:
+            s = self._desired.get(key)
+            if s is None:
+                gone = self._placement.pop(key, None)
+                previous = self._made.get(key)
+                if (
+                    gone is not None
+                    and gone is not Placement.USERSPACE
+                    and lingers
+                    and previous is not None
+                ):
+                    self._orphans[key] = previous[0]
+                self._reasons.pop(key, None)
+                self._demote_started.pop(key, None)
+                orphan = self._orphans.get(key)
+                if orphan is not None and (
+                    self.kernel is not None and self.kernel.has(key) and self.kernel.drained(key)
+                ):
+                    del self._orphans[key]
+                    orphan = None
+                if orphan is None:
+                    self._vip_of.pop(key, None)
+                changed |= self._give(key, orphan, None)
+                continue
+            self._orphans.pop(key, None)
+            placement = self._decide(s, now, lingers)
+            changed |= self._give(key, s, placement)
+        if self.kernel is None or not (changed or self._kernel_stale):
             return
         start = loop.time()
-        await self.kernel.apply(kernel)
+        self._kernel_stale = True  # until this apply is through
+        await self.kernel.apply(list(self._forms.values()))
+        self._kernel_stale = False
         if self._on_sync is not None:
             self._on_sync(self.kernel.name, loop.time() - start)
-        await self._sync_vips(remove=True)
+        await self._drop_vips()
+
+    def _decide(self, s: Service, now: float, lingers: bool) -> Placement:
+        want, reason = self._want(s, now)
+        self._reasons[s.key] = reason
+        current = self._placement.get(s.key, Placement.USERSPACE)
+        if want and current is Placement.USERSPACE:
+            self._placement[s.key] = Placement.KERNEL
+            self._demote_started.pop(s.key, None)
+            name = self.kernel.name if self.kernel is not None else "the kernel"
+            self._moved(s, "offload.promote", f"moves to {name} ({reason})", reason)
+        elif not want and current is Placement.KERNEL:
+            self._moved(s, "offload.demote", f"moves back to userspace ({reason})", reason)
+            if lingers:
+                self._placement[s.key] = Placement.DEMOTING
+                self._demote_started[s.key] = now
+            else:
+                self._placement[s.key] = Placement.USERSPACE
+                self._moved(s, "offload.demoted", "is back in userspace")
+        elif current is Placement.DEMOTING and self.kernel is not None:
+            started = self._demote_started.get(s.key, now)
+            if self.kernel.drained(s.key, keep=s.listen) or now - started >= self.drain_timeout:
+                self._placement[s.key] = Placement.USERSPACE
+                self._demote_started.pop(s.key, None)
+                self._moved(s, "offload.demoted", "is back in userspace")
+        return self._placement.get(s.key, Placement.USERSPACE)
+
+    def _give(self, key: ServiceKey, s: Service | None, placement: Placement | None) -> bool:
+        """Set what the kernel gets for `key`: `s` as placed (None: an orphan, or nothing);
+        True if that changed."""
+        form: Service | None = None
+        if s is not None and placement is not Placement.USERSPACE:
+            made = self._made.get(key)
+            if made is not None and made[0] is s and made[1] is placement:
+                form = made[2]
+            else:
+                if placement is Placement.KERNEL:
+                    form = s
+                elif placement is Placement.DEMOTING:
+                    form = demoting_form(s)
+                else:
+                    form = orphan_form(s)
+                self._made[key] = (s, placement, form)
+        elif s is not None:
+            self._made[key] = (s, placement, s)
+        old = self._forms.get(key)
+        if form is None:
+            if s is None:
+                self._made.pop(key, None)
+            if old is None:
+                return False
+            del self._forms[key]
+            return True
+        if old is form:
+            return False
+        self._forms[key] = form
+        return True
 
     def _moved(self, s: Service, event: str, what: str, reason: str | None = None) -> None:
         emit(log, logging.INFO, event, f"service {s.name} {what}", service=s.name, reason=reason)
 
     async def _ticker(self) -> None:
-        """Refresh kernel counters, finish demotions, promote services that calmed down."""
+        """Refresh kernel counters (at most 5% of the time: reading them grows with the
+        services), finish demotions and orphans, promote services that calmed down."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(TICK)
             try:
+                # outside the lock: a slow read of counters must not hold back a change
+                if self.kernel is not None and loop.time() >= self._next_refresh:
+                    start = loop.time()
+                    await self.kernel.refresh()
+                    spent = loop.time() - start
+                    self._next_refresh = start + max(TICK, REFRESH_DUTY * spent)
                 async with self._lock:
-                    if self.kernel is not None:
-                        await self.kernel.refresh()
-                    await self._reconcile()
+                    await self._reconcile(set())
             except Exception:
                 log.exception("offload reconcile failed")

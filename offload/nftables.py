@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from lb.changes import Applied
 from lb.log import emit
 from lb.model import BackendState, Endpoint, Protocol, Service, ServiceKey
 from lb.stats import BackendSnapshot, ErrorReason, ServiceSnapshot, Totals
@@ -110,9 +111,10 @@ class NftDataplane:
         self._rendered: dict[ServiceKey, Rendered] | None = None  # None: table not built
         self._pins: Counter[NatPath] = Counter()  # hairpin paths, by how many services need each
         self._desired: dict[ServiceKey, Service] = {}
-        self._applied: dict[int, Service] = {}  # the service objects applied last, by id()
+        self._applied = Applied()  # the service objects applied last
         self._counters: dict[str, tuple[int, int]] = {}
         self._flows: Counter[tuple[ServiceKey, Endpoint, bool]] = Counter()
+        self._moved: set[ServiceKey] = set()  # counters or flows moved since active()
 
     def not_expressible(self, s: Service) -> str | None:
         return not_expressible(s) or not_expressible_nft(s)
@@ -177,14 +179,8 @@ class NftDataplane:
     def _changes(
         self, desired: list[Service]
     ) -> tuple[dict[ServiceKey, Service], list[ServiceKey]]:
-        """The services that are not the objects applied last time (by `id`, which stays
-        valid because `_applied` holds those objects), and the keys no service has now."""
-        previous = self._applied
-        now = dict(zip(map(id, desired), desired, strict=True))  # in C: no Python loop
-        fresh = {now[i].key: now[i] for i in now.keys() - previous.keys()}
-        removed = {previous[i].key for i in previous.keys() - now.keys()}
-        self._applied = now  # holds the objects: their ids stay theirs
-        return fresh, sorted((k for k in removed if k not in fresh), key=str)
+        fresh, removed = self._applied.changes(desired)
+        return {s.key: s for s in fresh}, removed
 
     async def _build(self, services: list[Rendered]) -> None:
         """The first apply: the table replaced by an empty one (`nft -f`, atomic: a table
@@ -268,13 +264,17 @@ class NftDataplane:
             c = item.get("counter")
             if c is not None and c.get("family") == "ip" and c.get("table") == TABLE:
                 counters[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
-        self._counters = counters
+        before, self._counters = self._counters, counters
+        for key, r in (self._rendered or {}).items():  # an apply may have run meanwhile
+            if any(counters.get(c.counter) != before.get(c.counter) for c in r.counters):
+                self._moved.add(key)
         if self.conntrack is not None:
             try:
                 flows = await self.conntrack.flows()
             except ConntrackError:
                 flows = []
             self._flows = Counter(_flow_key(f) for f in flows if f.key in self._desired)
+            self._moved.update(k for k, _, _ in self._flows)
 
     async def owned(self) -> set[ServiceKey]:
         return set(self._rendered or ())
@@ -285,9 +285,19 @@ class NftDataplane:
     def drained(self, key: ServiceKey, keep: Endpoint | None = None) -> bool:
         return True  # nothing to wait for: conntrack carries established flows on
 
-    def observe(self) -> list[ServiceSnapshot]:
+    def active(self) -> list[ServiceSnapshot]:
+        """The services whose counters or flows moved in the refreshes since the last call."""
+        moved, self._moved = self._moved, set()
+        return [snap for key in moved for snap in self.observe(only=key)]
+
+    def observe(self, only: ServiceKey | None = None) -> list[ServiceSnapshot]:
         out = []
-        for key, s in self._desired.items():
+        services: Iterable[tuple[ServiceKey, Service]]
+        if only is None:
+            services = self._desired.items()
+        else:
+            services = [(only, self._desired[only])] if only in self._desired else []
+        for key, s in services:
             if not self.has(key):
                 continue
             backends = []

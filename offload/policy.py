@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import heapq
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from lb.model import (
@@ -125,21 +126,30 @@ class OffloadPolicy:
         self.check = check  # why the kernel dataplane in use cannot carry a service
         self.unavailable: str | None = None  # why no kernel dataplane can be used at all
         self._track: dict[ServiceKey, _Track] = {}
+        self._timers: list[tuple[float, ServiceKey]] = []  # (end of a wait for calm, service)
 
-    def observe(self, services: list[Service], now: float) -> None:
-        """Note which services changed (config, backends, weights, health) and when."""
-        seen = set()
-        for s in services:
-            seen.add(s.key)
+    def observe(
+        self, changed: Iterable[Service], removed: Iterable[ServiceKey], now: float
+    ) -> None:
+        """Note the services that are new or changed (config, backends, weights, health),
+        and when, and those that left: the work is that of the change."""
+        for s in changed:
             t = self._track.get(s.key)
             if t is None:
                 self._track[s.key] = _Track(s, now, deque([now]))
-            elif t.service != s:
+            elif t.service is not s:
+                if t.service == s:
+                    t.service = s  # the same service again (a new object of a reload)
+                    continue
                 t.service = s
                 t.changed = now
                 t.changes.append(now)
-        for key in [k for k in self._track if k not in seen]:
-            del self._track[key]
+            else:
+                continue
+            if self.mode is Mode.AUTO:
+                heapq.heappush(self._timers, (now + self.hold_down, s.key))
+        for key in removed:
+            self._track.pop(key, None)
 
     def want(self, key: ServiceKey, now: float, in_kernel: bool) -> Want:
         t = self._track.get(key)
@@ -159,22 +169,16 @@ class OffloadPolicy:
         if in_kernel and len(t.changes) >= self.churn_limit:
             return Want(False, f"churn: {len(t.changes)} changes in the last {self.hold_down:g}s")
         calm = now - t.changed
-        if not in_kernel and calm < self.hold_down:
+        if not in_kernel and calm < self.hold_down - 1e-6:  # not by a rounding (due())
             return Want(
                 False, f"waiting for {self.hold_down:g}s without changes ({calm:.0f}s so far)"
             )
         return Want(True, "stable")
 
-    def next_check(self, now: float) -> float | None:
-        """When a service that is waiting becomes eligible (for a timer)."""
-        times = [
-            t.changed + self.hold_down
-            for t in self._track.values()
-            if t.changed + self.hold_down > now
-        ]
-        times += [
-            t.changes[0] + self.hold_down
-            for t in self._track.values()
-            if t.changes and t.changes[0] + self.hold_down > now
-        ]
-        return min(times) if times else None
+    def due(self, now: float) -> set[ServiceKey]:
+        """The services whose wait for calm (`hold_down`) has ended by `now`: what `want`
+        says of them may have changed with time alone."""
+        due = set()
+        while self._timers and self._timers[0][0] <= now:
+            due.add(heapq.heappop(self._timers)[1])
+        return {key for key in due if key in self._track}

@@ -244,28 +244,33 @@ def test_what_cannot_be_offloaded_says_why() -> None:
 def test_auto_policy_waits_for_calm_and_demotes_on_churn() -> None:
     (web,) = services(WEB)
     p = OffloadPolicy(Mode.AUTO, hold_down=10, churn_limit=3)
-    p.observe([web], 0)
+    p.observe([web], [], 0)
     assert not p.want(web.key, 5, False).kernel
     assert "waiting for 10s" in p.want(web.key, 5, False).reason
+    assert p.due(9.9) == set()
+    assert p.due(10) == {web.key}  # the timer that says when to look again
     assert p.want(web.key, 10, False).kernel
-    assert p.next_check(5) == 10
     changed = services(WEB.replace("weight: 3", "weight: 4"))
-    p.observe(changed, 11)
+    p.observe(changed, [], 11)
     assert p.want(web.key, 11, True).kernel  # one change: stays in the kernel
-    p.observe(services(WEB), 12)
-    p.observe(changed, 13)
+    p.observe(services(WEB), [], 12)
+    p.observe(services(WEB), [], 12.5)  # the same service again: not a change
+    p.observe(changed, [], 13)
     w = p.want(web.key, 13, True)
     assert not w.kernel and w.reason.startswith("churn: 3 changes")
     assert p.want(web.key, 23, False).kernel  # calm again
+    assert p.due(23) == {web.key}
     p.unavailable = "IPVS unavailable: no ip_vs"
     assert p.want(web.key, 100, False) == type(w)(False, "IPVS unavailable: no ip_vs")
+    p.observe([], [web.key], 101)
+    assert p.want(web.key, 101, False) == type(w)(False, "not in the config")
 
 
 def test_ipvs_mode_offloads_at_once_and_userspace_never() -> None:
     (web,) = services(WEB)
     for mode, expected in ((Mode.IPVS, True), (Mode.USERSPACE, False)):
         p = OffloadPolicy(mode, 10, 3)
-        p.observe([web], 0)
+        p.observe([web], [], 0)
         assert p.want(web.key, 0, False).kernel is expected
 
 

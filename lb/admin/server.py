@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 from lb.admin.view import backend_json, service_json
 from lb.controller import Controller, EditError
 from lb.metrics import Metrics
-from lb.model import AdminSettings, AdminState
+from lb.model import AdminSettings, AdminState, ServiceKey
 from lb.proxy.sockets import explain_bind_error
 from lb.rates import RateEstimator
 
@@ -188,11 +188,12 @@ class AdminServer:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    def _services(self) -> list[dict[str, Any]]:
+    def _services(self, only: ServiceKey | None = None) -> list[dict[str, Any]]:
         c = self.controller
         explain = getattr(c.dataplane, "explain", None)
         out = []
-        for s in c.dataplane.observe():
+        snaps = c.dataplane.observe() if only is None else c.dataplane.observe_one(only)
+        for s in snaps:
             offload = None
             if explain is not None:
                 o = explain(s.service.key)
@@ -205,7 +206,8 @@ class AdminServer:
 
     async def service(self, request: web.Request) -> web.Response:
         name = request.match_info["service"]
-        for s in self._services():
+        svc = self.controller.service_named(name)
+        for s in self._services(only=svc.key if svc is not None else None):
             if s["name"] == name:
                 return web.json_response(s)
         return _error(404, f"no service named {name!r}")
@@ -247,7 +249,8 @@ class AdminServer:
         except EditError as e:
             return _error(e.status, str(e))
         c = self.controller
-        for snap in c.dataplane.observe():
+        svc = c.service_named(service)
+        for snap in c.dataplane.observe_one(svc.key) if svc is not None else []:
             if snap.service.name == service:
                 for b in snap.backends:
                     if b.address == backend.address:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from lb.controller import BackendKey, Override
 from lb.health.monitor import Monitor
 from lb.metrics import backend_state_label
 from lb.model import Protocol
-from lb.rates import RateEstimator
+from lb.rates import RateEstimator, Rates
 from lb.stats import BackendSnapshot, ServiceSnapshot, Totals
 
 JSON = dict[str, Any]
@@ -24,8 +24,7 @@ def _totals(t: Totals, udp: bool) -> JSON:
     }
 
 
-def _rates(rates: RateEstimator, key: Hashable) -> JSON:
-    r = rates.get(key)
+def _rates(r: Rates) -> JSON:
     return {
         "cps": r.cps,
         "in_pps": r.in_pps,
@@ -65,7 +64,7 @@ def backend_json(
         "persistent": b.persistent,
         "overloaded": b.overloaded,
         "connections": _totals(b.totals, udp),
-        "rates": _rates(rates, (key, s.dataplane)),
+        "rates": _rates(rates.backend(s.service.key, b.address, s.dataplane)),
         "health": None if m is None else {
             "running": m.running, "checks": m.checks, "failures": m.failures, "last": m.last_reason
         },
@@ -100,7 +99,7 @@ def service_json(
         "listening": s.listening,
         "open": s.open,
         "connections": _totals(s.totals, svc.protocol is Protocol.UDP),
-        "rates": _rates(rates, (svc.key, s.dataplane)),
+        "rates": _rates(rates.service(svc.key, s.dataplane)),
         "offload": None if offload is None else {"placement": offload[0], "reason": offload[1]},
         "backends": [backend_json(s, b, monitors, overrides, rates) for b in s.backends],
     }

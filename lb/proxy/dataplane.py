@@ -41,6 +41,11 @@ class UserspaceDataplane:
         self.retired: list[TcpService] = []  # removed services whose connections live on
         self._tick: asyncio.TimerHandle | None = None
         self._applied: dict[ServiceKey, Service] = {}
+        # Housekeeping and rate sampling visit only the services something happened to:
+        # `_due` (woken: a connection, an error, a change; until a tick finds it idle) and
+        # `_quieted` (went idle since the last sampling round). Idle services cost nothing.
+        self._due: set[ServiceRuntime] = set()
+        self._quieted: set[ServiceRuntime] = set()
 
     async def apply(self, desired: Sequence[Service]) -> None:
         """Make the listeners and services match `desired`; all or nothing for new listeners."""
@@ -61,6 +66,8 @@ class UserspaceDataplane:
         for key in [k for k in self.runtimes if k not in wanted]:
             rt = self.runtimes.pop(key)
             self._applied.pop(key, None)
+            self._due.discard(rt)
+            self._quieted.discard(rt)
             rt.stop_listening()
             emit(
                 log,
@@ -74,11 +81,13 @@ class UserspaceDataplane:
                 self.retired.append(rt)
         for key, rt in self.runtimes.items():
             service = wanted[key]
-            if self._applied.get(key) != service:
+            applied = self._applied.get(key)
+            if applied is not service and applied != service:
                 rt.update(service)
-                self._applied[key] = service
+            self._applied[key] = service  # the very object: next time, no comparison
         for s in new:
             rt = self._make(loop, s, socks[s.key])
+            rt.wake = self._wake
             rt.update(s)
             await rt.start()
             self.runtimes[s.key] = rt
@@ -100,10 +109,15 @@ class UserspaceDataplane:
             return TcpService(loop, s, sock)
         return UdpService(loop, s, sock)
 
+    def _wake(self, rt: ServiceRuntime) -> None:
+        self._due.add(rt)
+
     def _on_tick(self) -> None:
         loop = asyncio.get_running_loop()
-        for rt in self.runtimes.values():
-            rt.tick()
+        for rt in list(self._due):
+            if rt.tick():
+                self._due.discard(rt)
+                self._quieted.add(rt)
         for rt in self.retired:
             rt.core.expire(loop.time())
         self.retired = [rt for rt in self.retired if rt.relays]
@@ -111,6 +125,19 @@ class UserspaceDataplane:
 
     def observe(self) -> list[ServiceSnapshot]:
         return [rt.snapshot() for rt in self.runtimes.values()]
+
+    def observe_one(self, key: ServiceKey) -> list[ServiceSnapshot]:
+        rt = self.runtimes.get(key)
+        return [rt.snapshot()] if rt is not None else []
+
+    def active(self) -> list[ServiceSnapshot]:
+        """The services whose counters may have moved since the last call (for rates)."""
+        out = [rt.snapshot() for rt in self._due | self._quieted]
+        self._quieted.clear()
+        return out
+
+    def has(self, key: ServiceKey) -> bool:
+        return key in self.runtimes
 
     def runtime(self, name: str) -> ServiceRuntime | None:
         for rt in self.runtimes.values():
@@ -152,3 +179,5 @@ class UserspaceDataplane:
         self.runtimes.clear()
         self.retired.clear()
         self._applied.clear()
+        self._due.clear()
+        self._quieted.clear()

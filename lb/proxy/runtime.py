@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
 from lb.log import emit
 from lb.model import Backend, Endpoint, Service
@@ -14,6 +15,12 @@ from lb.stats import BackendSnapshot, Counters, ErrorReason, ServiceSnapshot
 from lb.virtual_service import VirtualService
 
 log = logging.getLogger("lb.proxy")
+
+
+def _asleep(rt: ServiceRuntime) -> None:
+    """The wake hook of a runtime no dataplane drives (tests)."""
+
+
 access_log = logging.getLogger("lb.access")
 
 #: Connection errors are logged once per service, backend and reason per this many seconds,
@@ -36,6 +43,10 @@ class ErrorLog:
             self._pending[key] = self._pending.get(key, 0) + 1
             return
         self._emit(now, key, self._pending.pop(key, 0) + 1)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
 
     def flush(self, now: float) -> None:
         for key in [k for k in self._pending if now - self._last[k] >= ERROR_LOG_INTERVAL]:
@@ -75,6 +86,9 @@ class ServiceRuntime:
         self.backend_counters: dict[Endpoint, Counters] = {}
         self.listening = False
         self.error_log = ErrorLog(service.name)
+        #: Called when something happens that housekeeping and the rate sampler must see
+        #: (a connection, an error, a change of config); the dataplane sets it.
+        self.wake: Callable[[ServiceRuntime], None] = _asleep
 
     # --- reporting ----------------------------------------------------------------------
 
@@ -82,11 +96,13 @@ class ServiceRuntime:
         """A client was refused or a datagram dropped (counted for the service)."""
         self.counters.error(reason)
         self.error_log.note(self.loop.time(), None, reason)
+        self.wake(self)
 
     def failed(self, dest: Dest, counters: Counters, reason: ErrorReason) -> None:
         """An attempt to reach a backend failed (counted for the backend)."""
         counters.error(reason)
         self.error_log.note(self.loop.time(), dest.endpoint, reason)
+        self.wake(self)
 
     def access(
         self,
@@ -130,6 +146,7 @@ class ServiceRuntime:
         ):
             core.edit_service(service.scheduler, service.flags, service.persistence)
         self.reconcile()
+        self.wake(self)
 
     def reconcile(self) -> None:
         """Bring the core's destinations in line with the desired backends (lb.plan)."""
@@ -151,14 +168,16 @@ class ServiceRuntime:
                     backend=str(op.endpoint),
                 )
 
-    def tick(self) -> None:
-        """Periodic housekeeping: run the core's timers, delete drained destinations."""
+    def tick(self) -> bool:
+        """Housekeeping: run the core's timers, delete drained destinations, flush the
+        error log. True when there is nothing left to do until the next wake."""
         self.reconcile()
         self.error_log.flush(self.loop.time())
         live = self.core.known_endpoints()
         for endpoint in list(self.backend_counters):
             if endpoint not in live:
                 del self.backend_counters[endpoint]
+        return self.open == 0 and not self.error_log.pending and self.core.idle()
 
     def counters_for(self, dest: Dest) -> Counters:
         c = self.backend_counters.get(dest.endpoint)

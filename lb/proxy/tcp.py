@@ -75,6 +75,7 @@ class TcpService(ServiceRuntime):
 
     def admit(self, client: ClientSide, transport: asyncio.Transport) -> None:
         """A client connected: refuse it over the limit, else start its relay."""
+        self.wake(self)
         limit = self.service.max_connections
         if limit and len(self.relays) >= limit:
             self.refused(ErrorReason.LIMIT)

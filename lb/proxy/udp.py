@@ -61,7 +61,6 @@ class UdpService(ServiceRuntime):
     async def start(self) -> None:
         self.loop.add_reader(self.sock.fileno(), self._on_front)
         self.listening = True
-        self._arm_sweeper()
 
     def stop_listening(self) -> None:
         """UDP has no connections to finish: stopping closes the socket and every flow."""
@@ -121,6 +120,7 @@ class UdpService(ServiceRuntime):
             flow.bytes_in += n
 
     def _new_flow(self, client: Any, now: float) -> Flow | None:
+        self.wake(self)
         if len(self.flows) >= self.service.max_connections:
             self.refused(ErrorReason.LIMIT)
             return None
@@ -147,6 +147,8 @@ class UdpService(ServiceRuntime):
         flow = Flow(client, sock, conn, counters, now)
         self.loop.add_reader(sock.fileno(), self._on_backend, flow)
         self.flows[client] = flow
+        if self._sweeper is None:
+            self._arm_sweeper()
         counters.conns += 1
         self.counters.conns += 1
         return flow
@@ -182,6 +184,7 @@ class UdpService(ServiceRuntime):
     # --- expiry ------------------------------------------------------------------------
 
     def _arm_sweeper(self) -> None:
+        """Flows expire by a timer that runs only while there are flows."""
         interval = max(0.05, min(1.0, self.service.idle_timeout / 4))
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
@@ -195,7 +198,9 @@ class UdpService(ServiceRuntime):
                 break
             flows.popitem(last=False)
             self._end(flow, now)
-        self._arm_sweeper()
+        self._sweeper = None
+        if flows:
+            self._arm_sweeper()
 
     def _end(self, flow: Flow, now: float) -> None:
         self.loop.remove_reader(flow.sock.fileno())

@@ -1,0 +1,263 @@
+"""Work is that of the change, not of the number of services: an edit remakes one service
+and every other stays the very object the dataplanes applied (which they recognise by
+identity), idle services are not visited by housekeeping or rate sampling, and rates
+computed from the active services alone are the kernel estimator's."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lb.changes import Applied
+from lb.config import parse_config
+from lb.controller import Controller
+from lb.model import Backend, Endpoint, Protocol, SchedulerName, Service, ServiceKey
+from lb.proxy.dataplane import UserspaceDataplane
+from lb.rates import INTERVAL, RateEstimator
+from lb.stats import ErrorReason, ServiceSnapshot, Totals
+from offload.manager import OffloadManager
+from offload.policy import Mode, OffloadPolicy
+from tests.net import TcpBackend, eventually, free_port, read_line
+
+
+def config_text(ports: list[int], backend: str) -> str:
+    return "services:\n" + "".join(
+        f"  - {{name: s{i}, listen: '127.0.0.1:{p}', scheduler: rr,"
+        f" backends: [{{address: '{backend}'}}]}}\n"
+        for i, p in enumerate(ports)
+    )
+
+
+class Recorder:
+    """A dataplane that keeps what it was given."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.applied: list[list[Service]] = []
+
+    async def apply(self, desired: list[Service]) -> None:
+        self.applied.append(list(desired))
+
+    def observe(self) -> list[ServiceSnapshot]:
+        return []
+
+    def observe_one(self, key: ServiceKey) -> list[ServiceSnapshot]:
+        return []
+
+    async def close(self, grace: float) -> None:
+        pass
+
+
+async def test_an_edit_remakes_one_service_and_the_others_stay_the_same_objects() -> None:
+    text = config_text([8001, 8002, 8003], "127.0.0.1:9000")
+    dp = Recorder()
+    c = Controller(dp)
+    await c.start(parse_config(text))
+    first = dp.applied[-1]
+    await c.edit_backend("s1", "127.0.0.1:9000", weight=5)
+    second = dp.applied[-1]
+    assert [s.name for s in second] == ["s0", "s1", "s2"]
+    assert second[0] is first[0] and second[2] is first[2]
+    assert second[1] is not first[1] and second[1].backends[0].weight == 5
+    # the same file read again: new objects, equal ones, so the dataplanes get the old ones
+    await c.reload(parse_config(text))
+    third = dp.applied[-1]
+    assert third[0] is first[0] and third[1] is second[1] and third[2] is first[2]
+    # a changed file: only what changed is new
+    await c.reload(parse_config(text.replace("8003", "8004")))
+    fourth = dp.applied[-1]
+    assert fourth[0] is first[0] and fourth[1] is second[1]
+    assert fourth[2].listen.port == 8004
+    await c.shutdown(0)
+
+
+async def test_a_failed_apply_leaves_the_edit_to_be_made_again() -> None:
+    text = config_text([8001, 8002], "127.0.0.1:9000")
+    dp = Recorder()
+    c = Controller(dp)
+    await c.start(parse_config(text))
+    fail = True
+
+    async def flaky(desired: list[Service]) -> None:
+        if fail:
+            raise OSError("the dataplane said no")
+        dp.applied.append(list(desired))
+
+    dp.apply = flaky  # type: ignore[method-assign]
+    try:
+        await c.edit_backend("s0", "127.0.0.1:9000", weight=7)
+    except OSError:
+        pass
+    fail = False
+    await c.edit_backend("s1", "127.0.0.1:9000", weight=3)
+    s0, s1 = dp.applied[-1]
+    assert s0.backends[0].weight == 1  # the failed edit was rolled back, not lost half-way
+    assert s1.backends[0].weight == 3
+    await c.shutdown(0)
+
+
+def test_changes_are_found_by_identity() -> None:
+    def svc(i: int) -> Service:
+        return Service(
+            f"s{i}",
+            Protocol.TCP,
+            Endpoint.parse(f"10.0.0.{i}:80"),
+            SchedulerName.RR,
+            backends=(Backend(Endpoint.parse("10.1.0.1:80")),),
+        )
+
+    a = Applied()
+    ss = [svc(i) for i in range(1, 6)]
+    fresh, gone = a.changes(ss)
+    assert fresh == ss and gone == []
+    assert a.changes(ss) == ([], [])  # the same objects: nothing to look at
+    edited = dataclasses.replace(ss[2], scheduler=SchedulerName.WRR)
+    fresh, gone = a.changes([*ss[:2], edited, *ss[3:4]])
+    assert fresh == [edited] and gone == [ss[4].key]
+
+
+async def test_idle_services_are_not_visited_and_a_busy_one_is() -> None:
+    backend = await TcpBackend("A").start()
+    ports = [free_port() for _ in range(20)]
+    dp = UserspaceDataplane()
+    c = Controller(dp)
+    await c.start(parse_config(config_text(ports, backend.address)))
+    try:
+        assert len(dp.active()) == 20  # each new service: the baseline of its rates
+        await eventually(lambda: not dp._due, timeout=5)  # housekeeping found them idle
+        assert len(dp.active()) == 20  # once more: they went idle since the last round
+        assert dp.active() == []  # and from then on, nothing
+        assert await read_line("127.0.0.1", ports[7]) == "A"
+        [busy] = dp.active()
+        assert busy.service.name == "s7" and busy.totals.conns == 1
+        assert dp._due == {dp.runtime("s7")}  # its closed connection lingers (TIME_WAIT)
+    finally:
+        await c.shutdown(0)
+        await backend.stop()
+
+
+async def test_offload_manager_reconsiders_only_what_changed() -> None:
+    """In nftables/IPVS mode the manager asks the kernel dataplane about the changed
+    service only, and hands it the other services as the objects it had."""
+    checked: list[str] = []
+
+    class Kernel:
+        name = "fake"
+        lingers = False
+
+        def __init__(self) -> None:
+            self.foreign: set[ServiceKey] = set()
+            self.applied: list[list[Service]] = []
+
+        def not_expressible(self, s: Service) -> str | None:
+            checked.append(s.name)
+            return None
+
+        async def apply(self, desired: list[Service]) -> None:
+            self.applied.append(list(desired))
+
+        async def refresh(self) -> None:
+            pass
+
+        async def owned(self) -> set[ServiceKey]:
+            return {s.key for s in self.applied[-1]} if self.applied else set()
+
+        def has(self, key: ServiceKey) -> bool:
+            return key in {s.key for s in self.applied[-1]}
+
+        def drained(self, key: ServiceKey, keep: Endpoint | None = None) -> bool:
+            return True
+
+        def observe(self, only: ServiceKey | None = None) -> list[ServiceSnapshot]:
+            return []
+
+        def active(self) -> list[ServiceSnapshot]:
+            return []
+
+        async def remove_all(self) -> None:
+            pass
+
+    kernel = Kernel()
+    manager = OffloadManager(UserspaceDataplane())
+    manager.enable(OffloadPolicy(Mode.NFTABLES, 10, 3), kernel, None, 1.0)
+    c = Controller(manager)
+    ports = [free_port() for _ in range(10)]
+    await c.start(parse_config(config_text(ports, "127.0.0.1:9000")))
+    try:
+        assert sorted(checked) == sorted(f"s{i}" for i in range(10))
+        first = kernel.applied[-1]
+        checked.clear()
+        await c.edit_backend("s4", "127.0.0.1:9000", weight=2)
+        assert checked == ["s4"]
+        second = kernel.applied[-1]
+        assert len(kernel.applied) == 2
+        assert [s for s in second if s.name != "s4"] == [s for s in first if s.name != "s4"]
+        assert all(
+            a is b for a, b in zip(first, second, strict=True) if a.name != "s4"
+        )  # the very objects: the kernel dataplane sees no change there
+        await asyncio.sleep(1.5)  # a tick of the manager: nothing due, nothing applied
+        assert len(kernel.applied) == 2 and checked == ["s4"]
+    finally:
+        await c.shutdown(0)
+
+
+# --- rates -------------------------------------------------------------------------------
+
+
+def _totals(conns: int, nbytes: int) -> Totals:
+    return Totals(conns, nbytes, nbytes // 2, 0, 0, dict.fromkeys(ErrorReason, 0))
+
+
+def _snap(name: str, conns: int, nbytes: int) -> ServiceSnapshot:
+    s = Service(name, Protocol.TCP, Endpoint.parse(f"10.0.0.{name[1:]}:80"), SchedulerName.RR)
+    return ServiceSnapshot(s, "userspace", True, 0, _totals(conns, nbytes), ())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 3), st.integers(1, 50)), max_size=4),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_sampling_only_active_services_gives_the_kernel_estimators_rates(
+    rounds: list[list[tuple[int, int]]],
+) -> None:
+    """Each round, some services get new connections; the estimator fed only those (and
+    every service in the first round, as a new runtime is) must read exactly as the
+    kernel's, which samples every service every 2 s."""
+    names = [f"s{i}" for i in range(1, 5)]
+    conns = dict.fromkeys(names, 0)
+    lazy = RateEstimator()
+    lazy.round(0.0, [_snap(n, 0, 0) for n in names])
+    expected = dict.fromkeys(names, 0.0)  # the kernel's smoothed cps
+    for r, events in enumerate(rounds, start=1):
+        before = dict(conns)
+        moved = set()
+        for i, k in events:
+            conns[names[i]] += k
+            moved.add(names[i])
+        now = r * INTERVAL
+        for n in names:  # ip_vs_est.c, for every service
+            expected[n] += ((conns[n] - before[n]) / INTERVAL - expected[n]) / 4
+        lazy.round(now, [_snap(n, conns[n], 10 * conns[n]) for n in sorted(moved)])
+        for n in names:
+            key = _snap(n, 0, 0).service.key
+            got = lazy.service(key, "userspace").cps
+            assert abs(got - expected[n]) < 1e-9 * max(1.0, expected[n]), (r, n, got, expected[n])
+
+
+def test_rates_of_services_a_dataplane_no_longer_has_are_forgotten() -> None:
+    est = RateEstimator()
+    a, b = _snap("s1", 0, 0), _snap("s2", 0, 0)
+    est.round(0.0, [a, b])
+    est.round(2.0, [_snap("s1", 4, 0), _snap("s2", 8, 0)])
+    assert est.service(b.service.key, "userspace").cps == 1.0  # (8 / 2 s) / 4
+    est.prune(lambda key, dataplane: key == a.service.key)
+    assert est.service(b.service.key, "userspace").cps == 0.0
+    assert est.service(a.service.key, "userspace").cps == 0.5
