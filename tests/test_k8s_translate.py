@@ -173,3 +173,27 @@ def test_two_services_claiming_one_address_first_wins_and_the_other_is_reported(
     t = translate([b, a], [], NODE)
     assert [s.name for s in t.services] == ["default/a:http"]
     assert t.skipped == ("default/b:http: tcp 10.96.0.30:80 is already used by default/a",)
+
+
+def test_a_sync_remakes_only_the_services_whose_objects_changed() -> None:
+    """With a memo, unchanged Service and EndpointSlice objects (the informers keep them
+    as they were) give the very lb services of last time; a changed slice, its service's."""
+    from lb.k8s.translate import Memo
+
+    svcs = [service(f"s{i}", cluster_ip=f"10.96.0.{i + 1}") for i in range(3)]
+    slices = [
+        endpoint_slice(f"s{i}-abc", f"s{i}", endpoints=[endpoint(f"10.244.0.{i + 1}")])
+        for i in range(3)
+    ]
+    memo = Memo()
+    first = translate(svcs, slices, NODE, memo=memo).services
+    again = translate(svcs, slices, NODE, memo=memo).services
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    slices[1] = endpoint_slice("s1-abc", "s1", endpoints=[endpoint("10.244.9.9")])
+    third = translate(svcs, slices, NODE, memo=memo).services
+    assert third[0] is first[0] and third[2] is first[2]
+    assert addresses(third[1]) == ["10.244.9.9:8080"]
+    assert third == translate(svcs, slices, NODE).services  # what no memo gives
+    moved = Node("node-1", (ipaddress.ip_address("192.168.0.11"),))
+    fourth = translate(svcs, slices, moved, memo=memo).services
+    assert fourth[0] is not third[0] and fourth == third  # another node: made again

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from lb.k8s.api import Api
 from lb.k8s.informer import Backoff, Informer, Object, Reader
-from lb.k8s.translate import Node, ObjectKey, Translation, node_addresses, translate
+from lb.k8s.translate import Memo, Node, ObjectKey, Translation, node_addresses, translate
 from lb.log import emit
 from lb.model import KubernetesSettings, Service
 
@@ -108,6 +108,7 @@ class KubernetesSource:
         ]
         self.services, self.slices, self.node = self.informers
         self.translation = Translation(())
+        self._memo = Memo()
         self.syncs = 0
         self._dirty = asyncio.Event()
         self._pending = 0
@@ -217,6 +218,7 @@ class KubernetesSource:
             self.slices.store.values(),
             Node(self.node_name, addresses),
             self.settings.default_scheduler,
+            self._memo,
         )
         for line in sorted(set(translation.skipped) - set(self.translation.skipped)):
             emit(log, logging.WARNING, "k8s.skipped", line)

@@ -88,11 +88,34 @@ def node_addresses(node: Object | None) -> tuple[IPAddress, ...]:
     return tuple(out)
 
 
+@dataclass(slots=True)
+class _Made:
+    """What one Service and its slices gave, and from which objects."""
+
+    service: Object
+    slices: tuple[Object, ...]
+    node: Node
+    scheduler: SchedulerName
+    services: list[Service]
+    skipped: list[str]
+
+
+class Memo:
+    """The last translation of each Service: one whose object and slices are the very
+    objects of last time (the informers keep an unchanged object as it was) gives the
+    same lb services again, not new equal ones. A sync then costs the Services that
+    changed, and the dataplanes recognise the others by identity (lb/changes.py)."""
+
+    def __init__(self) -> None:
+        self.made: dict[ObjectKey, _Made] = {}
+
+
 def translate(
     services: Iterable[Object],
     slices: Iterable[Object],
     node: Node,
     default_scheduler: SchedulerName = SchedulerName.RR,
+    memo: Memo | None = None,
 ) -> Translation:
     by_service: dict[ObjectKey, list[Object]] = {}
     for s in slices:
@@ -103,11 +126,26 @@ def translate(
     out: list[Service] = []
     skipped: list[str] = []
     sources: dict[ServiceKey, ObjectKey] = {}
+    previous = memo.made if memo is not None else {}
+    made: dict[ObjectKey, _Made] = {}
     for svc in sorted(services, key=object_key):
         key = object_key(svc)
-        for lb_service in _translate_one(
-            svc, by_service.get(key, []), node, default_scheduler, skipped
+        own = tuple(by_service.get(key, ()))
+        m = previous.get(key)
+        if (
+            m is None
+            or m.service is not svc
+            or m.node != node
+            or m.scheduler != default_scheduler
+            or len(m.slices) != len(own)
+            or any(a is not b for a, b in zip(m.slices, own, strict=True))
         ):
+            notes: list[str] = []
+            one = _translate_one(svc, list(own), node, default_scheduler, notes)
+            m = _Made(svc, own, node, default_scheduler, one, notes)
+        made[key] = m
+        skipped += m.skipped
+        for lb_service in m.services:
             other = sources.get(lb_service.key)
             if other is not None:
                 skipped.append(
@@ -117,6 +155,8 @@ def translate(
                 continue
             sources[lb_service.key] = key
             out.append(lb_service)
+    if memo is not None:
+        memo.made = made
     return Translation(tuple(out), tuple(skipped), sources)
 
 
