@@ -182,8 +182,8 @@ class OffloadManager:
     # --- VIPs ----------------------------------------------------------------------------------
 
     async def _add_vips(self, new: list[Service]) -> None:
-        """Before the listeners of new services bind: put on the device the VIPs lb may
-        offload. A VIP on another device stays there (the service stays in userspace)."""
+        """Before the listeners of new services bind: put their VIPs on the device. A VIP
+        that is on another device stays there (and its service in userspace)."""
         if self.host is None or self.kernel is None or not new:
             return
         device = self.host.device
@@ -194,9 +194,10 @@ class OffloadManager:
             }
         for s in new:
             ip = s.listen.ip
-            if self._local.get(ip, device) == device and (
-                self.policy.check(s) is None or ip in self._held
-            ):
+            # Every VIP that is not an address of this host already: a service the kernel
+            # cannot carry is served by its userspace listener on the same device (as
+            # kube-proxy's IPVS mode binds every cluster IP to kube-ipvs0).
+            if not ip.is_unspecified and self._local.get(ip, device) == device:
                 self._vip_of[s.key] = ip  # held as long as the service is there
         await self._set_held(self._held | set(self._vip_of.values()))
         for ip in self._held:

@@ -14,6 +14,7 @@ import asyncio
 import copy
 import itertools
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +76,21 @@ class FakeApiServer:
     def resource_version(self) -> str:
         return str(self.rv)
 
-    async def start(self, port: int = 0) -> None:
+    async def start(self, port: int = 0, sock: socket.socket | None = None) -> None:
+        """Listen on 127.0.0.1 (`port`, or the one of last time), or on `sock`: a socket
+        made in another network namespace serves that namespace's loopback."""
         app = web.Application()
         for path in RESOURCES:
             app.router.add_get(path, self._handle)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port or self.port or 0, reuse_address=True)
+        site: web.BaseSite
+        if sock is not None:
+            site = web.SockSite(self._runner, sock)
+        else:
+            site = web.TCPSite(
+                self._runner, "127.0.0.1", port or self.port or 0, reuse_address=True
+            )
         await site.start()
         self.port = self._runner.addresses[0][1]
 

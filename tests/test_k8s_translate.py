@@ -197,3 +197,22 @@ def test_a_sync_remakes_only_the_services_whose_objects_changed() -> None:
     moved = Node("node-1", (ipaddress.ip_address("192.168.0.11"),))
     fourth = translate(svcs, slices, moved, memo=memo).services
     assert fourth[0] is not third[0] and fourth == third  # another node: made again
+
+
+def test_translated_services_are_ones_a_kernel_dataplane_can_carry() -> None:
+    """No connect retry (kube-proxy has none): otherwise no Service would ever leave
+    userspace on a node running the nftables or IPVS dataplane."""
+    from offload.nftables import NftDataplane
+
+    ports = [
+        {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+        {"name": "dns", "port": 53, "targetPort": 53, "protocol": "UDP"},
+    ]
+    slice_ports = [
+        {"name": "http", "port": 8080, "protocol": "TCP"},
+        {"name": "dns", "port": 53, "protocol": "UDP"},
+    ]
+    out = one([web(ports=ports)], [web_slice(endpoint("10.244.1.5"), ports=slice_ports)])
+    assert len(out) == 2
+    for s in out:
+        assert NftDataplane().not_expressible(s) is None, s.name

@@ -99,19 +99,23 @@ async def backends(topo: Topology) -> AsyncIterator[Backends]:
 
 
 async def client_conn(
-    topo: Topology, source: str, port: int = 80, sport: int = 0
+    topo: Topology, source: str, port: int = 80, sport: int = 0, vip: str | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     sock = socket_in(topo.client)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((source, sport))
     sock.setblocking(False)
-    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (topo.vip, port)), 10)
+    to = (vip or topo.vip, port)
+    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, to), 10)
     return await asyncio.open_connection(sock=sock)
 
 
-async def ask(topo: Topology, source: str, port: int = 80, sport: int = 0) -> str:
-    """Connect from `source`, read the backend's line ("<backend> saw <peer>"), close."""
-    reader, writer = await client_conn(topo, source, port, sport)
+async def ask(
+    topo: Topology, source: str, port: int = 80, sport: int = 0, vip: str | None = None
+) -> str:
+    """Connect from `source` (to the topology's VIP, or `vip`), read the backend's line
+    ("<backend> saw <peer>"), close."""
+    reader, writer = await client_conn(topo, source, port, sport, vip)
     try:
         return (await asyncio.wait_for(reader.readline(), 10)).decode().strip()
     finally:

@@ -252,7 +252,9 @@ def _translate_one(
                     else Persistence(persistence_timeout, 32 if ip.version == 4 else 128),
                     backends=backends,
                     idle_timeout=UDP_IDLE_TIMEOUT if udp else TCP_IDLE_TIMEOUT,
-                    retries=0 if udp else 1,
+                    # no connect retry: kube-proxy's dataplanes have none, and a service
+                    # with one could not go to the kernel (retries are userspace-only)
+                    retries=0,
                     max_connections=UDP_MAX_FLOWS if udp else 0,
                 )
             )
