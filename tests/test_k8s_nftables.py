@@ -100,11 +100,9 @@ async def test_node_proxy_serves_cluster_ips_from_nftables_through_churn_410_and
         "dataplane: nftables\nshutdown_grace: 1s\nadmin: {listen: 127.0.0.1:9090}\n"
         "kubernetes: {min_sync_period: 100ms, sync_period: 5s}\n"
     )
+    args = ["--source", "kubernetes", "--kubeconfig", str(kubeconfig)]
     lb = await LbProcess.start(
-        cfg,
-        prefix=["ip", "netns", "exec", topo.lb],
-        args=["--source", "kubernetes", "--kubeconfig", str(kubeconfig), "--hostname-override"]
-        + ["node-1"],
+        cfg, prefix=["ip", "netns", "exec", topo.lb], args=[*args, "--hostname-override", "node-1"]
     )
     try:
         await lb.wait_event("k8s.first_sync", timeout=START)
