@@ -16,6 +16,7 @@ from typing import Protocol
 
 import aiohttp
 
+from lb.changes import Changes
 from lb.health.monitor import Monitor
 from lb.log import emit
 from lb.model import AdminState, Backend, Config, Endpoint, Service, ServiceKey
@@ -29,7 +30,10 @@ BackendKey = tuple[ServiceKey, Endpoint]
 class Dataplane(Protocol):
     name: str
 
-    async def apply(self, desired: list[Service]) -> None: ...
+    async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
+        """Carry exactly `desired`; `changes` says what differs from the last apply (a
+        dataplane may then do only that work), None: find out."""
+        ...
 
     def observe(self) -> list[ServiceSnapshot]: ...
 
@@ -163,7 +167,9 @@ class Controller:
         stale, self._stale = self._stale, set()
         try:
             desired, made_from, changed = self._build(stale)
-            await self.dataplane.apply(list(desired.values()))
+            removed = [k for k in self._desired if k not in desired] if stale is None else []
+            changes = Changes([desired[k] for k in changed], removed)
+            await self.dataplane.apply(list(desired.values()), changes)
         except BaseException:
             self._stale = None if stale is None or self._stale is None else stale | self._stale
             raise

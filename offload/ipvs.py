@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
+from lb.changes import Changes
 from lb.log import emit
 from lb.model import Endpoint, IPAddress, Service, ServiceKey
 from lb.plan import AddDest, DelDest, EditDest, plan_dests
@@ -81,7 +82,9 @@ class IpvsDataplane:
 
     # --- apply ---------------------------------------------------------------------------
 
-    async def apply(self, desired: list[Service]) -> None:
+    async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
+        """Reconcile against a dump of the kernel (`changes` is not used: IPVS's own
+        netlink answers what it has, and a dump keeps foreign services in view)."""
         now = self.clock()
         vips = await self.owned_vips()
         kernel = {k.key: k for k in await self.client.services()}

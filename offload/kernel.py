@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from lb.changes import Changes
 from lb.model import Endpoint, Service, ServiceKey
 from lb.stats import ServiceSnapshot
 from offload.conntrack import Conntrack
@@ -29,8 +30,9 @@ class KernelDataplane(Protocol):
         """Why this dataplane cannot carry `s`, or None."""
         ...
 
-    async def apply(self, desired: list[Service]) -> None:
-        """Make the kernel carry exactly these services (the others of lb's go)."""
+    async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
+        """Make the kernel carry exactly these services (the others of lb's go);
+        `changes`: what differs from the last apply, if the caller knows."""
         ...
 
     async def refresh(self) -> None:

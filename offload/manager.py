@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from lb.changes import Applied
+from lb.changes import Applied, Changes
 from lb.log import emit
 from lb.model import IPAddress, Service, ServiceKey
 from lb.proxy.dataplane import UserspaceDataplane
@@ -89,6 +89,7 @@ class OffloadManager:
         # The kernel must get an apply although nothing changed: the first one (it adopts
         # or clears what a previous run left), or the one after an apply that failed.
         self._kernel_stale = True
+        self._kernel_dirty: set[ServiceKey] = set()  # keys whose kernel form changed
 
     def enable(
         self,
@@ -107,23 +108,32 @@ class OffloadManager:
 
     # --- the Dataplane surface -------------------------------------------------------------
 
-    async def apply(self, desired: list[Service]) -> None:
+    async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
         loop = asyncio.get_running_loop()
         async with self._lock:
-            fresh, removed = self._applied.changes(desired)
+            ch = self._applied.changes(desired, changes)
+            undo = {key: self._desired.get(key) for key in ch.touched()}
+            for key in ch.removed:
+                self._desired.pop(key, None)
+            new = [s for s in ch.fresh if undo[s.key] is None]
+            for s in ch.fresh:
+                self._desired[s.key] = s
             try:
-                previous = self._desired
-                self._desired = {s.key: s for s in desired}
-                await self._add_vips([s for s in fresh if s.key not in previous])
+                await self._add_vips(new)
                 start = loop.time()
-                await self.userspace.apply(desired)
+                await self.userspace.apply(desired, ch)
                 if self._on_sync is not None:
                     self._on_sync("userspace", loop.time() - start)
             except BaseException:
-                self._applied.clear()  # the next apply looks at every service again
+                for key, old in undo.items():  # as before: the next apply starts from there
+                    if old is None:
+                        self._desired.pop(key, None)
+                    else:
+                        self._desired[key] = old
                 raise
-            self.policy.observe(fresh, removed, loop.time())
-            await self._reconcile({s.key for s in fresh} | set(removed))
+            self._applied.commit(ch)
+            self.policy.observe(ch.fresh, ch.removed, loop.time())
+            await self._reconcile(ch.touched())
         if self._tick is None:
             self._tick = loop.create_task(self._ticker())
 
@@ -253,7 +263,6 @@ class OffloadManager:
         now = loop.time()
         lingers = self.kernel is not None and self.kernel.lingers
         keys = keys | self.policy.due(now) | self._demote_started.keys() | self._orphans.keys()
-        changed = False
         for key in keys:
             s = self._desired.get(key)
             if s is None:
@@ -276,17 +285,23 @@ class OffloadManager:
                     orphan = None
                 if orphan is None:
                     self._vip_of.pop(key, None)
-                changed |= self._give(key, orphan, None)
+                self._give(key, orphan, None)
                 continue
             self._orphans.pop(key, None)
             placement = self._decide(s, now, lingers)
-            changed |= self._give(key, s, placement)
-        if self.kernel is None or not (changed or self._kernel_stale):
+            self._give(key, s, placement)
+        if self.kernel is None or not (self._kernel_dirty or self._kernel_stale):
             return
         start = loop.time()
+        dirty = self._kernel_dirty
+        forms = self._forms
+        changes = Changes(
+            [forms[k] for k in dirty if k in forms], [k for k in dirty if k not in forms]
+        )
         self._kernel_stale = True  # until this apply is through
-        await self.kernel.apply(list(self._forms.values()))
+        await self.kernel.apply(list(forms.values()), changes)
         self._kernel_stale = False
+        self._kernel_dirty = set()
         if self._on_sync is not None:
             self._on_sync(self.kernel.name, loop.time() - start)
         await self._drop_vips()
@@ -316,9 +331,9 @@ class OffloadManager:
                 self._moved(s, "offload.demoted", "is back in userspace")
         return self._placement.get(s.key, Placement.USERSPACE)
 
-    def _give(self, key: ServiceKey, s: Service | None, placement: Placement | None) -> bool:
+    def _give(self, key: ServiceKey, s: Service | None, placement: Placement | None) -> None:
         """Set what the kernel gets for `key`: `s` as placed (None: an orphan, or nothing);
-        True if that changed."""
+        a key whose form changed is one the next kernel apply is told of."""
         form: Service | None = None
         if s is not None and placement is not Placement.USERSPACE:
             made = self._made.get(key)
@@ -334,18 +349,16 @@ class OffloadManager:
                 self._made[key] = (s, placement, form)
         elif s is not None:
             self._made[key] = (s, placement, s)
+        else:
+            self._made.pop(key, None)
         old = self._forms.get(key)
-        if form is None:
-            if s is None:
-                self._made.pop(key, None)
-            if old is None:
-                return False
-            del self._forms[key]
-            return True
         if old is form:
-            return False
-        self._forms[key] = form
-        return True
+            return
+        if form is None:
+            del self._forms[key]
+        else:
+            self._forms[key] = form
+        self._kernel_dirty.add(key)
 
     def _moved(self, s: Service, event: str, what: str, reason: str | None = None) -> None:
         emit(log, logging.INFO, event, f"service {s.name} {what}", service=s.name, reason=reason)

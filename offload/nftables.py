@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from lb.changes import Applied
+from lb.changes import Applied, Changes
 from lb.log import emit
 from lb.model import BackendState, Endpoint, Protocol, Service, ServiceKey
 from lb.stats import BackendSnapshot, ErrorReason, ServiceSnapshot, Totals
@@ -123,14 +123,14 @@ class NftDataplane:
         """NftError unless nft runs here with the rights to change the ruleset."""
         await self.nft(f"table ip {TABLE}\n")  # creates nothing that the first apply keeps
 
-    async def apply(self, desired: list[Service]) -> None:
+    async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
         """One transaction with the objects of the services that changed: the work done,
-        in Python and in the kernel, is that of the change. A service that is the very
-        object applied last time is unchanged without a look inside; another is compared
-        with the one applied (an equality test). If the kernel refuses the transaction,
-        the next apply rebuilds the tables whole."""
+        in Python and in the kernel, is that of the change (`changes`, or found by
+        identity). A changed service is compared with the one applied (an equality
+        test). If the kernel refuses the transaction, the next apply rebuilds the tables
+        whole."""
         old = self._rendered
-        fresh, removed = self._changes(desired)
+        fresh, removed = self._changes(desired, changes)
         before = {k: self._desired[k] for k in [*fresh, *removed] if k in self._desired}
         changed = sorted(
             (k for k, s in fresh.items() if old is None or before.get(k) != s), key=str
@@ -174,13 +174,19 @@ class NftDataplane:
             self._applied.clear()
             raise
         self._rendered = rendered
+        if old is None:
+            self._applied.clear()
+        self._applied.commit(Changes(list(fresh.values()), removed))
         await self._forget_dead(before, changed)
 
     def _changes(
-        self, desired: list[Service]
+        self, desired: list[Service], given: Changes | None
     ) -> tuple[dict[ServiceKey, Service], list[ServiceKey]]:
-        fresh, removed = self._applied.changes(desired)
-        return {s.key: s for s in fresh}, removed
+        if self._rendered is None:  # the tables are built whole: every service
+            fresh = {s.key: s for s in desired}
+            return fresh, sorted((k for k in self._desired if k not in fresh), key=str)
+        ch = self._applied.changes(desired, given)
+        return {s.key: s for s in ch.fresh}, ch.removed
 
     async def _build(self, services: list[Rendered]) -> None:
         """The first apply: the table replaced by an empty one (`nft -f`, atomic: a table

@@ -11,7 +11,7 @@ import dataclasses
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.changes import Applied
+from lb.changes import Applied, Changes
 from lb.config import parse_config
 from lb.controller import Controller
 from lb.model import Backend, Endpoint, Protocol, SchedulerName, Service, ServiceKey
@@ -38,9 +38,11 @@ class Recorder:
 
     def __init__(self) -> None:
         self.applied: list[list[Service]] = []
+        self.changes: list[Changes | None] = []
 
-    async def apply(self, desired: list[Service]) -> None:
+    async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
         self.applied.append(list(desired))
+        self.changes.append(changes)
 
     def observe(self) -> list[ServiceSnapshot]:
         return []
@@ -63,6 +65,7 @@ async def test_an_edit_remakes_one_service_and_the_others_stay_the_same_objects(
     assert [s.name for s in second] == ["s0", "s1", "s2"]
     assert second[0] is first[0] and second[2] is first[2]
     assert second[1] is not first[1] and second[1].backends[0].weight == 5
+    assert dp.changes[-1] == Changes([second[1]], [])  # and it says so
     # the same file read again: new objects, equal ones, so the dataplanes get the old ones
     await c.reload(parse_config(text))
     third = dp.applied[-1]
@@ -72,6 +75,7 @@ async def test_an_edit_remakes_one_service_and_the_others_stay_the_same_objects(
     fourth = dp.applied[-1]
     assert fourth[0] is first[0] and fourth[1] is second[1]
     assert fourth[2].listen.port == 8004
+    assert dp.changes[-1] == Changes([fourth[2]], [first[2].key])
     await c.shutdown(0)
 
 
@@ -82,7 +86,7 @@ async def test_a_failed_apply_leaves_the_edit_to_be_made_again() -> None:
     await c.start(parse_config(text))
     fail = True
 
-    async def flaky(desired: list[Service]) -> None:
+    async def flaky(desired: list[Service], changes: Changes | None = None) -> None:
         if fail:
             raise OSError("the dataplane said no")
         dp.applied.append(list(desired))
@@ -112,12 +116,17 @@ def test_changes_are_found_by_identity() -> None:
 
     a = Applied()
     ss = [svc(i) for i in range(1, 6)]
-    fresh, gone = a.changes(ss)
-    assert fresh == ss and gone == []
-    assert a.changes(ss) == ([], [])  # the same objects: nothing to look at
+    first = a.changes(ss)
+    assert first == Changes(ss, [])
+    a.commit(first)
+    assert a.changes(ss) == Changes()  # the same objects: nothing to look at
     edited = dataclasses.replace(ss[2], scheduler=SchedulerName.WRR)
-    fresh, gone = a.changes([*ss[:2], edited, *ss[3:4]])
-    assert fresh == [edited] and gone == [ss[4].key]
+    later = [*ss[:2], edited, *ss[3:4]]
+    ch = a.changes(later)
+    assert ch == Changes([edited], [ss[4].key])
+    assert a.changes(later) == ch  # not applied (say, it failed): still to do
+    a.commit(ch)
+    assert a.changes(later) == Changes()
 
 
 async def test_idle_services_are_not_visited_and_a_busy_one_is() -> None:
@@ -152,13 +161,15 @@ async def test_offload_manager_reconsiders_only_what_changed() -> None:
         def __init__(self) -> None:
             self.foreign: set[ServiceKey] = set()
             self.applied: list[list[Service]] = []
+            self.told: list[Changes | None] = []
 
         def not_expressible(self, s: Service) -> str | None:
             checked.append(s.name)
             return None
 
-        async def apply(self, desired: list[Service]) -> None:
+        async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
             self.applied.append(list(desired))
+            self.told.append(changes)
 
         async def refresh(self) -> None:
             pass
@@ -199,6 +210,8 @@ async def test_offload_manager_reconsiders_only_what_changed() -> None:
         assert all(
             a is b for a, b in zip(first, second, strict=True) if a.name != "s4"
         )  # the very objects: the kernel dataplane sees no change there
+        [s4] = [s for s in second if s.name == "s4"]
+        assert kernel.told[-1] == Changes([s4], [])  # and is told which one changed
         await asyncio.sleep(1.5)  # a tick of the manager: nothing due, nothing applied
         assert len(kernel.applied) == 2 and checked == ["s4"]
     finally:

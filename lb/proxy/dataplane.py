@@ -12,6 +12,7 @@ import logging
 import socket
 from collections.abc import Sequence
 
+from lb.changes import Applied, Changes
 from lb.log import emit
 from lb.model import Protocol, Service, ServiceKey
 from lb.proxy.runtime import ServiceRuntime
@@ -41,17 +42,19 @@ class UserspaceDataplane:
         self.retired: list[TcpService] = []  # removed services whose connections live on
         self._tick: asyncio.TimerHandle | None = None
         self._applied: dict[ServiceKey, Service] = {}
+        self._seen = Applied()  # the service objects of the last apply
         # Housekeeping and rate sampling visit only the services something happened to:
         # `_due` (woken: a connection, an error, a change; until a tick finds it idle) and
         # `_quieted` (went idle since the last sampling round). Idle services cost nothing.
         self._due: set[ServiceRuntime] = set()
         self._quieted: set[ServiceRuntime] = set()
 
-    async def apply(self, desired: Sequence[Service]) -> None:
-        """Make the listeners and services match `desired`; all or nothing for new listeners."""
+    async def apply(self, desired: Sequence[Service], changes: Changes | None = None) -> None:
+        """Make the listeners and services match `desired`; all or nothing for new
+        listeners. The work is that of `changes` (found by identity if not given)."""
         loop = asyncio.get_running_loop()
-        wanted = {s.key: s for s in desired}
-        new = [s for k, s in wanted.items() if k not in self.runtimes]
+        ch = self._seen.changes(desired, changes)
+        new = [s for s in ch.fresh if s.key not in self.runtimes]
         socks: dict[ServiceKey, socket.socket] = {}
         errors: list[BindError] = []
         for s in new:
@@ -62,9 +65,11 @@ class UserspaceDataplane:
         if errors:
             for sock in socks.values():
                 sock.close()
-            raise ApplyError(errors)
-        for key in [k for k in self.runtimes if k not in wanted]:
-            rt = self.runtimes.pop(key)
+            raise ApplyError(errors)  # nothing applied: the next apply starts from here
+        for key in ch.removed:
+            rt = self.runtimes.pop(key, None)
+            if rt is None:
+                continue
             self._applied.pop(key, None)
             self._due.discard(rt)
             self._quieted.discard(rt)
@@ -79,12 +84,13 @@ class UserspaceDataplane:
             )
             if isinstance(rt, TcpService) and rt.relays:
                 self.retired.append(rt)
-        for key, rt in self.runtimes.items():
-            service = wanted[key]
-            applied = self._applied.get(key)
-            if applied is not service and applied != service:
-                rt.update(service)
-            self._applied[key] = service  # the very object: next time, no comparison
+        for service in ch.fresh:
+            existing = self.runtimes.get(service.key)
+            if existing is None:
+                continue
+            if self._applied.get(service.key) != service:
+                existing.update(service)
+            self._applied[service.key] = service
         for s in new:
             rt = self._make(loop, s, socks[s.key])
             rt.wake = self._wake
@@ -100,6 +106,7 @@ class UserspaceDataplane:
                 service=s.name,
                 listen=str(s.key),
             )
+        self._seen.commit(ch)
         if self._tick is None:
             self._tick = loop.call_later(TICK, self._on_tick)
 
@@ -179,5 +186,6 @@ class UserspaceDataplane:
         self.runtimes.clear()
         self.retired.clear()
         self._applied.clear()
+        self._seen.clear()
         self._due.clear()
         self._quieted.clear()
