@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from lb.config import parse_config
-from lb.model import AdminState, Service
+from lb.model import AdminState, Endpoint, Protocol, Service, ServiceKey
 from offload.nft_rules import (
     MAX_CYCLE,
     cycle,
@@ -237,3 +237,28 @@ async def test_a_refused_change_makes_the_next_apply_rebuild_the_tables() -> Non
     await dp.apply(copies[:2])
     assert fake.scripts[-1].startswith("table ip lb\ndelete table ip lb\n")
     assert "10.0.0.3" not in fake.scripts[-1] and "10.0.0.2" in fake.scripts[-1]
+
+
+def test_conntrack_lines_give_each_flows_service_and_backend() -> None:
+    """`conntrack -L --dst-nat` output as the tool prints it (captured here)."""
+    from offload.conntrack import Flow, parse_flows
+
+    text = (
+        "tcp      6 119 TIME_WAIT src=10.9.0.1 dst=10.96.0.1 sport=39226 dport=80 "
+        "src=10.9.0.2 dst=10.9.0.1 sport=8080 dport=39226 [ASSURED] mark=0 use=1\n"
+        "tcp      6 431999 ESTABLISHED src=10.9.0.1 dst=10.96.0.1 sport=39228 dport=80 "
+        "src=10.9.0.3 dst=10.9.0.1 sport=8080 dport=39228 [ASSURED] mark=0 use=1\n"
+        "udp      17 29 src=10.0.0.1 dst=10.96.0.1 sport=1000 dport=53 src=10.244.0.5 "
+        "dst=10.0.0.1 sport=5353 dport=1000 mark=0 use=1\n"
+        "icmp     1 29 src=10.0.0.1 dst=10.96.0.1 type=8 code=0 id=1 src=10.96.0.1 "
+        "dst=10.0.0.1 type=0 code=0 id=1 mark=0 use=1\n"
+        "tcp      6 100 ESTABLISHED src=10.0.0.2 dst=10.0.0.9 sport=1 dport=80 "
+        "src=10.0.0.9 dst=10.0.0.2 sport=80 dport=1 [ASSURED] mark=0 use=1\n"
+    )
+    web = ServiceKey(Protocol.TCP, Endpoint.parse("10.96.0.1:80"))
+    dns = ServiceKey(Protocol.UDP, Endpoint.parse("10.96.0.1:53"))
+    assert parse_flows(text) == [
+        Flow(web, Endpoint.parse("10.9.0.2:8080"), False),
+        Flow(web, Endpoint.parse("10.9.0.3:8080"), True),
+        Flow(dns, Endpoint.parse("10.244.0.5:5353"), False),
+    ]  # icmp and the entry that was not DNATed are left out
