@@ -1,8 +1,10 @@
-"""`python -m bench`: run the benchmarks, write bench/results/<date>/ (results.json, a
-Markdown table, PNG plots). Needs root (network namespaces) and the README's set-up.
+"""`python -m bench`: run the benchmarks, write bench/results/<date>/ (results.json,
+Markdown tables, PNG plots). Needs root (network namespaces) and the README's set-up.
 
-Today it measures the control plane (bench/control.py); the data-plane workloads of
-issue 7 (connection rate, request/response, throughput, UDP) are not written yet.
+Two parts: the control plane (bench/control.py: applying services at 1..10,000;
+bench/scale.py: `lb run` itself at those sizes, its edits, memory and idle CPU) and the
+data plane (bench/dataplane.py: connections, requests, bulk and UDP through lb and its
+peers, in network namespaces).
 """
 
 from __future__ import annotations
@@ -13,26 +15,63 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from bench import control
+from bench import control, dataplane, scale
+from bench.peers import PEERS
 from bench.report import write_report
+from bench.topology import bench_lock, remove_bench_namespaces
+from bench.workloads import WORKLOADS
 
 FULL_SIZES = [1, 10, 100, 1000, 10_000]
 QUICK_SIZES = [1, 10, 100]
+PARTS = ("control", "dataplane")
+
+
+def names(arg: str | None, flag: str, known: tuple[str, ...]) -> list[str]:
+    """A comma-separated choice among `known` (all of them when not given), in the given
+    order; a name that is not known raises ValueError with the message to print."""
+    if arg is None:
+        return list(known)
+    chosen = [x.strip() for x in arg.split(",") if x.strip()]
+    bad = [x for x in chosen if x not in known]
+    if bad or not chosen:
+        raise ValueError(
+            f"bench: {flag}: unknown {', '.join(repr(b) for b in bad) or 'empty list'}"
+            f" (choose among: {', '.join(known)})"
+        )
+    return list(dict.fromkeys(chosen))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument(
-        "--quick", action="store_true", help="small sizes, 3 runs: checks the bench works"
+        "--quick",
+        action="store_true",
+        help="small sizes, 1 s tool runs, 3 runs: checks the bench works in a few minutes",
     )
     p.add_argument("--runs", type=int, help="runs per figure (default 5; --quick: 3)")
     p.add_argument("--sizes", help="comma-separated service counts (default 1,10,100,1000,10000)")
     p.add_argument("--out", type=Path, help="results directory (default bench/results/<date>)")
+    p.add_argument("--only", help="run one part: control or dataplane (default both)")
+    p.add_argument(
+        "--peers", help=f"data plane: comma-separated peers (default all: {', '.join(PEERS)})"
+    )
+    p.add_argument(
+        "--workloads",
+        help=f"data plane: comma-separated workloads (default all: {', '.join(WORKLOADS)})",
+    )
     args = p.parse_args(argv)
+    try:
+        parts = names(args.only, "--only", PARTS)
+        peers = names(args.peers, "--peers", PEERS)
+        workloads = names(args.workloads, "--workloads", tuple(WORKLOADS))
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
     try:
         sizes = (
             [int(x) for x in args.sizes.split(",")]
@@ -55,34 +94,91 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench: needs root (it creates network namespaces)", file=sys.stderr)
         return 2
+    if "dataplane" in parts and (missing := dataplane.missing_tools()):
+        print(
+            f"bench: the data plane needs {', '.join(missing)} (./scripts/setup installs them)",
+            file=sys.stderr,
+        )
+        return 2
     today = datetime.date.today().isoformat()
     out: Path = args.out or Path(__file__).parent / "results" / (
         today + ("-quick" if args.quick else "")
     )
     out.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, object] = {"date": today, "quick": args.quick, "machine": machine()}
 
-    from rich.progress import Progress
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C: the namespaces and processes are removed
 
-    with Progress() as progress:
-        task = progress.add_task("control plane", total=len(sizes) * len(control.APPLIERS))
-
-        def advance(what: str) -> None:
-            progress.update(task, advance=1, description=f"control plane: {what}")
-
-        results = asyncio.run(control.measure(sizes, runs, advance))
-    doc = {
-        "date": today,
-        "quick": args.quick,
-        "machine": machine(),
-        "control": {
-            name: {str(n): {step: s.as_dict() for step, s in by.items()} for n, by in per.items()}
-            for name, per in results.items()
-        },
-    }
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
+    try:
+        with bench_lock():
+            try:
+                run_parts(
+                    doc,
+                    parts=parts,
+                    sizes=sizes,
+                    runs=runs,
+                    peers=peers,
+                    workloads=workloads,
+                    quick=args.quick,
+                )
+            except KeyboardInterrupt:
+                remove_bench_namespaces()  # a second safety net: each part removes its own
+                raise
+    except KeyboardInterrupt:
+        print("bench: interrupted; its namespaces and processes are removed", file=sys.stderr)
+        return 130
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     write_report(out, doc)
     print(f"bench: results in {out}")
     return 0
+
+
+def run_parts(
+    doc: dict[str, object],
+    *,
+    parts: list[str],
+    sizes: list[int],
+    runs: int,
+    peers: list[str],
+    workloads: list[str],
+    quick: bool,
+) -> None:
+    from rich.progress import Progress
+
+    with Progress() as progress:
+        if "control" in parts:
+            task = progress.add_task("control plane", total=len(sizes) * len(control.APPLIERS))
+
+            def advance(what: str) -> None:
+                progress.update(task, advance=1, description=f"control plane: {what}")
+
+            results = asyncio.run(control.measure(sizes, runs, advance))
+            doc["control"] = as_json(results)
+            stask = progress.add_task("lb run", total=len(sizes) * len(scale.DATAPLANES))
+
+            def sadvance(what: str) -> None:
+                progress.update(stask, advance=1, description=f"lb run: {what}")
+
+            doc["scale"] = as_json(asyncio.run(scale.measure(sizes, runs, sadvance, quick)))
+        if "dataplane" in parts:
+            dtask = progress.add_task("data plane", total=runs * len(peers))
+
+            def dadvance(what: str) -> None:
+                progress.update(dtask, advance=1, description=f"data plane: {what}")
+
+            doc["dataplane"] = asyncio.run(
+                dataplane.measure(peers, workloads, runs, quick, dadvance)
+            )
+
+
+def as_json(results: control.Results) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    return {
+        name: {str(n): {step: s.as_dict() for step, s in by.items()} for n, by in per.items()}
+        for name, per in results.items()
+    }
 
 
 def machine() -> dict[str, str | int | None]:

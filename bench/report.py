@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.report_dataplane import dataplane_markdown, dataplane_plot
 from bench.stats import ms
 
 STEP_TITLES = {
@@ -19,9 +20,17 @@ KERNEL_TITLES = {
 }
 KERNEL_NOTE = (
     "The same changes, timing only lb's netlink transaction: encoding the batch and the "
-    "kernel committing it. The rest of each change above is lb comparing the desired list "
-    "of N services with the one it applied last (in Python, about 0.2 us per service)."
+    "kernel committing it. The rest of each change above is lb rendering the changed "
+    "service's objects and working out their difference (the dataplane is told which "
+    "service changed, as lb's offload manager tells it)."
 )
+#: bench/scale.py: `lb run` itself at each size
+SCALE_ROWS = {
+    "edit": ("one weight edit through the admin API, answered once applied (ms)", 1000.0),
+    "start": ("from `lb run` to ready (s)", 1.0),
+    "rss_mb": ("memory once started, RSS (MB)", 1.0),
+    "idle_cpu_percent": ("CPU with nothing happening (% of a core)", 1.0),
+}
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -31,6 +40,18 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpus']} CPUs, kernel {m['kernel']}, Python {m['python']}, "
         f"{m['nft']}, {m['iptables']}.",
+    ]
+    if "control" in doc:
+        lines += control_markdown(doc)
+    if "scale" in doc:
+        lines += scale_markdown(doc["scale"])
+    if "dataplane" in doc:
+        lines += dataplane_markdown(doc["dataplane"])
+    return "\n".join(lines) + "\n"
+
+
+def control_markdown(doc: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "## Control plane: services x 10 backends",
         "",
@@ -60,16 +81,74 @@ def markdown(doc: dict[str, Any]) -> str:
                     "" if s is None else f"{ms(s['median'])} ({ms(s['low'])}-{ms(s['high'])})"
                 )
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def plot(out: Path, doc: dict[str, Any]) -> list[Path]:
-    import matplotlib
+def _figure(value: float) -> str:
+    return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
 
-    matplotlib.use("Agg")
+
+def scale_markdown(scale: dict[str, Any]) -> list[str]:
+    sizes = sorted({int(n) for per in scale.values() for n in per})
+    lines = [
+        "",
+        "## lb run at N services x 10 backends, end to end",
+        "",
+        "The real `lb run -c FILE --dataplane D` in a namespace of its own (bench/scale.py): "
+        "an edit is a `POST` to the admin API, timed by a client in the namespace, from the "
+        "request to the answer, which lb sends once every dataplane has applied it "
+        "(median of the runs, smallest-largest); start, memory and idle CPU are one "
+        "measurement each.",
+    ]
+    for step, (title, scale_by) in SCALE_ROWS.items():
+        lines += ["", f"### {title}", ""]
+        lines.append("| dataplane | " + " | ".join(f"{n:,}" for n in sizes) + " |")
+        lines.append("|---|" + "---:|" * len(sizes))
+        for name, per in scale.items():
+            cells = []
+            for n in sizes:
+                s = per.get(str(n), {}).get(step)
+                if s is None:
+                    cells.append("")
+                elif s["runs"] > 1:
+                    cells.append(
+                        f"{_figure(s['median'] * scale_by)} "
+                        f"({_figure(s['low'] * scale_by)}-{_figure(s['high'] * scale_by)})"
+                    )
+                else:
+                    cells.append(_figure(s["median"] * scale_by))
+            lines.append(f"| lb {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def scale_plot(out: Path, scale: dict[str, Any]) -> Path:
     import matplotlib.pyplot as plt
 
-    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, step in zip(axes, ("edit", "rss_mb"), strict=True):
+        title, scale_by = SCALE_ROWS[step]
+        for name, per in scale.items():
+            sizes = sorted(int(n) for n in per)
+            med = [per[str(n)][step]["median"] * scale_by for n in sizes]
+            low = [per[str(n)][step]["low"] * scale_by for n in sizes]
+            high = [per[str(n)][step]["high"] * scale_by for n in sizes]
+            ax.plot(sizes, med, marker="o", label=f"lb {name}")
+            ax.fill_between(sizes, low, high, alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("services (x 10 backends)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    path = out / "scale.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def control_plot(out: Path, doc: dict[str, Any]) -> Path:
+    import matplotlib.pyplot as plt
+
     control = doc["control"]
     fig, axes = plt.subplots(1, len(STEP_TITLES), figsize=(15, 4.5), sharey=True)
     for ax, (step, title) in zip(axes, STEP_TITLES.items(), strict=True):
@@ -98,7 +177,20 @@ def plot(out: Path, doc: dict[str, Any]) -> list[Path]:
     path = out / "control.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    paths.append(path)
+    return path
+
+
+def plot(out: Path, doc: dict[str, Any]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    paths = []
+    if "control" in doc:
+        paths.append(control_plot(out, doc))
+    if "scale" in doc:
+        paths.append(scale_plot(out, doc["scale"]))
+    if "dataplane" in doc:
+        paths.append(dataplane_plot(out, doc["dataplane"]))
     return paths
 
 

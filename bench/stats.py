@@ -28,3 +28,15 @@ def ms(seconds: float) -> str:
     """A duration for a table: 3 significant digits, in ms."""
     value = seconds * 1000
     return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation between closest ranks, as
+    numpy's default does; the tools' own percentiles are read from their output."""
+    if not values:
+        raise ValueError("no value to take a percentile of")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)

@@ -1,8 +1,11 @@
-"""The bench runs (its --quick mode, as CI runs it): results.json, the Markdown table and
-the plot come out with every dataplane and size. It asserts nothing about speed."""
+"""The bench runs (its --quick mode, as CI runs it): results.json, the Markdown tables and
+the plots come out with every dataplane and size, and every data-plane peer and workload.
+It asserts nothing about speed. The parsers of the tools' output are checked on output
+captured from the real tools (bench/samples/), without root."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import sys
@@ -10,11 +13,51 @@ from pathlib import Path
 
 import pytest
 
+from bench import parse
+from bench.__main__ import names
+from bench.dataplane import ratios
+from bench.peers import PEERS, Svc, haproxy_conf, lb_services_carried, lb_yaml, nft_dnat_script
+from bench.stats import percentile
+from bench.topology import LOCK, Topology
+from bench.workloads import WORKLOADS
 from tests.conftest import require_root
 
-pytestmark = pytest.mark.netns
+SAMPLES = Path(__file__).parent.parent / "bench" / "samples"
+#: Every figure each workload reports (bench/workloads.py)
+FIGURES = {
+    "connections": {
+        "connections_per_s", "errors", "balancer_cpu_percent", "process_cpu_percent",
+        "rss_mb", "paced_per_s", "paced_failed", "connect_p50_us", "connect_p99_us",
+        "response_p50_us", "response_p99_us",
+    },
+    "requests": {
+        "requests_per_s", "errors", "latency_p50_us", "latency_p99_us", "rtt_p50_us",
+        "rtt_p99_us",
+    },
+    "bulk": {
+        f"{what}_{n}" for what in ("gbit_s", "cpu_s_per_gb", "process_s_per_gb", "softirq_s_per_gb") for n in (1, 4)
+    },
+    "udp": {"datagrams_per_s", "loss_percent", "rtt_p50_us", "rtt_p99_us"},
+}  # fmt: skip
 
 
+def no_bench_namespace_left() -> bool:
+    """No lbbench namespace, checked while holding the bench's lock so that no other bench
+    can be making some (another one running now, say a second test suite's, owns what
+    exists: nothing to check then)."""
+    with open(LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        try:
+            listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+            return not [ns for ns in listed.stdout.split() if ns.startswith("lbbench")]
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.mark.netns
 def test_quick_bench_writes_results_table_and_plot(tmp_path: Path) -> None:
     require_root()
     out = tmp_path / "results"
@@ -22,7 +65,7 @@ def test_quick_bench_writes_results_table_and_plot(tmp_path: Path) -> None:
         [sys.executable, "-m", "bench", "--quick", "--runs", "2", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         check=False,
     )
     assert done.returncode == 0, done.stderr
@@ -48,13 +91,72 @@ def test_quick_bench_writes_results_table_and_plot(tmp_path: Path) -> None:
     assert "| lb nftables |" in table and "### add one service to N" in table
     assert "### add one service to N: the kernel transaction alone" in table
     assert (out / "control.png").read_bytes().startswith(b"\x89PNG")
-    assert not [
-        ns
-        for ns in subprocess.run(
-            ["ip", "netns", "list"], capture_output=True, text=True
-        ).stdout.split()
-        if ns.startswith("lbbench")
-    ]
+    # lb run itself at each size: memory, idle CPU, start, and edits answered once applied
+    scale = doc["scale"]
+    assert set(scale) == {"userspace", "nftables"}
+    for per in scale.values():
+        assert set(per) == {"1", "10", "100"}
+        for figures in per.values():
+            assert set(figures) == {"start", "rss_mb", "idle_cpu_percent", "edit"}
+            assert figures["edit"]["runs"] == 2 and figures["edit"]["low"] > 0
+            assert figures["rss_mb"]["median"] > 10  # a Python process with lb loaded
+    assert "## lb run at N services x 10 backends, end to end" in table
+    assert "| lb nftables |" in table.split("## lb run at N services")[1]
+    assert (out / "scale.png").read_bytes().startswith(b"\x89PNG")
+
+    dp = doc["dataplane"]
+    assert dp["peers"] == list(PEERS) and dp["workloads"] == list(WORKLOADS)
+    for peer in PEERS:
+        for workload, figures in FIGURES.items():
+            r = dp["results"][peer][workload]
+            if peer == "haproxy" and workload == "udp":
+                assert r == {"n/a": "no UDP proxy"}
+                continue
+            assert r["errors"] == [], (peer, workload)
+            assert set(r["figures"]) == figures, (peer, workload)
+            assert all(
+                s["runs"] == 2 and 0 <= s["low"] <= s["median"] <= s["high"]
+                for s in r["figures"].values()
+            ), (peer, workload, r["figures"])
+            if peer != "direct":
+                assert dp["ratios"]["direct"][peer][workload], (peer, workload)
+    assert set(dp["ratios"]) == {"direct", "haproxy"}
+    for peer in PEERS:
+        assert f"| {peer} |" in table
+    for heading in ("## Data plane", "### New connections", "### Keep-alive requests",
+                    "### Bulk TCP", "### UDP", "### Relative to direct",
+                    "### Relative to haproxy"):  # fmt: skip
+        assert heading in table
+    assert "Errors seen" not in table
+    assert (out / "dataplane.png").read_bytes().startswith(b"\x89PNG")
+    assert no_bench_namespace_left()
+
+
+@pytest.mark.netns
+def test_one_part_peer_and_workload_can_be_chosen(tmp_path: Path) -> None:
+    require_root()
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "bench", "--quick", "--runs", "1", "--out", str(out),
+            "--only", "dataplane", "--peers", "haproxy,direct", "--workloads", "udp",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert "control" not in doc
+    dp = doc["dataplane"]
+    assert dp["peers"] == ["haproxy", "direct"] and dp["workloads"] == ["udp"]
+    assert dp["results"]["haproxy"]["udp"] == {"n/a": "no UDP proxy"}
+    assert set(dp["results"]["direct"]["udp"]["figures"]) == FIGURES["udp"]
+    table = (out / "results.md").read_text()
+    assert "## Control plane" not in table and "n/a (no UDP proxy)" in table
+    assert not (out / "control.png").exists() and (out / "dataplane.png").exists()
+    assert no_bench_namespace_left()
 
 
 def test_bad_arguments_are_refused_with_a_reason() -> None:
@@ -62,8 +164,114 @@ def test_bad_arguments_are_refused_with_a_reason() -> None:
         (["--sizes", "1,x"], "--sizes must be integers"),
         (["--sizes", "0"], "at least 1"),
         (["--runs", "0"], "--runs must be at least 1"),
+        (["--only", "kernel"], "--only: unknown 'kernel'"),
+        (["--peers", "direct,envoy"], "--peers: unknown 'envoy'"),
+        (["--workloads", "bulk,http2,dns"], "--workloads: unknown 'http2', 'dns'"),
+        (["--workloads", ","], "--workloads: unknown empty list"),
     ):
         done = subprocess.run(
             [sys.executable, "-m", "bench", *args], capture_output=True, text=True, check=False
         )
         assert done.returncode == 2 and reason in done.stderr, (args, done.stderr)
+
+
+# --- the pure parts, on output captured from the real tools ---------------------------------
+
+
+def test_wrk_output_is_read_with_its_latency_distribution() -> None:
+    close = parse.wrk((SAMPLES / "wrk-close.txt").read_text())
+    assert close.requests_per_s == 6487.94 and close.requests == 19795
+    assert close.latency_us == {50: 2950.0, 75: 3650.0, 90: 4250.0, 99: 5700.0}
+    assert close.socket_errors == 0 and close.non_2xx == 0
+    keep = parse.wrk((SAMPLES / "wrk-keepalive.txt").read_text())
+    assert keep.requests_per_s == 28864.93 and keep.latency_us[99] == 2950.0
+    assert parse.duration_us("795.12us") == pytest.approx(795.12)
+    assert parse.duration_us("2.00s") == 2e6
+    with pytest.raises(parse.ToolOutputError, match="no request rate"):
+        parse.wrk((SAMPLES / "wrk-refused.txt").read_text())  # could not connect at all
+
+
+def test_wrk_counts_socket_errors_and_bad_statuses() -> None:
+    # a server that answered every other connection with a 503 and closed the rest unread
+    w = parse.wrk((SAMPLES / "wrk-errors.txt").read_text())
+    assert w.socket_errors == 5448 and w.non_2xx == 5447 and w.latency_us[50] == 115.0
+
+
+def test_iperf3_json_tcp_udp_and_error() -> None:
+    tcp = parse.iperf3((SAMPLES / "iperf3-tcp-4.json").read_text())
+    assert tcp.bytes == 2873949080 and tcp.bits_per_second == pytest.approx(11.48e9, rel=1e-3)
+    assert tcp.packets == 0 and tcp.retransmits == 2
+    udp = parse.iperf3((SAMPLES / "iperf3-udp.json").read_text())
+    assert (udp.packets, udp.lost_packets) == (175144, 27366)
+    assert udp.datagrams_per_s == pytest.approx((175144 - 27366) / 2.003215)
+    assert udp.lost_percent == pytest.approx(15.6243, rel=1e-4)
+    with pytest.raises(parse.ToolOutputError, match="Connection refused"):
+        parse.iperf3((SAMPLES / "iperf3-refused.json").read_text())
+    with pytest.raises(parse.ToolOutputError, match="did not print JSON"):
+        parse.iperf3("iperf3: error - unable to connect")
+
+
+def test_sockperf_percentiles_without_its_colours() -> None:
+    tcp = parse.sockperf((SAMPLES / "sockperf-tcp.txt").read_text())
+    assert tcp.observations == 28555 and tcp.dropped == 0
+    assert tcp.percentiles_us[50.0] == 50.925 and tcp.percentiles_us[99.0] == 90.188
+    udp = parse.sockperf((SAMPLES / "sockperf-udp.txt").read_text())
+    assert udp.observations == 29937 and udp.percentiles_us[99.999] == 3080.372
+    with pytest.raises(parse.ToolOutputError):
+        parse.sockperf("sockperf: ERROR: connect failed")
+
+
+def test_proc_files() -> None:
+    stat = (
+        "cpu  1 2 3 4 5 6 7 8 9 10\ncpu0 10 0 20 300 1 2 30 0 0 0\ncpu1 11 1 21 301 2 3 31 0 0 0\n"
+    )
+    assert parse.proc_stat_cpu(stat, 1)["softirq"] == 31
+    with pytest.raises(parse.ToolOutputError):
+        parse.proc_stat_cpu(stat, 2)
+    # a name with spaces and a parenthesis, from a real /proc/<pid>/stat
+    pid = "4715 (py (x) 1) S 4700 4715 4700 0 -1 4194560 9 0 0 0 120 35 7 3 20 0 3 0 1 1 1"
+    assert parse.proc_pid_stat(pid) == (4700, 165)  # its own time and its reaped children's
+    assert parse.proc_status_rss_kb("Name:\tnginx\nVmRSS:\t    2816 kB\n") == 2816
+    assert parse.proc_status_rss_kb("Name:\tkthreadd\n") == 0
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile(list(map(float, range(101))), 99) == 99.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_ratios_pair_runs_of_the_same_round() -> None:
+    values: dict[str, dict[str, dict[str, list[float | None]]]] = {
+        "direct": {"requests": {"requests_per_s": [100.0, 200.0, None], "errors": [0.0, 0, 0]}},
+        "lb": {"requests": {"requests_per_s": [50.0, 150.0, 10.0], "errors": [1.0, 0, 0]}},
+    }
+    r = ratios(values, "direct")
+    assert r == {"lb": {"requests": {"requests_per_s": {
+        "median": 0.625, "low": 0.5, "high": 0.75, "runs": 2}}}}  # fmt: skip
+
+
+def test_choices_keep_order_and_drop_repeats() -> None:
+    assert names(None, "--peers", ("a", "b")) == ["a", "b"]
+    assert names("b, a,b", "--peers", ("a", "b")) == ["b", "a"]
+
+
+def test_generated_configs() -> None:
+    topo = Topology()
+    cfg = lb_yaml(topo)
+    done = subprocess.run(
+        [sys.executable, "-m", "lb", "check", "-c", "/dev/stdin"],
+        input=cfg, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    # five services (TCP and UDP where the workload has both), all with port mapping
+    assert cfg.count("- name:") == 5 and "retries: 0" in cfg
+    script = nft_dnat_script(topo)
+    assert script.count("dnat ip to") == 5 and "seed 0x1" in script
+    assert "10.201.3.2 . 11211" in script
+    assert "balance source" in haproxy_conf(topo) and "nbthread 1" in haproxy_conf(topo)
+    assert Svc("x", 1, 2, udp=False, sticky=False).backend_port == 2
+    listing = json.dumps({"services": [{"name": "http-tcp", "dataplane": "nftables"}]})
+    assert lb_services_carried(listing) == {"http-tcp": "nftables"}

@@ -1,0 +1,180 @@
+"""The data-plane part of results.md and its plot (dataplane.png), from results.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+#: workload -> (title, [(figure, column title)]), in the tables' order
+TABLES: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "connections": (
+        "New connections: one request each (`wrk -H 'Connection: close'`), then a paced "
+        "load at half the peer's rate (bench/loadgen.py)",
+        [
+            ("connections_per_s", "connections/s"),
+            ("paced_per_s", "paced load /s"),
+            ("connect_p50_us", "connect p50 us"),
+            ("connect_p99_us", "connect p99 us"),
+            ("response_p50_us", "response p50 us"),
+            ("response_p99_us", "response p99 us"),
+            ("balancer_cpu_percent", "balancer CPU %"),
+            ("process_cpu_percent", "of which its processes"),
+            ("rss_mb", "balancer processes RSS MB"),
+        ],
+    ),
+    "requests": (
+        "Keep-alive requests (`wrk --latency`, 32 connections) and TCP ping-pong "
+        "(`sockperf --tcp --full-rtt`)",
+        [
+            ("requests_per_s", "requests/s"),
+            ("latency_p50_us", "wrk p50 us"),
+            ("latency_p99_us", "wrk p99 us"),
+            ("rtt_p50_us", "sockperf RTT p50 us"),
+            ("rtt_p99_us", "sockperf RTT p99 us"),
+        ],
+    ),
+    "bulk": (
+        "Bulk TCP (iperf3), and the balancer's CPU seconds per GB moved: its CPU's busy "
+        "time, or its processes' utime + stime plus that CPU's softirq time if smaller "
+        "(bench/README.md)",
+        [
+            ("gbit_s_1", "1 stream Gbit/s"),
+            ("cpu_s_per_gb_1", "1 stream CPU s/GB"),
+            ("gbit_s_4", "4 streams Gbit/s"),
+            ("cpu_s_per_gb_4", "4 streams CPU s/GB"),
+            ("process_s_per_gb_4", "4 streams: processes s/GB"),
+            ("softirq_s_per_gb_4", "4 streams: softirq s/GB"),
+        ],
+    ),
+    "udp": (
+        "UDP: iperf3 -u unpaced, 64-byte datagrams; sockperf UDP ping-pong",
+        [
+            ("datagrams_per_s", "datagrams/s delivered"),
+            ("loss_percent", "loss %"),
+            ("rtt_p50_us", "sockperf RTT p50 us"),
+            ("rtt_p99_us", "sockperf RTT p99 us"),
+        ],
+    ),
+}
+#: The figures compared with the references, and plotted
+HEADLINES: list[tuple[str, str, str]] = [
+    ("connections", "connections_per_s", "new connections/s"),
+    ("connections", "response_p50_us", "response p50 at half load (us)"),
+    ("requests", "requests_per_s", "keep-alive requests/s"),
+    ("requests", "rtt_p50_us", "TCP ping-pong RTT p50 (us)"),
+    ("bulk", "gbit_s_1", "TCP 1 stream (Gbit/s)"),
+    ("bulk", "gbit_s_4", "TCP 4 streams (Gbit/s)"),
+    ("bulk", "cpu_s_per_gb_4", "balancer CPU s/GB (4 streams)"),
+    ("udp", "datagrams_per_s", "UDP datagrams/s"),
+    ("udp", "rtt_p50_us", "UDP ping-pong RTT p50 (us)"),
+]
+
+
+def num(v: float) -> str:
+    """3 significant digits, thousands separated."""
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
+def cell(s: dict[str, float] | None) -> str:
+    if s is None:
+        return ""
+    return f"{num(s['median'])} ({num(s['low'])}-{num(s['high'])})"
+
+
+def dataplane_markdown(dp: dict[str, Any]) -> list[str]:
+    results = dp["results"]
+    d = dp["durations_s"]
+    cpus = dp["cpus"]
+    tools = ", ".join(dp["tools"].values())
+    lines = [
+        "",
+        "## Data plane",
+        "",
+        "Client namespace -> balancer namespace -> 3 backend namespaces, over veth; the "
+        f"balancer on CPU {cpus['balancer']}, the client and the backends on CPU "
+        f"{cpus['client_and_backends']} (RPS steers each namespace's receive processing to "
+        "its CPU). `direct`: the client to one backend, routed by the balancer's namespace "
+        "(no NAT, no proxy). Each figure: the median of the runs (smallest-largest), peers "
+        "in turns within each round. Tool runs: "
+        f"wrk {d['wrk']:g} s, paced load {d['paced']:g} s, sockperf {d['sockperf']:g} s, "
+        f"iperf3 {d['iperf']:g} s. Tools: {tools}.",
+    ]
+    troubles: list[str] = []
+    for w in dp["workloads"]:
+        title, columns = TABLES[w]
+        lines += ["", f"### {title}", ""]
+        lines.append("| peer | " + " | ".join(c for _, c in columns) + " |")
+        lines.append("|---|" + "---:|" * len(columns))
+        for p in dp["peers"]:
+            r = results[p][w]
+            if "n/a" in r:
+                lines.append(f"| {p} | " + " | ".join(f"n/a ({r['n/a']})" for _ in columns) + " |")
+                continue
+            figures = r["figures"]
+            lines.append(f"| {p} | " + " | ".join(cell(figures.get(k)) for k, _ in columns) + " |")
+            for e in (" / ".join(x.strip() for x in e.splitlines()) for e in r["errors"]):
+                troubles.append(f"- {p}: {e}" if ": start: " in e else f"- {p}, {w}: {e}")
+            for k in ("errors", "paced_failed"):
+                if k in figures and figures[k]["high"] > 0:
+                    troubles.append(f"- {p}, {w}: {k} up to {num(figures[k]['high'])} in a run")
+    for ref, per in dp["ratios"].items():
+        heads = [(w, k, t) for w, k, t in HEADLINES if w in dp["workloads"]]
+        lines += [
+            "",
+            f"### Relative to {ref}",
+            "",
+            f"Each peer's figure divided by {ref}'s of the same round: median (smallest-"
+            "largest) of those ratios. Above 1 is more (faster for rates, slower for times).",
+            "",
+            "| peer | " + " | ".join(t for _, _, t in heads) + " |",
+            "|---|" + "---:|" * len(heads),
+        ]
+        for p in dp["peers"]:
+            if p == ref:
+                continue
+            cells = [
+                "n/a" if "n/a" in results[p][w] or "n/a" in results[ref][w]
+                else cell(per.get(p, {}).get(w, {}).get(k))
+                for w, k, _ in heads
+            ]  # fmt: skip
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    if troubles:
+        lines += ["", "### Errors seen", "", *dict.fromkeys(troubles)]
+    return lines
+
+
+def dataplane_plot(out: Path, dp: dict[str, Any]) -> Path:
+    import matplotlib.pyplot as plt
+
+    heads = [(w, k, t) for w, k, t in HEADLINES if w in dp["workloads"]]
+    cols = 3
+    rows = (len(heads) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(15, 4 * rows), squeeze=False)
+    peers = dp["peers"]
+    for ax, (w, k, title) in zip(axes.flat, heads, strict=False):
+        med, low, high = [], [], []
+        for p in peers:
+            s = dp["results"][p][w].get("figures", {}).get(k)
+            med.append(s["median"] if s else 0.0)
+            low.append(s["median"] - s["low"] if s else 0.0)
+            high.append(s["high"] - s["median"] if s else 0.0)
+        xs = list(range(len(peers)))
+        ax.bar(xs, med, yerr=[low, high], capsize=4, color="tab:blue", alpha=0.8)
+        for x, p in zip(xs, peers, strict=True):
+            if "n/a" in dp["results"][p][w]:
+                ax.text(x, 0.02, "n/a", ha="center", transform=ax.get_xaxis_transform())
+        if k.endswith("_us"):  # latencies: one slow run must not flatten the others
+            ax.set_yscale("log")
+        ax.set_xticks(xs, peers, rotation=30, ha="right")
+        ax.set_title(title)
+        ax.grid(True, axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(heads) :]:
+        ax.axis("off")
+    fig.suptitle("data plane: median of the runs, bars: smallest-largest")
+    fig.tight_layout()
+    path = out / "dataplane.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
