@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import resource
@@ -167,6 +168,9 @@ class Daemon:
                 raise
         else:
             self.readiness.set_ready()
+        # What start-up made (config, services, listeners) lives as long as lb: out of the
+        # collector's way, so that its full passes do not walk it again and again.
+        gc.freeze()
         self._sampler = asyncio.get_running_loop().create_task(self._sample_rates())
         emit(
             log,

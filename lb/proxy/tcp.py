@@ -197,6 +197,7 @@ class Relay:
         "svc",
         "svc_counters",
         "task",
+        "timed_out",
     )
 
     def __init__(self, svc: TcpService, client: ClientSide, transport: asyncio.Transport) -> None:
@@ -215,6 +216,7 @@ class Relay:
         self.reset_seen = False
         self.idle_handle: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self.timed_out = False  # the connect timer cancelled the connecting task
         self.last = self.started = self.loop.time()
         self.bytes_in = self.bytes_out = 0
 
@@ -223,11 +225,12 @@ class Relay:
     async def connect(self) -> None:
         svc = self.svc
         core = svc.core
-        peer = self.client_transport.get_extra_info("peername")
         client_ip, client_port = _ANY_V4, 0
-        if peer and core.needs_client_address:
-            family = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET
-            client_ip, client_port = socket.inet_pton(family, peer[0]), peer[1]
+        if core.needs_client_address:  # else not asked for: uvloop formats it each time
+            peer = self.client_transport.get_extra_info("peername")
+            if peer:
+                family = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET
+                client_ip, client_port = socket.inet_pton(family, peer[0]), peer[1]
         tried: list[Dest] = []
         reason = ErrorReason.NO_BACKEND
         for _ in range(svc.service.retries + 1):
@@ -241,24 +244,29 @@ class Relay:
             counters.conns += 1
             backend = BackendSide()
             backend.relay = self
+            # a plain timer, not asyncio.timeout(): one object less per connection
+            timer = self.loop.call_later(svc.service.connect_timeout, self._connect_timed_out)
             try:
-                async with asyncio.timeout(svc.service.connect_timeout):
-                    await self.loop.create_connection(_factory(backend), *conn.dest.addr)
-            except TimeoutError:
-                _discard(backend)  # the connect may have completed just as time ran out
-                reason = ErrorReason.TIMEOUT
+                await self.loop.create_connection(_factory(backend), *conn.dest.addr)
             except ConnectionRefusedError:
                 reason = ErrorReason.REFUSED
             except OSError:
                 reason = ErrorReason.CONNECT_FAILED
             except asyncio.CancelledError:
-                # The client went away while we were connecting.
-                _discard(backend)
-                core.release(conn, self.loop.time())
-                self.conn = None
-                self._finish()
-                raise
+                _discard(backend)  # the connect may have completed just as it was cancelled
+                timed_out, self.timed_out = self.timed_out, False
+                if timed_out and not self.client.lost:
+                    if self.task is not None:
+                        self.task.uncancel()
+                    reason = ErrorReason.TIMEOUT
+                else:  # the client went away while we were connecting
+                    timer.cancel()
+                    core.release(conn, self.loop.time())
+                    self.conn = None
+                    self._finish()
+                    raise
             else:
+                timer.cancel()
                 if self.client.lost:  # gone while the connect completed
                     assert backend.transport is not None
                     backend.transport.close()
@@ -268,6 +276,7 @@ class Relay:
                     return
                 self._established(backend, counters)
                 return
+            timer.cancel()
             svc.failed(conn.dest, counters, reason)
             core.release(conn, self.loop.time())
             self.conn = None
@@ -276,6 +285,11 @@ class Relay:
         if not self.client.lost:
             sockets.reset(self.client_transport)
         self._finish(refused=reason)
+
+    def _connect_timed_out(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.timed_out = True
+            self.task.cancel()
 
     def _established(self, backend: BackendSide, counters: Counters) -> None:
         self.backend = backend
