@@ -15,6 +15,7 @@ import copy
 import itertools
 import json
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -65,20 +66,28 @@ class FakeApiServer:
         self._tokens = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.tls: ssl.SSLContext | None = None
 
     # --- the test's side ----------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def resource_version(self) -> str:
         return str(self.rv)
 
-    async def start(self, port: int = 0, sock: socket.socket | None = None) -> None:
+    async def start(
+        self,
+        port: int = 0,
+        sock: socket.socket | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         """Listen on 127.0.0.1 (`port`, or the one of last time), or on `sock`: a socket
-        made in another network namespace serves that namespace's loopback."""
+        made in another network namespace serves that namespace's loopback. With `tls`,
+        HTTPS (as a real API server, which the in-cluster configuration insists on)."""
+        self.tls = tls
         app = web.Application()
         for path in RESOURCES:
             app.router.add_get(path, self._handle)
@@ -86,10 +95,14 @@ class FakeApiServer:
         await self._runner.setup()
         site: web.BaseSite
         if sock is not None:
-            site = web.SockSite(self._runner, sock)
+            site = web.SockSite(self._runner, sock, ssl_context=tls)
         else:
             site = web.TCPSite(
-                self._runner, "127.0.0.1", port or self.port or 0, reuse_address=True
+                self._runner,
+                "127.0.0.1",
+                port or self.port or 0,
+                reuse_address=True,
+                ssl_context=tls,
             )
         await site.start()
         self.port = self._runner.addresses[0][1]

@@ -6,10 +6,14 @@ EndpointSlices churn, the API expires watches (410) and goes away."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
+import os
 import signal
 import socket
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.conftest import require_root
 from tests.kube_double import FakeApiServer, endpoint, endpoint_slice, node, service
 from tests.net import TcpBackend, free_port, read_line
 from tests.proc import LbProcess, run_cli
@@ -241,3 +246,55 @@ async def test_bad_kubernetes_settings_are_refused_with_the_reason(tmp_path: Pat
     code, _, err = await run_cli("check", "-c", str(tmp_path / "bad.yaml"))
     assert code == 2
     assert "kubernetes.min_sync_period: must not exceed sync_period (0.01s)" in err
+
+
+SERVICE_ACCOUNT = Path("/run/secrets/kubernetes.io/serviceaccount")  # /var/run -> /run
+
+
+@pytest.mark.netns
+async def test_in_cluster_the_service_account_is_used_without_a_kubeconfig(
+    cluster: Cluster, backends: list[TcpBackend], tmp_path: Path
+) -> None:
+    """As in a pod: no kubeconfig; $KUBERNETES_SERVICE_HOST/PORT, and the token and CA
+    mounted at the service account's path (here in a mount namespace of lb's own, over
+    an empty directory); the API over HTTPS with that CA, the token checked."""
+    require_root()
+    account = tmp_path / "account"
+    account.mkdir()
+    (account / "token").write_text(cluster.api.token or "")
+    key = tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(account / "ca.crt"), "-subj", "/CN=kubernetes",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(account / "ca.crt", key)
+    port = int(cluster.api.url.rsplit(":", 1)[1])
+    await cluster.api.stop()
+    await cluster.api.start(port, tls=tls)
+    made = [p for p in (SERVICE_ACCOUNT, *SERVICE_ACCOUNT.parents) if not p.exists()]
+    SERVICE_ACCOUNT.mkdir(parents=True, exist_ok=True)
+    admin = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    env |= {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(port)}
+    pod = [
+        "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+        "unshare", "-m", "sh", "-c", f'mount --bind "$0" {SERVICE_ACCOUNT} && exec "$@"',
+        str(account),
+    ]  # fmt: skip
+    lb = await LbProcess.start(
+        write_config(tmp_path, admin),
+        prefix=pod,
+        args=["--source", "kubernetes", "--hostname-override", "node-1"],
+    )
+    try:
+        await lb.wait_event("k8s.first_sync", timeout=30)
+        assert await names(cluster.port) == {"a", "b"}
+        assert cluster.api.requests, "lb never reached the API"
+    finally:
+        await lb.stop()
+        for p in made:  # the empty directories this test made, deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
