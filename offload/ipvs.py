@@ -9,6 +9,7 @@ VIP of its own device; any other IPVS service (keepalived's, say) is left alone.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -74,6 +75,7 @@ class IpvsDataplane:
         self.owned_vips = owned_vips
         self.drain_timeout = drain_timeout
         self.clock = clock
+        self._netlink = asyncio.Lock()  # apply and refresh share the netlink client
         self.foreign: set[ServiceKey] = set()  # IPVS services on these keys that are not ours
         self._desired: dict[ServiceKey, Service] = {}
         self._services: dict[ServiceKey, KService] = {}
@@ -85,6 +87,10 @@ class IpvsDataplane:
     async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
         """Reconcile against a dump of the kernel (`changes` is not used: IPVS's own
         netlink answers what it has, and a dump keeps foreign services in view)."""
+        async with self._netlink:
+            await self._apply(desired)
+
+    async def _apply(self, desired: list[Service]) -> None:
         now = self.clock()
         vips = await self.owned_vips()
         kernel = {k.key: k for k in await self.client.services()}
@@ -107,7 +113,7 @@ class IpvsDataplane:
         self._desired = wanted
         self._quiesced = {k: t for k, t in self._quiesced.items() if k[0] in wanted}
         await self._set_nat(list(wanted.values()))
-        await self.refresh()
+        await self._refresh()
 
     def not_expressible(self, s: Service) -> str | None:
         return not_expressible(s)
@@ -207,6 +213,12 @@ class IpvsDataplane:
     # --- observation ---------------------------------------------------------------------
 
     async def refresh(self) -> None:
+        """Re-read counters and connections; never in the middle of an apply (one netlink
+        client: their requests and answers must not interleave)."""
+        async with self._netlink:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         """Re-read counters and connection counts (a dump per owned service)."""
         services = {k.key: k for k in await self.client.services()}
         self._services = {k: v for k, v in services.items() if k in self._desired}

@@ -217,8 +217,14 @@ class OffloadManager:
         """After the kernel changed: drop the VIPs nothing needs any more. A VIP stays while
         a kernel service of lb's uses it (the VIPs on the device are how lb knows which
         IPVS services are its own), and while a userspace listener on it finishes."""
-        if self.host is None or self.kernel is None or self._held is None:
+        if self.host is None or self.kernel is None:
             return
+        if self._held is None:  # nothing was added by this run: what a previous one left
+            device = self.host.device
+            self._local = await self.host.local_addresses()
+            self._held = {
+                ip for ip, dev in self._local.items() if dev == device and not ip.is_link_local
+            }
         wanted = set(self._vip_of.values())
         unused = self._held - wanted
         if not unused:
@@ -293,18 +299,30 @@ class OffloadManager:
         if self.kernel is None or not (self._kernel_dirty or self._kernel_stale):
             return
         start = loop.time()
-        dirty = self._kernel_dirty
-        forms = self._forms
-        changes = Changes(
-            [forms[k] for k in dirty if k in forms], [k for k in dirty if k not in forms]
-        )
+        foreign = set(self.kernel.foreign)
         self._kernel_stale = True  # until this apply is through
-        await self.kernel.apply(list(forms.values()), changes)
+        await self.kernel.apply(list(self._forms.values()), self._dirty_changes())
         self._kernel_stale = False
         self._kernel_dirty = set()
+        # the apply found services of another program's (IPVS): those keys stay in
+        # userspace, decided again now (nothing else would look at them again)
+        flipped = (self.kernel.foreign ^ foreign) & self._desired.keys()
+        if flipped:
+            for key in flipped:
+                s = self._desired[key]
+                self._give(key, s, self._decide(s, now, lingers))
+            if self._kernel_dirty:
+                await self.kernel.apply(list(self._forms.values()), self._dirty_changes())
+                self._kernel_dirty = set()
         if self._on_sync is not None:
             self._on_sync(self.kernel.name, loop.time() - start)
         await self._drop_vips()
+
+    def _dirty_changes(self) -> Changes:
+        forms, dirty = self._forms, self._kernel_dirty
+        return Changes(
+            [forms[k] for k in dirty if k in forms], [k for k in dirty if k not in forms]
+        )
 
     def _decide(self, s: Service, now: float, lingers: bool) -> Placement:
         want, reason = self._want(s, now)
@@ -329,6 +347,8 @@ class OffloadManager:
                 self._placement[s.key] = Placement.USERSPACE
                 self._demote_started.pop(s.key, None)
                 self._moved(s, "offload.demoted", "is back in userspace")
+                if want:  # calm again meanwhile: no timer will bring it up, so now
+                    return self._decide(s, now, lingers)
         return self._placement.get(s.key, Placement.USERSPACE)
 
     def _give(self, key: ServiceKey, s: Service | None, placement: Placement | None) -> None:

@@ -149,50 +149,55 @@ async def test_idle_services_are_not_visited_and_a_busy_one_is() -> None:
         await backend.stop()
 
 
+class FakeKernel:
+    """A kernel dataplane that keeps what it is given (the real ones are tested against
+    the kernel: tests/test_nft_offload.py, tests/kernel/)."""
+
+    name = "fake"
+
+    def __init__(self, lingers: bool = False) -> None:
+        self.lingers = lingers
+        self.foreign: set[ServiceKey] = set()
+        self.applied: list[list[Service]] = []
+        self.told: list[Changes | None] = []
+        self.checked: list[str] = []
+        self.busy: set[ServiceKey] = set()  # keys whose connections are not drained
+
+    def not_expressible(self, s: Service) -> str | None:
+        self.checked.append(s.name)
+        return None
+
+    async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
+        self.applied.append(list(desired))
+        self.told.append(changes)
+
+    async def refresh(self) -> None:
+        pass
+
+    async def owned(self) -> set[ServiceKey]:
+        return {s.key for s in self.applied[-1]} if self.applied else set()
+
+    def has(self, key: ServiceKey) -> bool:
+        return bool(self.applied) and key in {s.key for s in self.applied[-1]}
+
+    def drained(self, key: ServiceKey, keep: Endpoint | None = None) -> bool:
+        return key not in self.busy
+
+    def observe(self, only: ServiceKey | None = None) -> list[ServiceSnapshot]:
+        return []
+
+    def active(self) -> list[ServiceSnapshot]:
+        return []
+
+    async def remove_all(self) -> None:
+        pass
+
+
 async def test_offload_manager_reconsiders_only_what_changed() -> None:
     """In nftables/IPVS mode the manager asks the kernel dataplane about the changed
     service only, and hands it the other services as the objects it had."""
-    checked: list[str] = []
-
-    class Kernel:
-        name = "fake"
-        lingers = False
-
-        def __init__(self) -> None:
-            self.foreign: set[ServiceKey] = set()
-            self.applied: list[list[Service]] = []
-            self.told: list[Changes | None] = []
-
-        def not_expressible(self, s: Service) -> str | None:
-            checked.append(s.name)
-            return None
-
-        async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
-            self.applied.append(list(desired))
-            self.told.append(changes)
-
-        async def refresh(self) -> None:
-            pass
-
-        async def owned(self) -> set[ServiceKey]:
-            return {s.key for s in self.applied[-1]} if self.applied else set()
-
-        def has(self, key: ServiceKey) -> bool:
-            return key in {s.key for s in self.applied[-1]}
-
-        def drained(self, key: ServiceKey, keep: Endpoint | None = None) -> bool:
-            return True
-
-        def observe(self, only: ServiceKey | None = None) -> list[ServiceSnapshot]:
-            return []
-
-        def active(self) -> list[ServiceSnapshot]:
-            return []
-
-        async def remove_all(self) -> None:
-            pass
-
-    kernel = Kernel()
+    kernel = FakeKernel()
+    checked = kernel.checked
     manager = OffloadManager(UserspaceDataplane())
     manager.enable(OffloadPolicy(Mode.NFTABLES, 10, 3), kernel, None, 1.0)
     c = Controller(manager)
@@ -214,6 +219,32 @@ async def test_offload_manager_reconsiders_only_what_changed() -> None:
         assert kernel.told[-1] == Changes([s4], [])  # and is told which one changed
         await asyncio.sleep(1.5)  # a tick of the manager: nothing due, nothing applied
         assert len(kernel.applied) == 2 and checked == ["s4"]
+    finally:
+        await c.shutdown(0)
+
+
+async def test_a_demoted_service_comes_back_once_calm() -> None:
+    """auto with a kernel that lingers (IPVS): churn demotes, the service lingers in the
+    kernel while its connections drain, and once drained and calm it is promoted again,
+    although its wait for calm ended while it was still draining."""
+    kernel = FakeKernel(lingers=True)
+    manager = OffloadManager(UserspaceDataplane())
+    manager.enable(OffloadPolicy(Mode.AUTO, 1.0, 3), kernel, None, 60.0)
+    c = Controller(manager)
+    port = free_port()
+    text = config_text([port], "127.0.0.1:9000")
+    await c.start(parse_config(text))
+    [s0] = c.desired()
+    try:
+        await eventually(lambda: manager.explain(s0.key).placement == "kernel", timeout=5)
+        kernel.busy.add(s0.key)  # a connection through the kernel that goes on
+        for w in (2, 3, 4):  # churn: 3 changes within hold_down
+            await c.edit_backend("s0", "127.0.0.1:9000", weight=w)
+        assert manager.explain(s0.key).placement == "demoting"
+        await asyncio.sleep(2.5)  # calm for longer than hold_down: its timer has fired
+        assert manager.explain(s0.key).placement == "demoting"  # still draining
+        kernel.busy.clear()
+        await eventually(lambda: manager.explain(s0.key).placement == "kernel", timeout=5)
     finally:
         await c.shutdown(0)
 
