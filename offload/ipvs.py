@@ -217,6 +217,18 @@ class IpvsDataplane:
         client: their requests and answers must not interleave)."""
         async with self._netlink:
             await self._refresh()
+            await self._settle()
+
+    async def _settle(self) -> None:
+        """Delete the quiesced destinations whose connections are gone (or that waited
+        out the drain timeout): IPVS tells nobody when that happens, so each refresh looks
+        again at the services that have some (and only at those)."""
+        now = self.clock()
+        for key in {key for key, _ in self._quiesced}:
+            s = self._desired.get(key)
+            if s is not None and key in self._dests:
+                await self._apply_dests(s, self._dests[key], now)
+                self._dests[key] = await self.client.dests(key)
 
     async def _refresh(self) -> None:
         """Re-read counters and connection counts (a dump per owned service)."""

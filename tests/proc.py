@@ -12,6 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+#: How long a one-shot command (`lb cleanup`, `lb list`) may take: in the kernel tier's VM,
+#: which emulates its CPU, Python imports alone take some 70 times as long as on the host.
+CLI_TIMEOUT = 150.0
+
 
 class LbProcess:
     def __init__(self, proc: asyncio.subprocess.Process, pid_file: Path) -> None:
@@ -102,6 +106,11 @@ async def run_cli(*args: str, prefix: Sequence[str] = ()) -> tuple[int, str, str
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()

@@ -131,6 +131,9 @@ async def test_owned_services_no_longer_wanted_are_deleted() -> None:
 
 
 async def test_removed_backend_drains_then_goes_or_after_the_grace() -> None:
+    """Once quiesced, a destination is deleted by a refresh (nothing else re-applies a
+    service whose config did not change) when its connections are gone, or after the
+    drain timeout."""
     fake = FakeIpvs()
     clock = Clock()
     dp = dataplane(fake, clock=clock)
@@ -142,21 +145,24 @@ async def test_removed_backend_drains_then_goes_or_after_the_grace() -> None:
     await dp.apply(fewer)
     assert order(fake, web) == ["10.0.1.2:8080 w0", "10.0.1.1:8080 w3"]  # quiesced, kept
     clock.now = 30
-    await dp.apply(fewer)
+    await dp.refresh()
     assert len(fake.lists[web.key]) == 2
     fake.set_conns(web.key, b2, active=0, inactive=0)
-    await dp.apply(fewer)
+    await dp.refresh()
     assert order(fake, web) == ["10.0.1.1:8080 w3"]
+    writes = fake.writes
+    await dp.refresh()
+    assert fake.writes == writes  # nothing waits: a refresh writes nothing
     # and with connections that never end: gone after drain_timeout
     await dp.apply([web])
     fake.set_conns(web.key, b2, active=1)
     clock.now = 100
     await dp.apply(fewer)
     clock.now = 159
-    await dp.apply(fewer)
+    await dp.refresh()
     assert len(fake.lists[web.key]) == 2
     clock.now = 160
-    await dp.apply(fewer)
+    await dp.refresh()
     assert order(fake, web) == ["10.0.1.1:8080 w3"]
 
 

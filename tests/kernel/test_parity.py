@@ -13,8 +13,10 @@ from pathlib import Path
 
 from tests.kernel.conftest import ipvsadm, run_in
 from tests.netns import Topology
+from tests.proc import LbProcess
 from tests.traffic import (
     Backends,
+    admin,
     client_conn,
     config_yaml,
     running_lb,
@@ -36,8 +38,8 @@ STEPS: list[list[tuple[str, int, str]]] = [
 ]
 #: Clients end their connections with a reset, so that closed connections count as inactive
 #: for the CLOSE timeout (10 s) rather than TIME_WAIT (120 s), in userspace and in the kernel
-#: alike. After step 5 the test waits that long, so A is deleted in both before step 6.
-LINGER = 12.0
+#: alike. After step 5 the test waits until A is deleted in both (LINGER at most).
+LINGER = 90.0
 WAIT_AFTER = {5}
 
 #: port -> (scheduler, flags); clients per step: the round robins from one address, the
@@ -82,6 +84,15 @@ async def pick(topo: Topology, source: str, port: int, sport: int) -> str:
     return line.split()[0] if line else "-"
 
 
+async def gone(topo: Topology, lb: LbProcess, backend: str) -> None:
+    """Until no service lists `backend` (quiesced backends are listed until deleted)."""
+    while True:
+        answer = await admin(topo, lb, "GET", "/api/v1/services")
+        if all(b["address"] != backend for s in answer["services"] for b in s["backends"]):
+            return
+        await asyncio.sleep(0.5)
+
+
 async def run_scenario(topo: Topology, cfg: Path, dataplane: str) -> dict[int, list[str]]:
     picks: dict[int, list[str]] = {port: [] for port in SERVICES}
     ports = itertools.count(20000)  # every connection its own source port, the same in both runs
@@ -93,8 +104,8 @@ async def run_scenario(topo: Topology, cfg: Path, dataplane: str) -> dict[int, l
                 cfg.write_text(config(step, dataplane))
                 lb.signal(signal.SIGHUP)
                 await lb.wait_event("config.reloaded", after=n)
-            if step in WAIT_AFTER:
-                await asyncio.sleep(LINGER)  # the leaver's connections expire: it is deleted
+            if step in WAIT_AFTER:  # the leaver's connections expire: it is deleted
+                await asyncio.wait_for(gone(topo, lb, A), LINGER)
             for port, (sched, _) in SERVICES.items():
                 sources = (
                     [topo.client_ips[0]] * 10 if sched in ("rr", "wrr") else topo.client_ips[:24]
