@@ -1,10 +1,11 @@
 """`python -m bench`: run the benchmarks, write bench/results/<date>/ (results.json,
 Markdown tables, PNG plots). Needs root (network namespaces) and the README's set-up.
 
-Two parts: the control plane (bench/control.py: applying services at 1..10,000;
-bench/scale.py: `lb run` itself at those sizes, its edits, memory and idle CPU) and the
-data plane (bench/dataplane.py: connections, requests, bulk and UDP through lb and its
-peers, in network namespaces).
+Three parts: the control plane (bench/control.py: applying services at 1..10,000;
+bench/scale.py: `lb run` itself at those sizes, its edits, memory and idle CPU), the data
+plane (bench/dataplane.py: connections, requests, bulk and UDP through lb and its peers, in
+network namespaces), and the data plane again in the kernel VM (bench/vm.py), where lb's
+IPVS dataplane can run: its figures are compared only with each other.
 """
 
 from __future__ import annotations
@@ -20,22 +21,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import control, dataplane, scale
-from bench.peers import PEERS
+from bench import control, dataplane, scale, vm
+from bench.peers import ALL_PEERS, PEERS
 from bench.report import write_report
 from bench.topology import bench_lock, remove_bench_namespaces
 from bench.workloads import WORKLOADS
 
 FULL_SIZES = [1, 10, 100, 1000, 10_000]
 QUICK_SIZES = [1, 10, 100]
-PARTS = ("control", "dataplane")
+PARTS = ("control", "dataplane", "vm")
+QUICK_PARTS = ("control", "dataplane")
 
 
-def names(arg: str | None, flag: str, known: tuple[str, ...]) -> list[str]:
-    """A comma-separated choice among `known` (all of them when not given), in the given
-    order; a name that is not known raises ValueError with the message to print."""
+def names(
+    arg: str | None, flag: str, known: tuple[str, ...], default: tuple[str, ...] | None = None
+) -> list[str]:
+    """A comma-separated choice among `known` (`default`, else all of them, when not
+    given), in the given order; a name that is not known raises ValueError with the
+    message to print."""
     if arg is None:
-        return list(known)
+        return list(default if default is not None else known)
     chosen = [x.strip() for x in arg.split(",") if x.strip()]
     bad = [x for x in chosen if x not in known]
     if bad or not chosen:
@@ -56,9 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, help="runs per figure (default 5; --quick: 3)")
     p.add_argument("--sizes", help="comma-separated service counts (default 1,10,100,1000,10000)")
     p.add_argument("--out", type=Path, help="results directory (default bench/results/<date>)")
-    p.add_argument("--only", help="run one part: control or dataplane (default both)")
     p.add_argument(
-        "--peers", help=f"data plane: comma-separated peers (default all: {', '.join(PEERS)})"
+        "--only",
+        help="comma-separated parts: control, dataplane, vm (default all three; --quick: "
+        "control and dataplane)",
+    )
+    p.add_argument(
+        "--peers",
+        help=f"data plane: comma-separated peers among {', '.join(ALL_PEERS)} (default "
+        "all but lb ipvs, which needs a kernel with IPVS: the vm part runs it)",
     )
     p.add_argument(
         "--workloads",
@@ -66,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
-        parts = names(args.only, "--only", PARTS)
-        peers = names(args.peers, "--peers", PEERS)
+        parts = names(args.only, "--only", PARTS, QUICK_PARTS if args.quick else None)
+        peers = names(args.peers, "--peers", ALL_PEERS, PEERS)
         workloads = names(args.workloads, "--workloads", tuple(WORKLOADS))
     except ValueError as e:
         print(e, file=sys.stderr)
@@ -97,6 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     if "dataplane" in parts and (missing := dataplane.missing_tools()):
         print(
             f"bench: the data plane needs {', '.join(missing)} (./scripts/setup installs them)",
+            file=sys.stderr,
+        )
+        return 2
+    if "dataplane" in parts and "lb ipvs" in peers and not vm.ipvs_available():
+        print(
+            "bench: --peers: lb ipvs needs a kernel with IPVS, which this one is not "
+            "(the vm part measures it in the kernel VM: --only vm)",
+            file=sys.stderr,
+        )
+        return 2
+    if "vm" in parts and (lacking := vm.missing()):
+        print(
+            f"bench: the vm part needs {', '.join(lacking)} (./scripts/setup installs them;"
+            " --only control,dataplane leaves it out)",
             file=sys.stderr,
         )
         return 2
@@ -172,6 +197,10 @@ def run_parts(
             doc["dataplane"] = asyncio.run(
                 dataplane.measure(peers, workloads, runs, quick, dadvance)
             )
+        if "vm" in parts:
+            vtask = progress.add_task("data plane in the kernel VM (booted, running)", total=1)
+            doc["vm"] = vm.dataplane(runs, quick, workloads)
+            progress.update(vtask, advance=1)
 
 
 def as_json(results: control.Results) -> dict[str, dict[str, dict[str, dict[str, float]]]]:

@@ -341,6 +341,11 @@ class NginxStream(Peer):
         await self._ready(topo)
 
 
+#: How long lb may take to carry every service (in the kernel VM, whose CPU is emulated,
+#: Python's imports alone take half a minute)
+START_TIMEOUT = 180.0
+
+
 def lb_yaml(topo: Topology) -> str:
     """One lb configuration for both of lb's dataplanes: `retries: 0` so that the kernel
     can carry the TCP services (README, Kernel offload), no health checks (always UP)."""
@@ -371,7 +376,7 @@ class Lb(Peer):
         self.dataplane = dataplane
         self.name = f"lb {dataplane}"
         self.userspace = dataplane == "userspace"
-        self.local_vip = dataplane == "userspace"  # lb nftables puts the VIP on lb0 itself
+        self.local_vip = dataplane == "userspace"  # the kernel ones put the VIP on lb0
 
     async def start(self, topo: Topology, work: Path) -> None:
         conf = work / "lb.yaml"
@@ -385,7 +390,7 @@ class Lb(Peer):
         # Measure only once lb says every service is carried where asked (the kernel for
         # nftables: all of them are expressible).
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 60
+        deadline = loop.time() + START_TIMEOUT
         listing = ""
         while loop.time() < deadline:
             if failed := self.failed():
@@ -412,8 +417,15 @@ def all_peers() -> dict[str, Peer]:
         NginxStream(),
         Lb("userspace"),
         Lb("nftables"),
+        Lb("ipvs"),
     ]
     return {p.name: p for p in peers}
 
 
-PEERS = tuple(all_peers())
+#: Every peer the bench knows
+ALL_PEERS = tuple(all_peers())
+#: The host's peers, the default: `lb ipvs` needs a kernel with IPVS, which the data plane
+#: in the kernel VM has (bench/vm.py)
+PEERS = tuple(p for p in ALL_PEERS if p != "lb ipvs")
+#: The peers of the data plane in the kernel VM: lb's three dataplanes and the references
+VM_PEERS = ("direct", "nftables DNAT", "haproxy", "lb userspace", "lb nftables", "lb ipvs")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,16 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += scale_markdown(doc["scale"])
     if "dataplane" in doc:
         lines += dataplane_markdown(doc["dataplane"])
+    if "vm" in doc:
+        vm = doc["vm"]
+        lines += dataplane_markdown(
+            vm["dataplane"],
+            heading="Data plane in the kernel VM, with lb ipvs",
+            note=f"In a guest of Debian's kernel {vm['kernel']} (it has IPVS, this "
+            "machine's kernel does not) under qemu's software emulation (bench/vm.py): "
+            "every figure is far below the host's, so compare them only with each other "
+            "(the ratios below), never with the tables above.",
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -71,16 +82,31 @@ def control_markdown(doc: dict[str, Any]) -> list[str]:
         lines += ["", f"### {title}", ""]
         if step in KERNEL_TITLES:
             lines += [KERNEL_NOTE, ""]
-        lines.append("| dataplane | " + " | ".join(f"{n:,}" for n in sizes) + " |")
-        lines.append("|---|" + "---:|" * len(sizes))
-        for name, per in rows.items():
-            cells = []
-            for n in sizes:
-                s = per.get(str(n), {}).get(step)
-                cells.append(
-                    "" if s is None else f"{ms(s['median'])} ({ms(s['low'])}-{ms(s['high'])})"
-                )
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += size_table(
+            sizes,
+            rows,
+            step,
+            lambda s: f"{ms(s['median'])} ({ms(s['low'])}-{ms(s['high'])})",
+        )
+    return lines
+
+
+def size_table(
+    sizes: list[int],
+    rows: dict[str, dict[str, dict[str, Any]]],
+    step: str,
+    cell: Callable[[dict[str, Any]], str],
+) -> list[str]:
+    """A Markdown table: a row per dataplane, a column per size, `cell` of each summary
+    of `step` (an empty cell where it was not measured)."""
+    lines = ["| dataplane | " + " | ".join(f"{n:,}" for n in sizes) + " |"]
+    lines.append("|---|" + "---:|" * len(sizes))
+    for name, per in rows.items():
+        cells = []
+        for n in sizes:
+            s = per.get(str(n), {}).get(step)
+            cells.append("" if s is None else cell(s))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -101,23 +127,14 @@ def scale_markdown(scale: dict[str, Any]) -> list[str]:
         "measurement each.",
     ]
     for step, (title, scale_by) in SCALE_ROWS.items():
+
+        def cell(s: dict[str, Any], k: float = scale_by) -> str:
+            if s["runs"] == 1:
+                return _figure(s["median"] * k)
+            return f"{_figure(s['median'] * k)} ({_figure(s['low'] * k)}-{_figure(s['high'] * k)})"
+
         lines += ["", f"### {title}", ""]
-        lines.append("| dataplane | " + " | ".join(f"{n:,}" for n in sizes) + " |")
-        lines.append("|---|" + "---:|" * len(sizes))
-        for name, per in scale.items():
-            cells = []
-            for n in sizes:
-                s = per.get(str(n), {}).get(step)
-                if s is None:
-                    cells.append("")
-                elif s["runs"] > 1:
-                    cells.append(
-                        f"{_figure(s['median'] * scale_by)} "
-                        f"({_figure(s['low'] * scale_by)}-{_figure(s['high'] * scale_by)})"
-                    )
-                else:
-                    cells.append(_figure(s["median"] * scale_by))
-            lines.append(f"| lb {name} | " + " | ".join(cells) + " |")
+        lines += size_table(sizes, {f"lb {n}": per for n, per in scale.items()}, step, cell)
     return lines
 
 
@@ -191,6 +208,8 @@ def plot(out: Path, doc: dict[str, Any]) -> list[Path]:
         paths.append(scale_plot(out, doc["scale"]))
     if "dataplane" in doc:
         paths.append(dataplane_plot(out, doc["dataplane"]))
+    if "vm" in doc:
+        paths.append(dataplane_plot(out, doc["vm"]["dataplane"], "dataplane-vm", "in the VM"))
     return paths
 
 

@@ -83,15 +83,18 @@ def cell(s: dict[str, float] | None) -> str:
     return f"{num(s['median'])} ({num(s['low'])}-{num(s['high'])})"
 
 
-def dataplane_markdown(dp: dict[str, Any]) -> list[str]:
+def dataplane_markdown(
+    dp: dict[str, Any], heading: str = "Data plane", note: str = ""
+) -> list[str]:
     results = dp["results"]
     d = dp["durations_s"]
     cpus = dp["cpus"]
     tools = ", ".join(dp["tools"].values())
     lines = [
         "",
-        "## Data plane",
+        f"## {heading}",
         "",
+        *([note, ""] if note else []),
         "Client namespace -> balancer namespace -> 3 backend namespaces, over veth; the "
         f"balancer on CPU {cpus['balancer']}, the client and the backends on CPU "
         f"{cpus['client_and_backends']} (RPS steers each namespace's receive processing to "
@@ -145,7 +148,7 @@ def dataplane_markdown(dp: dict[str, Any]) -> list[str]:
     return lines
 
 
-def dataplane_plot(out: Path, dp: dict[str, Any]) -> Path:
+def dataplane_plot(out: Path, dp: dict[str, Any], name: str = "dataplane", where: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     heads = [(w, k, t) for w, k, t in HEADLINES if w in dp["workloads"]]
@@ -172,9 +175,10 @@ def dataplane_plot(out: Path, dp: dict[str, Any]) -> Path:
         ax.grid(True, axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(heads) :]:
         ax.axis("off")
-    fig.suptitle("data plane: median of the runs, bars: smallest-largest")
+    title = f"data plane {where}" if where else "data plane"
+    fig.suptitle(f"{title}: median of the runs, bars: smallest-largest")
     fig.tight_layout()
-    path = out / "dataplane.png"
+    path = out / f"{name}.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

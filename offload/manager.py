@@ -197,11 +197,7 @@ class OffloadManager:
         if self.host is None or self.kernel is None or not new:
             return
         device = self.host.device
-        self._local = await self.host.local_addresses()
-        if self._held is None:
-            self._held = {
-                ip for ip, dev in self._local.items() if dev == device and not ip.is_link_local
-            }
+        held = await self._read_addresses()
         for s in new:
             ip = s.listen.ip
             # Every VIP that is not an address of this host already: a service the kernel
@@ -209,9 +205,22 @@ class OffloadManager:
             # kube-proxy's IPVS mode binds every cluster IP to kube-ipvs0).
             if not ip.is_unspecified and self._local.get(ip, device) == device:
                 self._vip_of[s.key] = ip  # held as long as the service is there
-        await self._set_held(self._held | set(self._vip_of.values()))
-        for ip in self._held:
+        await self._set_held(held | set(self._vip_of.values()))
+        for ip in self._held or ():
             self._local[ip] = device
+
+    async def _read_addresses(self) -> set[IPAddress]:
+        """Read the host's addresses; the first time, the VIPs on lb's device are taken
+        as held (what a previous run left, which it may still use or must drop)."""
+        assert self.host is not None
+        self._local = await self.host.local_addresses()
+        if self._held is None:
+            self._held = {
+                ip
+                for ip, dev in self._local.items()
+                if dev == self.host.device and not ip.is_link_local
+            }
+        return self._held
 
     async def _drop_vips(self) -> None:
         """After the kernel changed: drop the VIPs nothing needs any more. A VIP stays while
@@ -219,20 +228,14 @@ class OffloadManager:
         IPVS services are its own), and while a userspace listener on it finishes."""
         if self.host is None or self.kernel is None:
             return
-        if self._held is None:  # nothing was added by this run: what a previous one left
-            device = self.host.device
-            self._local = await self.host.local_addresses()
-            self._held = {
-                ip for ip, dev in self._local.items() if dev == device and not ip.is_link_local
-            }
-        wanted = set(self._vip_of.values())
-        unused = self._held - wanted
+        held = self._held if self._held is not None else await self._read_addresses()
+        unused = held - set(self._vip_of.values())
         if not unused:
             return
         unused -= {rt.service.listen.ip for rt in self.userspace.retired}
         unused -= {key.listen.ip for key in await self.kernel.owned()}
         if unused:
-            await self._set_held(self._held - unused)
+            await self._set_held(held - unused)
 
     async def _set_held(self, wanted: set[IPAddress]) -> None:
         assert self.host is not None and self._held is not None

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from bench import parse
+from bench import parse, vm
 from bench.__main__ import names
 from bench.dataplane import ratios
 from bench.peers import PEERS, Svc, haproxy_conf, lb_services_carried, lb_yaml, nft_dnat_script
+from bench.report import write_report
 from bench.stats import percentile
 from bench.topology import LOCK, Topology
 from bench.workloads import WORKLOADS
@@ -130,6 +131,14 @@ def test_quick_bench_writes_results_table_and_plot(tmp_path: Path) -> None:
     assert "Errors seen" not in table
     assert (out / "dataplane.png").read_bytes().startswith(b"\x89PNG")
     assert no_bench_namespace_left()
+    # the vm part's figures (here the host's, in the shape the guest writes) have their own
+    # section and plot
+    doc["vm"] = {"kernel": "6.1.0-test", "machine": doc["machine"], "dataplane": dp}
+    write_report(out, doc)
+    table = (out / "results.md").read_text()
+    vm_part = table.split("## Data plane in the kernel VM, with lb ipvs")[1]
+    assert "kernel 6.1.0-test" in vm_part and "### Relative to haproxy" in vm_part
+    assert (out / "dataplane-vm.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.netns
@@ -157,6 +166,19 @@ def test_one_part_peer_and_workload_can_be_chosen(tmp_path: Path) -> None:
     assert "## Control plane" not in table and "n/a (no UDP proxy)" in table
     assert not (out / "control.png").exists() and (out / "dataplane.png").exists()
     assert no_bench_namespace_left()
+
+
+def test_ipvs_peer_is_refused_on_a_kernel_without_ipvs(tmp_path: Path) -> None:
+    require_root()
+    if vm.ipvs_available():
+        pytest.skip("this kernel has IPVS")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "dataplane", "--peers", "direct,lb ipvs",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and "lb ipvs needs a kernel with IPVS" in done.stderr
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_bad_arguments_are_refused_with_a_reason() -> None:
@@ -255,6 +277,7 @@ def test_ratios_pair_runs_of_the_same_round() -> None:
 
 def test_choices_keep_order_and_drop_repeats() -> None:
     assert names(None, "--peers", ("a", "b")) == ["a", "b"]
+    assert names(None, "--peers", ("a", "b"), ("b",)) == ["b"]
     assert names("b, a,b", "--peers", ("a", "b")) == ["b", "a"]
 
 

@@ -1,0 +1,31 @@
+"""The bench's `lb ipvs` peer works where it can run: what `python -m bench`'s vm part
+runs in this guest, cut down to one quick round of two workloads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_measures_lb_on_ipvs(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--runs", "1", "--out", str(out),
+         "--only", "dataplane", "--peers", "direct,lb ipvs", "--workloads", "requests,udp"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    dp = json.loads((out / "results.json").read_text())["dataplane"]
+    assert dp["kinds"]["lb ipvs"] == "kernel"
+    for workload in ("requests", "udp"):
+        r = dp["results"]["lb ipvs"][workload]
+        assert r["errors"] == [], (workload, r)
+        assert r["figures"], workload
+    assert dp["results"]["lb ipvs"]["requests"]["figures"]["requests_per_s"]["median"] > 0
+    assert dp["results"]["lb ipvs"]["udp"]["figures"]["datagrams_per_s"]["median"] > 0
+    assert dp["ratios"]["direct"]["lb ipvs"]["requests"]
