@@ -19,6 +19,7 @@ import platform
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import control, dataplane, scale, vm
@@ -137,11 +138,18 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
+
+    def save() -> None:
+        """After each part: a later part that fails or is interrupted loses nothing."""
+        (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+        write_report(out, doc)
+
     try:
         with bench_lock():
             try:
-                run_parts(
+                failed = run_parts(
                     doc,
+                    save,
                     parts=parts,
                     sizes=sizes,
                     runs=runs,
@@ -153,16 +161,24 @@ def main(argv: list[str] | None = None) -> int:
                 remove_bench_namespaces()  # a second safety net: each part removes its own
                 raise
     except KeyboardInterrupt:
-        print("bench: interrupted; its namespaces and processes are removed", file=sys.stderr)
+        print(
+            "bench: interrupted; its namespaces and processes are removed; the parts done"
+            f" are in {out}",
+            file=sys.stderr,
+        )
         return 130
-    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
-    write_report(out, doc)
+    if failed:
+        doc["failed"] = failed
+    save()
     print(f"bench: results in {out}")
-    return 0
+    for part, why in failed.items():
+        print(f"bench: the {part} part failed: {why}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def run_parts(
     doc: dict[str, object],
+    save: Callable[[], None],
     *,
     parts: list[str],
     sizes: list[int],
@@ -170,8 +186,12 @@ def run_parts(
     peers: list[str],
     workloads: list[str],
     quick: bool,
-) -> None:
+) -> dict[str, str]:
+    """Run the parts, saving after each; the parts that failed, with the reason (the
+    vm part's guest may fail on its own: the host's parts stand)."""
     from rich.progress import Progress
+
+    failed: dict[str, str] = {}
 
     with Progress() as progress:
         if "control" in parts:
@@ -188,6 +208,7 @@ def run_parts(
                 progress.update(stask, advance=1, description=f"lb run: {what}")
 
             doc["scale"] = as_json(asyncio.run(scale.measure(sizes, runs, sadvance, quick)))
+            save()
         if "dataplane" in parts:
             dtask = progress.add_task("data plane", total=runs * len(peers))
 
@@ -197,10 +218,17 @@ def run_parts(
             doc["dataplane"] = asyncio.run(
                 dataplane.measure(peers, workloads, runs, quick, dadvance)
             )
+            save()
         if "vm" in parts:
             vtask = progress.add_task("data plane in the kernel VM (booted, running)", total=1)
-            doc["vm"] = vm.dataplane(runs, quick, workloads)
+            try:
+                doc["vm"] = vm.dataplane(runs, quick, workloads)
+            except RuntimeError as e:
+                failed["vm"] = str(e)
+            else:
+                save()
             progress.update(vtask, advance=1)
+    return failed
 
 
 def as_json(results: control.Results) -> dict[str, dict[str, dict[str, dict[str, float]]]]:

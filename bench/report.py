@@ -58,6 +58,8 @@ def markdown(doc: dict[str, Any]) -> str:
             "every figure is far below the host's, so compare them only with each other "
             "(the ratios below), never with the tables above.",
         )
+    for part, why in doc.get("failed", {}).items():
+        lines += ["", f"## The {part} part failed", "", "```", why.strip(), "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +180,27 @@ def test_ipvs_peer_is_refused_on_a_kernel_without_ipvs(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2 and "lb ipvs needs a kernel with IPVS" in done.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_failed_vm_part_is_reported_and_fails_the_run(tmp_path: Path) -> None:
+    """The guest cannot boot (no such kernel image): the bench says so, in its exit code,
+    on stderr and in results.md, and keeps what it measured."""
+    require_root()
+    if vm.missing():
+        pytest.skip("the kernel VM's tools are not installed (scripts/setup)")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "vm", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "LB_KERNEL_IMAGE": str(tmp_path / "no-such-vmlinuz")},
+    )
+    assert done.returncode == 1, done.stderr
+    assert "bench: the vm part failed: the bench in the kernel VM wrote no results" in done.stderr
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert "vm" not in doc and "the kernel VM wrote no results" in doc["failed"]["vm"]
+    assert "## The vm part failed" in (tmp_path / "results.md").read_text()
 
 
 def test_bad_arguments_are_refused_with_a_reason() -> None:
