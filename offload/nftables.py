@@ -271,10 +271,16 @@ class NftDataplane:
             if c is not None and c.get("family") == "ip" and c.get("table") == TABLE:
                 counters[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
         before, self._counters = self._counters, counters
-        for key, r in (self._rendered or {}).items():  # an apply may have run meanwhile
-            if any(counters.get(c.counter) != before.get(c.counter) for c in r.counters):
-                self._moved.add(key)
-        if self.conntrack is not None:
+        moved = {
+            key
+            for key, r in (self._rendered or {}).items()  # an apply may have run meanwhile
+            if any(counters.get(c.counter) != before.get(c.counter) for c in r.counters)
+        }
+        self._moved |= moved
+        # Every new flow moves a counter (they count in the NAT hooks, which see a flow's
+        # first packet): with no flow last time and none new, conntrack has none of lb's,
+        # and an idle lb spawns no conntrack each second.
+        if self.conntrack is not None and (self._flows or moved):
             try:
                 flows = await self.conntrack.flows()
             except ConntrackError:

@@ -305,3 +305,54 @@ def test_rates_of_services_a_dataplane_no_longer_has_are_forgotten() -> None:
     est.prune(lambda key, dataplane: key == a.service.key)
     assert est.service(b.service.key, "userspace").cps == 0.0
     assert est.service(a.service.key, "userspace").cps == 0.5
+
+
+async def test_an_idle_nftables_dataplane_does_not_read_conntrack() -> None:
+    """Every new flow moves a counter of lb's: with no flow known and no counter moved,
+    a refresh leaves conntrack alone (an idle lb spawns no `conntrack -L` each second)."""
+    from offload.conntrack import Conntrack, Flow
+    from offload.nft_rules import TABLE
+    from offload.nftables import NftDataplane
+
+    class FakeConntrack(Conntrack):
+        def __init__(self) -> None:
+            self.reads = 0
+            self.table: list[Flow] = []
+
+        async def flows(self) -> list[Flow]:
+            self.reads += 1
+            return list(self.table)
+
+    counters: dict[str, tuple[int, int]] = {}
+
+    async def nft(script: str) -> str:
+        return ""
+
+    async def query(*args: str) -> dict[str, object]:
+        return {
+            "nftables": [
+                {"counter": {"family": "ip", "table": TABLE, "name": n, "packets": p, "bytes": b}}
+                for n, (p, b) in counters.items()
+            ]
+        }
+
+    ct = FakeConntrack()
+    dp = NftDataplane(nft=nft, query=query, conntrack=ct)
+    (s,) = parse_config(config_text([8001], "127.0.0.2:9000")).services
+    await dp.apply([s])
+    names = [c.counter for c in (dp._rendered or {})[s.key].counters]
+    counters.update(dict.fromkeys(names, (0, 0)))
+    await dp.refresh()
+    assert ct.reads == 1  # the first refresh reads: flows may predate this run
+    await dp.refresh()
+    assert ct.reads == 1  # idle: nothing new, nothing known
+    counters[names[0]] = (1, 60)  # a new flow
+    ct.table = [Flow(s.key, s.backends[0].address, True)]
+    await dp.refresh()
+    assert ct.reads == 2 and dp.observe()[0].backends[0].active == 1
+    await dp.refresh()
+    assert ct.reads == 3  # a flow is known: read until it is gone
+    ct.table = []
+    await dp.refresh()
+    await dp.refresh()
+    assert ct.reads == 4 and dp.observe()[0].backends[0].active == 0
