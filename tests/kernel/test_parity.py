@@ -73,6 +73,8 @@ async def pick(topo: Topology, source: str, port: int, sport: int) -> str:
         reader, writer = await client_conn(topo, source, port, sport)
     except ConnectionRefusedError:
         return "-"  # IPVS with no usable destination answers ICMP port unreachable
+    except ConnectionResetError:
+        return "-"  # the userspace proxy's reset (below) came before the connect was seen
     try:
         line = (await asyncio.wait_for(reader.readline(), 10)).decode()
     except ConnectionResetError:
@@ -93,7 +95,10 @@ async def gone(topo: Topology, lb: LbProcess, backend: str) -> None:
         await asyncio.sleep(0.5)
 
 
-async def run_scenario(topo: Topology, cfg: Path, dataplane: str) -> dict[int, list[str]]:
+async def run_scenario(
+    topo: Topology, cfg: Path, dataplane: str
+) -> tuple[dict[int, list[str]], list[str]]:
+    """The picks per port, and what lb warned of meanwhile (to explain a difference)."""
     picks: dict[int, list[str]] = {port: [] for port in SERVICES}
     ports = itertools.count(20000)  # every connection its own source port, the same in both runs
     cfg.write_text(config(0, dataplane))
@@ -115,7 +120,12 @@ async def run_scenario(topo: Topology, cfg: Path, dataplane: str) -> dict[int, l
         if dataplane == "ipvs":
             listing = ipvsadm(topo)
             assert "Masq" in listing and "10.99.2.2:8080" not in listing  # A was deleted
-    return picks
+        warned = [
+            f"{e.get('event')}: {e.get('msg')}"
+            for e in lb.events
+            if e.get("level") in ("warning", "error")
+        ]
+    return picks, warned
 
 
 async def test_userspace_and_ipvs_pick_the_same_backends(
@@ -125,12 +135,14 @@ async def test_userspace_and_ipvs_pick_the_same_backends(
     run_in(topo, "ip", "link", "add", "vip0", "type", "dummy")
     run_in(topo, "ip", "addr", "add", f"{topo.vip}/32", "dev", "vip0")
     run_in(topo, "ip", "link", "set", "vip0", "up")
-    userspace = await run_scenario(topo, cfg, "userspace")
+    userspace, u_warned = await run_scenario(topo, cfg, "userspace")
     run_in(topo, "ip", "link", "del", "vip0")  # lb holds the VIP itself in ipvs mode
-    kernel = await run_scenario(topo, cfg, "ipvs")
+    kernel, k_warned = await run_scenario(topo, cfg, "ipvs")
     for port, (sched, flags) in SERVICES.items():
         label = f"{sched}{' ' + flags.strip() if flags else ''}"
         assert len(set(userspace[port])) > 1 or sched == "dh", f"{label}: the scenario must spread"
         assert userspace[port] == kernel[port], (
-            f"{label}: userspace and IPVS differ\nuserspace {userspace[port]}\nipvs      {kernel[port]}"
+            f"{label}: userspace and IPVS differ\nuserspace {userspace[port]}\n"
+            f"ipvs      {kernel[port]}\nlb warned (userspace): {u_warned}\n"
+            f"lb warned (ipvs): {k_warned}"
         )
