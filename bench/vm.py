@@ -2,10 +2,10 @@
 under qemu's software emulation (KVM guests hang on these machines). The guest sees the
 host's files, so it runs this checkout and its venv as they are.
 
-Used by the kernel test tier (tests/test_kernel_tier.py) and by `python -m bench --vm`,
-which runs the data plane in the guest to measure `lb ipvs` next to the peers that run
-there too. The guest's CPU is emulated: its figures are compared only with each other
-(ratios within one guest run), never with the host's.
+Used by the kernel test tier (tests/test_kernel_tier.py) and by the bench's vm part
+(`python -m bench`, or `--only vm`), which runs the data plane in the guest to measure
+`lb ipvs` next to the peers that run there too. The guest's CPU is emulated: its figures
+are compared only with each other (ratios within one guest run), never with the host's.
 """
 
 from __future__ import annotations
@@ -116,9 +116,7 @@ def dataplane(runs: int, quick: bool, workloads: list[str]) -> dict[str, Any]:
             "--workloads", ",".join(workloads), "--runs", str(runs), "--out", str(rw),
             *(["--quick"] if quick else []),
         ]  # fmt: skip
-        inner = (
-            f"PYTHONDONTWRITEBYTECODE=1 {shlex.join(bench)} > {rw}/log.txt 2>&1; echo $? > {rw}/rc"
-        )
+        inner = f"PYTHONDONTWRITEBYTECODE=1 {shlex.join(bench)} > {rw}/log.txt 2>&1"
         code, _, stderr = boot(inner, rw, timeout=(45 if quick else 240) * 60)
         results = rw / "results.json"
         if not results.exists():

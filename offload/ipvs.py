@@ -181,7 +181,8 @@ class IpvsDataplane:
             await write()
         return round((self.clock() - start) * 1000, 1)
 
-    async def _apply_dests(self, s: Service, current: list[KDest], now: float) -> None:
+    async def _apply_dests(self, s: Service, current: list[KDest], now: float) -> bool:
+        """Bring the destinations in line with the service; whether anything was written."""
         local = s.listen
 
         def may_delete(view: DestView) -> bool:
@@ -194,7 +195,8 @@ class IpvsDataplane:
             DestView(d.endpoint, d.weight, d.u_threshold, d.l_threshold, d.active + d.inactive)
             for d in current
         ]
-        for op in plan_dests(views, s.backends, may_delete):
+        ops = plan_dests(views, s.backends, may_delete)
+        for op in ops:
             if isinstance(op, AddDest):
                 self._quiesced.pop((s.key, op.endpoint), None)
                 fwd = FWD_LOCAL if op.endpoint == local else 0
@@ -209,6 +211,7 @@ class IpvsDataplane:
             elif isinstance(op, DelDest):
                 self._quiesced.pop((s.key, op.endpoint), None)
                 await self.client.del_dest(s.key, op.endpoint)
+        return bool(ops)
 
     # --- observation ---------------------------------------------------------------------
 
@@ -226,8 +229,12 @@ class IpvsDataplane:
         now = self.clock()
         for key in {key for key, _ in self._quiesced}:
             s = self._desired.get(key)
-            if s is not None and key in self._dests:
-                await self._apply_dests(s, self._dests[key], now)
+            written = (
+                s is not None
+                and key in self._dests
+                and (await self._apply_dests(s, self._dests[key], now))
+            )
+            if written:  # read back what the kernel now has
                 self._dests[key] = await self.client.dests(key)
 
     async def _refresh(self) -> None:

@@ -205,8 +205,9 @@ class OffloadManager:
             # kube-proxy's IPVS mode binds every cluster IP to kube-ipvs0).
             if not ip.is_unspecified and self._local.get(ip, device) == device:
                 self._vip_of[s.key] = ip  # held as long as the service is there
-        await self._set_held(held | set(self._vip_of.values()))
-        for ip in self._held or ():
+        wanted = held | set(self._vip_of.values())
+        await self._set_held(wanted)
+        for ip in wanted:
             self._local[ip] = device
 
     async def _read_addresses(self) -> set[IPAddress]:

@@ -59,17 +59,25 @@ def no_bench_namespace_left() -> bool:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def bench(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m bench ARGS`, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
+    )
+
+
 @pytest.mark.netns
 def test_quick_bench_writes_results_table_and_plot(tmp_path: Path) -> None:
     require_root()
     out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--runs", "2", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    done = bench("--quick", "--runs", "2", "--out", str(out), timeout=900)
     assert done.returncode == 0, done.stderr
     doc = json.loads((out / "results.json").read_text())
     control = doc["control"]
@@ -146,15 +154,9 @@ def test_quick_bench_writes_results_table_and_plot(tmp_path: Path) -> None:
 def test_one_part_peer_and_workload_can_be_chosen(tmp_path: Path) -> None:
     require_root()
     out = tmp_path / "results"
-    done = subprocess.run(
-        [
-            sys.executable, "-m", "bench", "--quick", "--runs", "1", "--out", str(out),
-            "--only", "dataplane", "--peers", "haproxy,direct", "--workloads", "udp",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    done = bench(
+        "--quick", "--runs", "1", "--out", str(out),
+        "--only", "dataplane", "--peers", "haproxy,direct", "--workloads", "udp",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     doc = json.loads((out / "results.json").read_text())
@@ -173,11 +175,7 @@ def test_ipvs_peer_is_refused_on_a_kernel_without_ipvs(tmp_path: Path) -> None:
     require_root()
     if vm.ipvs_available():
         pytest.skip("this kernel has IPVS")
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--only", "dataplane", "--peers", "direct,lb ipvs",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+    done = bench("--only", "dataplane", "--peers", "direct,lb ipvs", "--out", str(tmp_path))
     assert done.returncode == 2 and "lb ipvs needs a kernel with IPVS" in done.stderr
     assert not (tmp_path / "results.json").exists()
 
@@ -188,14 +186,10 @@ def test_a_failed_vm_part_is_reported_and_fails_the_run(tmp_path: Path) -> None:
     require_root()
     if vm.missing():
         pytest.skip("the kernel VM's tools are not installed (scripts/setup)")
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--only", "vm", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    done = bench(
+        "--quick", "--only", "vm", "--out", str(tmp_path),
         env={**os.environ, "LB_KERNEL_IMAGE": str(tmp_path / "no-such-vmlinuz")},
-    )
+    )  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert "bench: the vm part failed: the bench in the kernel VM wrote no results" in done.stderr
     doc = json.loads((tmp_path / "results.json").read_text())
@@ -213,9 +207,7 @@ def test_bad_arguments_are_refused_with_a_reason() -> None:
         (["--workloads", "bulk,http2,dns"], "--workloads: unknown 'http2', 'dns'"),
         (["--workloads", ","], "--workloads: unknown empty list"),
     ):
-        done = subprocess.run(
-            [sys.executable, "-m", "bench", *args], capture_output=True, text=True, check=False
-        )
+        done = bench(*args)
         assert done.returncode == 2 and reason in done.stderr, (args, done.stderr)
 
 
