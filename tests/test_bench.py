@@ -22,7 +22,7 @@ from bench.report import write_report
 from bench.stats import percentile
 from bench.topology import LOCK, Topology
 from bench.workloads import WORKLOADS
-from tests.conftest import require_root
+from tests.support.root import require_root
 
 SAMPLES = Path(__file__).parent.parent / "bench" / "samples"
 #: Every figure each workload reports (bench/workloads.py)

@@ -14,16 +14,17 @@ from hypothesis import strategies as st
 from lb.changes import Applied, Changes
 from lb.config import parse_config
 from lb.controller import Controller
-from lb.model import Backend, Endpoint, Protocol, SchedulerName, Service, ServiceKey
+from lb.model import Backend, Endpoint, Mode, Protocol, SchedulerName, Service, ServiceKey
 from lb.proxy.dataplane import UserspaceDataplane
 from lb.rates import INTERVAL, RateEstimator
 from lb.stats import ErrorReason, ServiceSnapshot, Totals
 from offload.manager import OffloadManager
-from offload.policy import Mode, OffloadPolicy
-from tests.net import TcpBackend, eventually, free_port, read_line
+from offload.policy import OffloadPolicy
+from tests.support.doubles import RecordingDataplane
+from tests.support.net import TcpBackend, eventually, free_port, read_line
 
 
-def config_text(ports: list[int], backend: str) -> str:
+def services_config(ports: list[int], backend: str) -> str:
     return "services:\n" + "".join(
         f"  - {{name: s{i}, listen: '127.0.0.1:{p}', scheduler: rr,"
         f" backends: [{{address: '{backend}'}}]}}\n"
@@ -31,32 +32,9 @@ def config_text(ports: list[int], backend: str) -> str:
     )
 
 
-class Recorder:
-    """A dataplane that keeps what it was given."""
-
-    name = "recorder"
-
-    def __init__(self) -> None:
-        self.applied: list[list[Service]] = []
-        self.changes: list[Changes | None] = []
-
-    async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
-        self.applied.append(list(desired))
-        self.changes.append(changes)
-
-    def observe(self) -> list[ServiceSnapshot]:
-        return []
-
-    def observe_one(self, key: ServiceKey) -> list[ServiceSnapshot]:
-        return []
-
-    async def close(self, grace: float) -> None:
-        pass
-
-
 async def test_an_edit_remakes_one_service_and_the_others_stay_the_same_objects() -> None:
-    text = config_text([8001, 8002, 8003], "127.0.0.1:9000")
-    dp = Recorder()
+    text = services_config([8001, 8002, 8003], "127.0.0.1:9000")
+    dp = RecordingDataplane()
     c = Controller(dp)
     await c.start(parse_config(text))
     first = dp.applied[-1]
@@ -80,8 +58,8 @@ async def test_an_edit_remakes_one_service_and_the_others_stay_the_same_objects(
 
 
 async def test_a_failed_apply_leaves_the_edit_to_be_made_again() -> None:
-    text = config_text([8001, 8002], "127.0.0.1:9000")
-    dp = Recorder()
+    text = services_config([8001, 8002], "127.0.0.1:9000")
+    dp = RecordingDataplane()
     c = Controller(dp)
     await c.start(parse_config(text))
     fail = True
@@ -134,7 +112,7 @@ async def test_idle_services_are_not_visited_and_a_busy_one_is() -> None:
     ports = [free_port() for _ in range(20)]
     dp = UserspaceDataplane()
     c = Controller(dp)
-    await c.start(parse_config(config_text(ports, backend.address)))
+    await c.start(parse_config(services_config(ports, backend.address)))
     try:
         assert len(dp.active()) == 20  # each new service: the baseline of its rates
         await eventually(lambda: not dp._due, timeout=5)  # housekeeping found them idle
@@ -202,7 +180,7 @@ async def test_offload_manager_reconsiders_only_what_changed() -> None:
     manager.enable(OffloadPolicy(Mode.NFTABLES, 10, 3), kernel, None, 1.0)
     c = Controller(manager)
     ports = [free_port() for _ in range(10)]
-    await c.start(parse_config(config_text(ports, "127.0.0.1:9000")))
+    await c.start(parse_config(services_config(ports, "127.0.0.1:9000")))
     try:
         assert sorted(checked) == sorted(f"s{i}" for i in range(10))
         first = kernel.applied[-1]
@@ -232,7 +210,7 @@ async def test_a_demoted_service_comes_back_once_calm() -> None:
     manager.enable(OffloadPolicy(Mode.AUTO, 1.0, 3), kernel, None, 60.0)
     c = Controller(manager)
     port = free_port()
-    text = config_text([port], "127.0.0.1:9000")
+    text = services_config([port], "127.0.0.1:9000")
     await c.start(parse_config(text))
     [s0] = c.desired()
     try:
@@ -253,7 +231,14 @@ async def test_a_demoted_service_comes_back_once_calm() -> None:
 
 
 def _totals(conns: int, nbytes: int) -> Totals:
-    return Totals(conns, nbytes, nbytes // 2, 0, 0, dict.fromkeys(ErrorReason, 0))
+    return Totals(
+        conns=conns,
+        bytes_in=nbytes,
+        bytes_out=nbytes // 2,
+        packets_in=0,
+        packets_out=0,
+        errors=dict.fromkeys(ErrorReason, 0),
+    )
 
 
 def _snap(name: str, conns: int, nbytes: int) -> ServiceSnapshot:
@@ -338,7 +323,7 @@ async def test_an_idle_nftables_dataplane_does_not_read_conntrack() -> None:
 
     ct = FakeConntrack()
     dp = NftDataplane(nft=nft, query=query, conntrack=ct)
-    (s,) = parse_config(config_text([8001], "127.0.0.2:9000")).services
+    (s,) = parse_config(services_config([8001], "127.0.0.2:9000")).services
     await dp.apply([s])
     names = [c.counter for c in (dp._rendered or {})[s.key].counters]
     counters.update(dict.fromkeys(names, (0, 0)))

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from offload.netns import inside
-from tests.conftest import require_root
-from tests.kube_double import FakeApiServer, endpoint, endpoint_slice, node, service
-from tests.netns import Topology, socket_in, topology
-from tests.proc import LbProcess, run_cli
-from tests.traffic import BACKEND_IPS, CLIENT_IPS, LB_SIDE, START, Backends, admin, ask
+from tests.support.kube_double import FakeApiServer, endpoint, endpoint_slice, node, service
+from tests.support.netns import BACKEND_IPS, CLIENT_IPS, LB_SIDE, Topology, socket_in
+from tests.support.proc import LbProcess, run_cli
+from tests.support.traffic import START, Backends, admin, ask
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(240)]
 
@@ -27,13 +26,6 @@ WEB_IP, LC_IP, NEW_IP = "10.96.0.10", "10.96.0.11", "10.96.0.12"
 NODE_IP = "10.99.1.1"  # the balancer's address on the clients' side
 NODE_PORT = 30080
 CLIENT = CLIENT_IPS[0]
-
-
-@pytest.fixture
-def topo() -> Iterator[Topology]:
-    require_root()
-    with topology(client_ips=CLIENT_IPS, backend_ips=BACKEND_IPS, vip_on=None) as t:
-        yield t
 
 
 @pytest.fixture

@@ -21,10 +21,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import require_root
-from tests.kube_double import FakeApiServer, endpoint, endpoint_slice, node, service
-from tests.net import TcpBackend, free_port, read_line
-from tests.proc import LbProcess, run_cli
+from tests.support.kube_double import FakeApiServer, endpoint, endpoint_slice, node, service
+from tests.support.net import TcpBackend, free_port, read_line
+from tests.support.proc import LbProcess, run_cli
+from tests.support.root import require_root
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,5 +1,5 @@
 """The Kubernetes source against an API server double speaking the real wire protocol
-(tests/kube_double.py): informers, the start-up gate, coalescing, 410 recovery, outages.
+(tests/support/kube_double.py): informers, the start-up gate, coalescing, 410 recovery, outages.
 The real kubernetes-asyncio client talks HTTP to it through a kubeconfig."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from lb.k8s.api import Api, Resource
 from lb.k8s.informer import Backoff, Informer
 from lb.k8s.source import KubernetesSource, SourceMetrics
 from lb.model import KubernetesSettings, Service
-from tests.kube_double import FakeApiServer, endpoint, endpoint_slice, node, service
-from tests.net import eventually
+from tests.support.kube_double import FakeApiServer, endpoint, endpoint_slice, node, service
+from tests.support.net import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,7 +29,7 @@ def value(metric: Any) -> float:
     return float(next(iter(metric.collect())).samples[0].value)
 
 
-class Recorder:
+class ApplyRecorder:
     """The `apply` of the source: what it was given, in order."""
 
     def __init__(self) -> None:
@@ -83,7 +83,7 @@ async def api(server: FakeApiServer, tmp_path: Path) -> AsyncIterator[Api]:
 
 
 def source(
-    reader: Any, api: Api, apply: Recorder, settings: KubernetesSettings = FAST
+    reader: Any, api: Api, apply: ApplyRecorder, settings: KubernetesSettings = FAST
 ) -> KubernetesSource:
     return KubernetesSource(
         reader,
@@ -102,7 +102,7 @@ def web(n: int = 0) -> dict[str, Any]:
     return service(f"web{n}", cluster_ip=f"10.96.0.{10 + n}")
 
 
-def web_slice(n: int, *ips: str, trigger: str | None = None) -> dict[str, Any]:
+def web_n_slice(n: int, *ips: str, trigger: str | None = None) -> dict[str, Any]:
     return endpoint_slice(
         f"web{n}-abc", f"web{n}", endpoints=[endpoint(ip) for ip in ips], trigger_time=trigger
     )
@@ -112,9 +112,9 @@ async def test_nothing_is_applied_before_services_slices_and_node_are_listed(
     server: FakeApiServer, api: Api
 ) -> None:
     server.put(web())
-    server.put(web_slice(0, "10.244.1.5"))
+    server.put(web_n_slice(0, "10.244.1.5"))
     gated = GatedApi(api)
-    rec = Recorder()
+    rec = ApplyRecorder()
     src = source(gated, api, rec)
     src.start()
     try:
@@ -132,7 +132,7 @@ async def test_nothing_is_applied_before_services_slices_and_node_are_listed(
 async def test_changes_are_coalesced_and_the_sync_period_resyncs(
     server: FakeApiServer, api: Api
 ) -> None:
-    rec = Recorder()
+    rec = ApplyRecorder()
     src = source(api, api, rec, replace(FAST, min_sync_period=0.5, sync_period=1.0))
     src.start()
     try:
@@ -155,8 +155,8 @@ async def test_410_relists_without_losing_or_duplicating_a_service(
 ) -> None:
     for i in range(3):
         server.put(web(i))
-        server.put(web_slice(i, f"10.244.{i}.5"))
-    rec = Recorder()
+        server.put(web_n_slice(i, f"10.244.{i}.5"))
+    rec = ApplyRecorder()
     src = source(api, api, rec)
     src.start()
     try:
@@ -169,8 +169,8 @@ async def test_410_relists_without_losing_or_duplicating_a_service(
         await server.drop_connections()
         server.delete("Service", "default", "web0")
         server.put(web(3))
-        server.put(web_slice(3, "10.244.3.5"))
-        server.put(web_slice(1, "10.244.1.5", "10.244.1.6"))
+        server.put(web_n_slice(3, "10.244.3.5"))
+        server.put(web_n_slice(1, "10.244.1.5", "10.244.1.6"))
         server.compact()
         expected = {
             "default/web1:http": ["10.244.1.5:8080", "10.244.1.6:8080"],
@@ -191,7 +191,7 @@ async def test_410_relists_without_losing_or_duplicating_a_service(
 
 async def test_a_410_error_event_on_a_live_watch_relists(server: FakeApiServer, api: Api) -> None:
     server.put(web())
-    rec = Recorder()
+    rec = ApplyRecorder()
     src = source(api, api, rec)
     src.start()
     try:
@@ -200,7 +200,7 @@ async def test_a_410_error_event_on_a_live_watch_relists(server: FakeApiServer, 
         await server.wait_for_watches(3, 5)
         server.expire_watches()
         await eventually(lambda: src.slices.lists > lists, timeout=5)
-        server.put(web_slice(0, "10.244.9.9"))
+        server.put(web_n_slice(0, "10.244.9.9"))
         await eventually(lambda: rec.last == {"default/web0:http": ["10.244.9.9:8080"]}, timeout=5)
     finally:
         await src.stop()
@@ -210,8 +210,8 @@ async def test_api_outage_keeps_the_last_state_and_recovers(
     server: FakeApiServer, api: Api
 ) -> None:
     server.put(web())
-    server.put(web_slice(0, "10.244.1.5"))
-    rec = Recorder()
+    server.put(web_n_slice(0, "10.244.1.5"))
+    rec = ApplyRecorder()
     src = source(api, api, rec)
     src.start()
     try:
@@ -222,7 +222,7 @@ async def test_api_outage_keeps_the_last_state_and_recovers(
         assert rec.last == {"default/web0:http": ["10.244.1.5:8080"]}  # nothing was emptied
         assert src.services.store  # the last known objects are kept
         await server.start(port)
-        server.put(web_slice(0, "10.244.1.5", "10.244.1.6"))
+        server.put(web_n_slice(0, "10.244.1.5", "10.244.1.6"))
         await eventually(
             lambda: rec.last == {"default/web0:http": ["10.244.1.5:8080", "10.244.1.6:8080"]},
             timeout=10,
@@ -232,7 +232,7 @@ async def test_api_outage_keeps_the_last_state_and_recovers(
 
 
 async def test_bookmarks_advance_the_resource_version(server: FakeApiServer, api: Api) -> None:
-    rec = Recorder()
+    rec = ApplyRecorder()
     src = source(api, api, rec)
     src.start()
     try:
@@ -250,14 +250,14 @@ async def test_bookmarks_advance_the_resource_version(server: FakeApiServer, api
 async def test_a_failed_apply_is_retried_and_programming_latency_is_measured(
     server: FakeApiServer, api: Api
 ) -> None:
-    rec = Recorder()
+    rec = ApplyRecorder()
     src = source(api, api, rec, replace(FAST, sync_period=0.3))
     src.start()
     try:
         await asyncio.wait_for(src.first_sync(), 5)
         rec.fail = True
         server.put(web())
-        server.put(web_slice(0, "10.244.1.5", trigger="2026-01-01T00:00:00Z"))
+        server.put(web_n_slice(0, "10.244.1.5", trigger="2026-01-01T00:00:00Z"))
         await asyncio.sleep(0.4)
         assert value(src.metrics.pending) > 0
         rec.fail = False

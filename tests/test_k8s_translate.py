@@ -1,5 +1,5 @@
 """Kubernetes Services + EndpointSlices -> lb services: every kube-proxy translation rule,
-on the objects as the API serves them (tests/kube_double.py builds kubectl's JSON shapes)."""
+on the objects as the API serves them (tests/support/kube_double.py builds kubectl's JSON shapes)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from lb.k8s.translate import Node, node_addresses, translate
 from lb.model import Endpoint, Persistence, Protocol, SchedulerName, Service
-from tests.kube_double import endpoint, endpoint_slice, node, service
+from tests.support.kube_double import endpoint, endpoint_slice, node, service
 
 NODE = Node("node-1", (ipaddress.ip_address("192.168.0.10"),))
 

@@ -1,6 +1,6 @@
 """Boot Debian's kernel (which has IPVS) in a virtme-ng guest and run tests/kernel/ there.
 
-One boot for the whole tier, under software emulation (kernel-vm.md: KVM guests hang on
+One boot for the whole tier, under software emulation (docs/testing.md: KVM guests hang on
 these machines). `scripts/setup`, run as root, provisions the kernel image, its modules,
 qemu and virtme-ng. Without them this skips on a laptop, and fails when CI=true.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench import vm
-from tests.conftest import CI, require_root
+from tests.support.root import CI, require_root
 
 TIMEOUT = 40 * 60
 

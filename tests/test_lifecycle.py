@@ -13,9 +13,9 @@ import pytest
 
 from lb.daemon import Daemon
 from lb.model import Config
-from tests.conftest import require_root
-from tests.net import TcpBackend, free_port, read_line
-from tests.proc import LbProcess, run_cli
+from tests.support.net import TcpBackend, free_port, read_line
+from tests.support.proc import LbProcess, run_cli
+from tests.support.root import require_root
 
 
 def write(path: Path, services: list[tuple[str, int, list[str]]], extra: str = "") -> Path:

@@ -6,25 +6,24 @@ import asyncio
 import ipaddress
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from offload.netns import inside
-from tests.conftest import require_root
-from tests.netns import Topology, socket_in, topology
-from tests.proc import LbProcess
-from tests.traffic import Backends, ask
+from tests.support.netns import Topology, socket_in
+from tests.support.proc import LbProcess
+from tests.support.traffic import Backends, ask
 
-pytestmark = pytest.mark.netns
-
-
-@pytest.fixture
-def topo() -> Iterator[Topology]:
-    require_root()
-    with topology() as t:
-        yield t
+pytestmark = [
+    pytest.mark.netns,
+    # six clients, three backends, the VIP on the balancer's loopback
+    pytest.mark.topology(
+        client_ips=[f"10.99.1.{i}" for i in range(2, 8)],
+        backend_ips=["10.99.2.2", "10.99.2.3", "10.99.2.4"],
+        vip_on="lo",
+    ),
+]
 
 
 async def start_lb(topo: Topology, cfg: Path) -> LbProcess:

@@ -8,19 +8,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_root
-from tests.netns import Topology, socket_in, topology
-from tests.proc import LbProcess, run_cli
-from tests.traffic import (
-    BACKEND_IPS,
-    CLIENT_IPS,
-    LB_SIDE,
+from tests.support.netns import LB_SIDE, Topology, run_in, socket_in
+from tests.support.proc import LbProcess, run_cli
+from tests.support.traffic import (
     START,
     Backends,
     admin,
@@ -34,18 +28,7 @@ from tests.traffic import (
 
 pytestmark = pytest.mark.netns
 
-
-@pytest.fixture
-def topo() -> Iterator[Topology]:
-    require_root()
-    with topology(client_ips=CLIENT_IPS, backend_ips=BACKEND_IPS, vip_on=None) as t:
-        yield t  # no VIP anywhere: lb puts it on its own device
-
-
-def run_in(topo: Topology, *cmd: str, check: bool = True) -> str:
-    return subprocess.run(
-        ["ip", "netns", "exec", topo.lb, *cmd], check=check, capture_output=True, text=True
-    ).stdout
+# The topology's default shape: no VIP anywhere, lb puts it on its own device.
 
 
 def lb_table(topo: Topology) -> str:

@@ -19,7 +19,7 @@ from offload.nft_rules import (
     shard_of,
 )
 from offload.nftables import NftDataplane, NftError
-from tests.vs import Harness, name_of
+from tests.support.vs import Harness, name_of
 
 
 def services(text: str) -> list[Service]:

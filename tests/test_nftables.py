@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -16,29 +16,16 @@ from offload.netns import inside
 from offload.nft_netlink import NftNetlink
 from offload.nft_rules import cycle
 from offload.nftables import NftDataplane
-from tests.conftest import require_root
-from tests.netns import Topology, topology
-from tests.traffic import (
-    BACKEND_IPS,
-    CLIENT_IPS,
-    LB_SIDE,
+from tests.support.netns import CLIENT_IPS, LB_SIDE, Topology
+from tests.support.traffic import (
     Backends,
     ask,
     ask_udp,
     client_conn,
 )
 
-pytestmark = pytest.mark.netns
-
-
-@pytest.fixture
-def topo() -> Iterator[Topology]:
-    require_root()
-    with topology(client_ips=CLIENT_IPS, backend_ips=BACKEND_IPS) as t:
-        subprocess.run(
-            ["ip", "netns", "exec", t.lb, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True
-        )
-        yield t
+# the VIP on the balancer's loopback, and the balancer forwards (no lb process sets it here)
+pytestmark = [pytest.mark.netns, pytest.mark.topology(vip_on="lo", ip_forward=True)]
 
 
 @pytest.fixture(params=["netlink", "nft"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from lb.model import AdminState, Backend
 from lb.plan import AddDest, DelDest, EditDest, plan_dests
 from lb.virtual_service import DestView
-from tests.vs import ep
+from tests.support.vs import ep
 
 
 def view(name: str, weight: int = 1, conns: int = 0) -> DestView:

@@ -8,11 +8,11 @@ import ipaddress
 from lb.model import Endpoint, SchedFlag
 from lb.sched.mh import TAB_SIZE as MH_SIZE
 from lb.sched.siphash import hsiphash_u32, siphash
-from tests.vs import Harness, name_of
+from tests.support.vs import Harness, name_of
 
 
 def golden_hash(value: int) -> int:
-    """hash_32(v, 8) = ((v * 0x61C88647) mod 2^32) >> 24, from ipvs-reference.md."""
+    """hash_32(v, 8) = ((v * 0x61C88647) mod 2^32) >> 24, as docs/semantics.md states."""
     return ((value * 0x61C88647) % 2**32) >> 24
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from lb.sched import Dest
 from lb.virtual_service import Conn
-from tests.vs import Harness, name_of
+from tests.support.vs import Harness, name_of
 
 
 def test_lc_counts_active_as_256_inactive() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.vs import Harness
+from tests.support.vs import Harness
 
 
 def test_list_order_is_reverse_of_insertion() -> None:
@@ -54,7 +54,7 @@ def test_rr_with_nothing_available_refuses() -> None:
 
 
 def test_wrr_history_matters_reference_example() -> None:
-    # ipvs-reference.md: a service created empty, then given C(2), B(3), A(4) one at a
+    # docs/semantics.md: a service created empty, then given C(2), B(3), A(4) one at a
     # time starts with cw = 1 (after C alone, di = 2, mw = 1), so its first picks are
     # A B C, then the steady cycle A | A B | A B C | A B C.
     h = Harness("wrr").add("C", 2).add("B", 3).add("A", 4)

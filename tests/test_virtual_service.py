@@ -6,7 +6,7 @@ import pytest
 
 from lb.model import Protocol
 from lb.virtual_service import CLOSE, TIME_WAIT
-from tests.vs import Harness, ep
+from tests.support.vs import Harness, ep
 
 
 def test_tcp_connection_is_active_then_inactive_for_time_wait() -> None:

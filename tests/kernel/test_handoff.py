@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.netns import Topology
-from tests.traffic import Backends, promote_and_demote_under_load
+from tests.support.netns import Topology
+from tests.support.traffic import Backends, promote_and_demote_under_load
 
 
 async def test_promote_and_demote_under_load_lose_nothing(

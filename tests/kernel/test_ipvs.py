@@ -7,11 +7,9 @@ import asyncio
 import signal
 from pathlib import Path
 
-from tests.kernel.conftest import ipvs_save, ipvsadm, run_in
-from tests.netns import Topology, socket_in
-from tests.proc import LbProcess, run_cli
-from tests.traffic import (
-    LB_SIDE,
+from tests.support.netns import LB_SIDE, Topology, ipvs_save, ipvsadm, run_in, socket_in
+from tests.support.proc import LbProcess, run_cli
+from tests.support.traffic import (
     START,
     Backends,
     admin,

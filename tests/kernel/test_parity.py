@@ -11,10 +11,9 @@ import signal
 import socket
 from pathlib import Path
 
-from tests.kernel.conftest import ipvsadm, run_in
-from tests.netns import Topology
-from tests.proc import LbProcess
-from tests.traffic import (
+from tests.support.netns import Topology, ipvsadm, run_in
+from tests.support.proc import LbProcess
+from tests.support.traffic import (
     Backends,
     admin,
     client_conn,

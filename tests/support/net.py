@@ -152,3 +152,22 @@ async def eventually(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(interval)
+
+
+async def http_exchange(host: str, port: int, request: bytes) -> tuple[int, bytes, bytes]:
+    """Send raw bytes to an HTTP server, read to EOF: (status, head, body). For requests
+    no client library would send (and for `Connection: close` ones)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        raw = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head, body
+
+
+async def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, bytes]:
+    request = f"GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n".encode()
+    status, _, body = await http_exchange(host, port, request)
+    return status, body

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from lb.model import Endpoint, ServiceKey
-from offload.ipvs_netlink import KDest, KService
+from offload.ipvs_model import KDest, KService
 
 
 class FakeIpvs:

@@ -19,17 +19,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from offload.netns import inside
-from tests.netns import Topology, socket_in
-from tests.proc import LbProcess
+from tests.support.netns import LB_SIDE, Topology, socket_in
+from tests.support.proc import LbProcess
 
 #: Python in the guest reads every module over 9p under emulation: lb takes ~30 s to start.
 START = 150.0
-CLIENT_IPS = [f"10.99.1.{i}" for i in range(2, 40)]
-BACKEND_IPS = ["10.99.2.2", "10.99.2.3", "10.99.2.4", "10.99.2.5"]
-LB_SIDE = "10.99.2.1"  # the balancer's address towards the backends
 
 
 class Backends:
@@ -87,15 +82,6 @@ class Backends:
             s.close()
         for t in self.udp:
             t.close()
-
-
-@pytest.fixture
-async def backends(topo: Topology) -> AsyncIterator[Backends]:
-    b = await Backends(topo).start()
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 async def client_conn(

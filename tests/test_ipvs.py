@@ -6,19 +6,12 @@ import ipaddress
 from pathlib import Path
 
 from lb.config import parse_config
-from lb.model import Endpoint, IPAddress, Service
+from lb.model import Endpoint, IPAddress, Mode, Service
 from offload.ipvs import IpvsDataplane
-from offload.ipvs_netlink import (
-    F_PERSISTENT,
-    F_SCHED2,
-    KConn,
-    KDest,
-    KService,
-    carries_data,
-    read_conn_table,
-)
-from offload.policy import Mode, OffloadPolicy, demoting_form, kernel_service, not_expressible
-from tests.fake_ipvs import FakeIpvs
+from offload.ipvs_model import F_PERSISTENT, F_SCHED2, KConn, KDest, KService
+from offload.ipvs_netlink import carries_data, read_conn_table
+from offload.policy import OffloadPolicy, demoting_form, kernel_service, not_expressible
+from tests.support.fake_ipvs import FakeIpvs
 
 VIP = ipaddress.ip_address("10.0.0.1")
 

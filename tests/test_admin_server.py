@@ -18,10 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from lb.admin import server as admin_server
 from lb.config import ConfigError, load_config, parse_config
 from lb.daemon import Daemon, StartError
-from tests.net import TcpBackend, eventually, free_port, read_line
+from tests.support.net import TcpBackend, eventually, free_port, read_line
 
 
-def config_text(
+def web_config(
     port: int, backends: list[str], extra: str = "", admin: str = "", svc_extra: str = ""
 ) -> str:
     admin = admin or f"{{listen: 127.0.0.1:{free_port()}}}"
@@ -71,7 +71,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 async def test_health_and_readiness(tmp_path: Path) -> None:
     port = free_port()
-    async with running(tmp_path, config_text(port, [])) as (d, url):
+    async with running(tmp_path, web_config(port, [])) as (d, url):
         assert await call("GET", url + "/healthz") == (200, {"status": "alive"})
         assert await call("GET", url + "/readyz") == (200, {"ready": True})
         d.readiness.set_not_ready("stopping")
@@ -82,7 +82,7 @@ async def test_metrics_follow_real_traffic(tmp_path: Path) -> None:
     backend = await TcpBackend("A").start()
     port = free_port()
     check = "    health_check: {type: tcp, interval: 100ms, timeout: 100ms}\n"
-    async with running(tmp_path, config_text(port, [backend.address], svc_extra=check)) as (d, url):
+    async with running(tmp_path, web_config(port, [backend.address], svc_extra=check)) as (d, url):
         _, before = await call("GET", url + "/metrics")
         assert metric(before, "lb_service_connections_total", service="web") == 0
         for _ in range(5):
@@ -124,7 +124,7 @@ async def test_metrics_follow_real_traffic(tmp_path: Path) -> None:
 async def test_services_json(tmp_path: Path) -> None:
     a, b = await TcpBackend("A").start(), await TcpBackend("B").start()
     port = free_port()
-    async with running(tmp_path, config_text(port, [a.address, b.address])) as (_, url):
+    async with running(tmp_path, web_config(port, [a.address, b.address])) as (_, url):
         assert await read_line("127.0.0.1", port) == "B"
         status, body = await call("GET", url + "/api/v1/services")
         assert status == 200
@@ -142,7 +142,7 @@ async def test_services_json(tmp_path: Path) -> None:
 async def test_drain_under_live_connections(tmp_path: Path) -> None:
     a, b = await TcpBackend("A").start(), await TcpBackend("B").start()
     port = free_port()
-    async with running(tmp_path, config_text(port, [a.address, b.address])) as (_, url):
+    async with running(tmp_path, web_config(port, [a.address, b.address])) as (_, url):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         assert await reader.readline() == b"B\n"
         status, body = await call(
@@ -165,7 +165,7 @@ async def test_drain_under_live_connections(tmp_path: Path) -> None:
 async def test_weight_edit_and_reset(tmp_path: Path) -> None:
     a, b = await TcpBackend("A").start(), await TcpBackend("B").start()
     port = free_port()
-    async with running(tmp_path, config_text(port, [a.address, b.address])) as (d, url):
+    async with running(tmp_path, web_config(port, [a.address, b.address])) as (d, url):
         edit = f"{url}/api/v1/services/web/backends/{a.address}"
         status, body = await call("POST", edit, {"weight": 0})
         assert (
@@ -186,7 +186,7 @@ async def test_maint_stops_health_checks(tmp_path: Path) -> None:
     a = await TcpBackend("A").start()
     port = free_port()
     check = "    health_check: {type: tcp, interval: 100ms, timeout: 100ms}\n"
-    async with running(tmp_path, config_text(port, [a.address], svc_extra=check)) as (d, url):
+    async with running(tmp_path, web_config(port, [a.address], svc_extra=check)) as (d, url):
         (monitor,) = d.controller.monitors.values()
         assert monitor.running
         status, body = await call(
@@ -227,7 +227,7 @@ HOSTILE = [
 async def test_hostile_input_gets_4xx_and_the_balancer_serves_on(tmp_path: Path) -> None:
     a = await TcpBackend("A").start()
     port = free_port()
-    async with running(tmp_path, config_text(port, [a.address])) as (d, url):
+    async with running(tmp_path, web_config(port, [a.address])) as (d, url):
         for method, path, body, raw, expected in HOSTILE:
             status, answer = await call(method, url + path.replace("BACKEND", a.address), body, raw)
             assert status == expected, (method, path, body, answer)
@@ -242,7 +242,7 @@ async def test_hostile_input_gets_4xx_and_the_balancer_serves_on(tmp_path: Path)
 async def test_bad_value_in_a_two_field_edit_applies_nothing(tmp_path: Path) -> None:
     a = await TcpBackend("A").start()
     port = free_port()
-    async with running(tmp_path, config_text(port, [a.address])) as (_, url):
+    async with running(tmp_path, web_config(port, [a.address])) as (_, url):
         status, _ = await call(
             "POST",
             f"{url}/api/v1/services/web/backends/{a.address}",
@@ -258,7 +258,7 @@ async def test_token_guards_changes_not_reads(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     admin = f"{{listen: 127.0.0.1:{free_port()}, token_file: {token}}}"
-    async with running(tmp_path, config_text(port, [a.address], admin=admin)) as (_, url):
+    async with running(tmp_path, web_config(port, [a.address], admin=admin)) as (_, url):
         edit = f"{url}/api/v1/services/web/backends/{a.address}"
         assert (await call("POST", edit, {"state": "drain"}))[0] == 401
         assert (
@@ -280,7 +280,7 @@ async def test_slow_and_idle_admin_clients_are_cut_off(
 ) -> None:
     monkeypatch.setattr(admin_server, "IDLE_TIMEOUT", 0.5)
     port = free_port()
-    async with running(tmp_path, config_text(port, [])) as (d, url):
+    async with running(tmp_path, web_config(port, [])) as (d, url):
         host, admin_port = d.config.admin.listen.sockaddr()
         idle_r, idle_w = await asyncio.open_connection(host, admin_port)
         slow_r, slow_w = await asyncio.open_connection(host, admin_port)
@@ -321,7 +321,7 @@ async def test_unreadable_token_file_stops_start_up(tmp_path: Path) -> None:
 async def test_runtime_edit_is_dropped_when_the_backend_leaves_the_file(tmp_path: Path) -> None:
     a, b = await TcpBackend("A").start(), await TcpBackend("B").start()
     port = free_port()
-    async with running(tmp_path, config_text(port, [a.address, b.address])) as (d, url):
+    async with running(tmp_path, web_config(port, [a.address, b.address])) as (d, url):
         assert (
             await call("POST", f"{url}/api/v1/services/web/backends/{a.address}", {"weight": 0})
         )[0] == 200
@@ -339,12 +339,12 @@ def test_environment_is_sane() -> None:
 
 
 async def test_cli_list_and_edits_against_a_running_lb(tmp_path: Path) -> None:
-    from tests.proc import LbProcess, run_cli
+    from tests.support.proc import LbProcess, run_cli
 
     a, b = await TcpBackend("A").start(), await TcpBackend("B").start()
     port = free_port()
     cfg = tmp_path / "lb.yaml"
-    cfg.write_text(config_text(port, [a.address, b.address]))
+    cfg.write_text(web_config(port, [a.address, b.address]))
     lb = await LbProcess.start(cfg)
     try:
         await lb.wait_event("lb.started")
@@ -399,14 +399,14 @@ async def test_cli_list_and_edits_against_a_running_lb(tmp_path: Path) -> None:
 
 
 async def test_access_log_and_throttled_connection_errors(tmp_path: Path) -> None:
-    from tests.proc import LbProcess
+    from tests.support.proc import LbProcess
 
     a = await TcpBackend("A").start()
     dead = free_port()
     port = free_port()
     cfg = tmp_path / "lb.yaml"
     cfg.write_text(
-        config_text(port, [f"127.0.0.1:{dead}", a.address], svc_extra="    access_log: true\n")
+        web_config(port, [f"127.0.0.1:{dead}", a.address], svc_extra="    access_log: true\n")
     )
     lb = await LbProcess.start(cfg)
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lb.model import Persistence, Protocol
-from tests.vs import Harness, name_of
+from tests.support.vs import Harness, name_of
 
 
 def persistent(timeout: int = 300, prefix: int = 32, protocol: Protocol = Protocol.TCP) -> Harness:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from lb.config import load_config
 from lb.daemon import Daemon
-from tests.net import free_port
+from tests.support.net import free_port
 
 
 class Running:

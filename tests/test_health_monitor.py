@@ -8,7 +8,7 @@ import pytest
 from aiohttp import web
 
 from lb.model import BackendState
-from tests.net import TcpBackend, balancer, eventually, free_port, read_line
+from tests.support.net import TcpBackend, balancer, eventually, free_port, read_line
 
 FAST_TCP = "    health_check: {type: tcp, interval: 100ms, timeout: 100ms, rise: 2, fall: 2}\n"
 

@@ -1,4 +1,5 @@
-"""Network namespaces for tests: create a topology, and open sockets inside a namespace.
+"""Network namespaces for tests: the one topology (the `topo` fixture in tests/conftest.py
+builds it), sockets opened inside a namespace, and commands run in the balancer's.
 
 Sockets keep the namespace they were created in, so a test can make a listening socket
 in a "backend" namespace and a client socket in a "client" namespace from one process
@@ -17,6 +18,11 @@ from typing import Any
 
 from offload.netns import inside
 
+#: The topology's addresses unless a test asks for others (@pytest.mark.topology(...)).
+CLIENT_IPS = [f"10.99.1.{i}" for i in range(2, 40)]
+BACKEND_IPS = ["10.99.2.2", "10.99.2.3", "10.99.2.4", "10.99.2.5"]
+LB_SIDE = "10.99.2.1"  # the balancer's address towards the backends
+
 
 def sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
@@ -32,10 +38,11 @@ class Topology:
     """client ns --veth-- lb ns (VIP on its loopback) --veth-- backend ns."""
 
     tag: str
-    client_ips: list[str] = field(default_factory=lambda: [f"10.99.1.{i}" for i in range(2, 8)])
-    backend_ips: list[str] = field(default_factory=lambda: ["10.99.2.2", "10.99.2.3", "10.99.2.4"])
+    client_ips: list[str] = field(default_factory=lambda: list(CLIENT_IPS))
+    backend_ips: list[str] = field(default_factory=lambda: list(BACKEND_IPS))
     vip: str = "10.99.0.10"
-    vip_on: str | None = "lo"  # None: the test (or lb, for IPVS) puts the VIP somewhere
+    vip_on: str | None = None  # None: lb (or the test) puts the VIP somewhere; "lo": there
+    ip_forward: bool = False  # net.ipv4.ip_forward=1 in the balancer's namespace
 
     @property
     def client(self) -> str:
@@ -100,6 +107,8 @@ class Topology:
             sh("ip", "-n", ns, "link", "set", dev, "up")
         sh("ip", "-n", self.client, "route", "add", "default", "via", "10.99.1.1")
         sh("ip", "-n", self.backends, "route", "add", "default", "via", "10.99.2.1")
+        if self.ip_forward:
+            sh("ip", "netns", "exec", self.lb, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 
     def destroy(self) -> None:
         for ns in (self.client, self.lb, self.backends):
@@ -115,3 +124,20 @@ def topology(**kwargs: Any) -> Iterator[Topology]:
         yield topo
     finally:
         topo.destroy()
+
+
+def run_in(topo: Topology, *cmd: str, check: bool = True) -> str:
+    """Run a command in the balancer's namespace; its standard output."""
+    return subprocess.run(
+        ["ip", "netns", "exec", topo.lb, *cmd], check=check, capture_output=True, text=True
+    ).stdout
+
+
+def ipvsadm(topo: Topology) -> str:
+    """The balancer namespace's IPVS table as `ipvsadm -Ln` lists it (the kernel tier)."""
+    return run_in(topo, "ipvsadm", "-Ln")
+
+
+def ipvs_save(topo: Topology) -> list[str]:
+    """The balancer namespace's IPVS table as `ipvsadm -Sn` rules, sorted (the kernel tier)."""
+    return sorted(run_in(topo, "ipvsadm", "-Sn").splitlines())

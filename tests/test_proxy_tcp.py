@@ -14,7 +14,7 @@ import uvloop
 
 from lb.proxy.tcp import HIGH_WATER, TcpService
 from lb.stats import ErrorReason
-from tests.net import TcpBackend, balancer, eventually, free_port, read_line
+from tests.support.net import TcpBackend, balancer, eventually, free_port, read_line
 
 
 def svc(port: int, backends: list[str], extra: str = "", scheduler: str = "rr") -> str:

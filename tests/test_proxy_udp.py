@@ -7,7 +7,7 @@ import socket
 
 from lb.proxy.udp import UdpService
 from lb.stats import ErrorReason
-from tests.net import UdpBackend, balancer, eventually, free_port
+from tests.support.net import UdpBackend, balancer, eventually, free_port
 
 
 def udp_svc(port: int, backends: list[str], extra: str = "", scheduler: str = "rr") -> str:
