@@ -13,7 +13,7 @@ from lb import __version__
 from lb.admin.client import AdminClient, AdminError
 from lb.admin.listing import render
 from lb.config import ConfigError, load_config
-from lb.model import AdminSettings, Config
+from lb.model import AdminSettings, Config, Mode
 
 
 def _summary(config: Config) -> str:
@@ -159,7 +159,7 @@ def cmd_offload_plan(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(e.render(), file=sys.stderr)
         return 2
-    print(plan(config, args.dataplane or config.dataplane))
+    print(plan(config, Mode(args.dataplane or config.dataplane)))
     return 0
 
 
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pid-file", help="write the process id here (for `lb reload`)")
     r.add_argument(
         "--dataplane",
-        choices=["userspace", "ipvs", "nftables", "auto"],
+        choices=[str(m) for m in Mode],
         help="override the config's dataplane: userspace, ipvs (kernel IPVS, required), "
         "nftables (kernel nftables NAT, required), auto (userspace, stable services "
         "promoted to IPVS, or to nftables where the kernel has no IPVS)",
@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("-c", "--config", required=True)
     op.add_argument(
         "--dataplane",
-        choices=["userspace", "ipvs", "nftables", "auto"],
+        choices=[str(m) for m in Mode],
         help="as `lb run --dataplane`",
     )
     op.set_defaults(func=cmd_offload_plan)

@@ -25,7 +25,6 @@ from pydantic_core import ErrorDetails
 
 from lb.model import (
     ADMIN_DEFAULT,
-    FLAG_SPELLINGS,
     TCP_IDLE_TIMEOUT,
     UDP_IDLE_TIMEOUT,
     UDP_MAX_FLOWS,
@@ -38,13 +37,14 @@ from lb.model import (
     HealthCheck,
     IPAddress,
     KubernetesSettings,
+    Mode,
     OffloadSettings,
     Persistence,
     Protocol,
     SchedulerName,
     Service,
 )
-from lb.sched.mh import Maglev
+from lb.sched import SCHEDULERS, with_flags
 
 PathPart = str | int
 T = TypeVar("T")
@@ -186,7 +186,7 @@ class ServiceIn(_Model):
     ]
     protocol: Literal["tcp", "udp"] = "tcp"
     listen: Addr
-    scheduler: Literal["rr", "wrr", "lc", "wlc", "sed", "nq", "sh", "mh", "dh"] = "wlc"
+    scheduler: SchedulerName = SchedulerName.WLC
     scheduler_flags: list[Annotated[str, Strict()]] = []
     persistence: PersistenceIn | None = None
     health_check: HealthCheckIn | None = None
@@ -217,7 +217,7 @@ class OffloadIn(_Model):
 class KubernetesIn(_Model):
     min_sync_period: Duration = 1.0
     sync_period: Duration = 30.0
-    default_scheduler: Literal["rr", "wrr", "lc", "wlc", "sed", "nq", "sh", "mh", "dh"] = "rr"
+    default_scheduler: SchedulerName = SchedulerName.RR
     nodeport_addresses: list[Annotated[str, Strict()]] = []
     kubeconfig: Annotated[str, Strict(), Field(min_length=1)] | None = None
     node_name: Annotated[str, Strict(), Field(min_length=1, max_length=253)] | None = None
@@ -229,7 +229,7 @@ class RootIn(_Model):
     kubernetes: KubernetesIn = KubernetesIn()
     shutdown_grace: Duration = 30.0
     admin: AdminIn = AdminIn()
-    dataplane: Literal["userspace", "ipvs", "nftables", "auto"] = "userspace"
+    dataplane: Mode = Mode.USERSPACE
     offload: OffloadIn = OffloadIn()
 
 
@@ -246,6 +246,7 @@ _MESSAGES: dict[str, Callable[[ErrorDetails], str]] = {
     "model_attributes_type": lambda e: "must be a mapping",
     "dict_type": lambda e: "must be a mapping",
     "literal_error": lambda e: f"must be one of {e.get('ctx', {}).get('expected')}",
+    "enum": lambda e: f"must be one of {e.get('ctx', {}).get('expected')}",
     "string_too_short": lambda e: "must not be empty",
     "string_too_long": lambda e: f"must be at most {e.get('ctx', {}).get('max_length')} characters",
     "string_pattern_mismatch": lambda e: (
@@ -444,12 +445,14 @@ def _check_flags(svc: Mapping[str, Any], at: tuple[PathPart, ...]) -> Iterator[P
     if not isinstance(flags, list) or not flags or not isinstance(sched, str):
         return
     try:
-        spellings = FLAG_SPELLINGS.get(SchedulerName(sched))
+        spellings = SCHEDULERS[SchedulerName(sched)].flags
     except ValueError:
         return
-    if spellings is None:
+    if not spellings:
+        takers = [str(name) for name in with_flags()]
+        only = ", ".join(takers[:-1]) + " and " + takers[-1] if len(takers) > 1 else takers[0]
         yield Problem(
-            (*at, "scheduler_flags"), f"the {sched} scheduler takes no flags (only sh and mh do)"
+            (*at, "scheduler_flags"), f"the {sched} scheduler takes no flags (only {only} do)"
         )
         return
     for k, flag in enumerate(flags):
@@ -503,9 +506,11 @@ def _check_backends(svc: Mapping[str, Any], at: tuple[PathPart, ...]) -> Iterato
     backends = svc.get("backends")
     if not isinstance(backends, list):
         return
-    if svc.get("scheduler") == "mh" and len(backends) > Maglev.MAX_DESTS:
+    sched = next((s for s in SCHEDULERS.values() if s.name == svc.get("scheduler", "wlc")), None)
+    if sched is not None and sched.max_backends is not None and len(backends) > sched.max_backends:
         yield Problem(
-            (*at, "backends"), f"the mh scheduler takes at most {Maglev.MAX_DESTS} backends"
+            (*at, "backends"),
+            f"the {sched.name} scheduler takes at most {sched.max_backends} backends",
         )
     seen: dict[Endpoint, int] = {}
     for j, b in enumerate(backends):
@@ -540,8 +545,8 @@ def _check_backends(svc: Mapping[str, Any], at: tuple[PathPart, ...]) -> Iterato
 
 def _build_service(s: ServiceIn) -> Service:
     protocol = Protocol(s.protocol)
-    scheduler = SchedulerName(s.scheduler)
-    spellings = FLAG_SPELLINGS.get(scheduler, {})
+    scheduler = s.scheduler
+    spellings = SCHEDULERS[scheduler].flags
     flags = frozenset(spellings[f] for f in s.scheduler_flags)
     persistence = None
     if s.persistence is not None:
@@ -645,7 +650,7 @@ def _parse_config(text: str, source: str) -> Config:
         kubernetes=KubernetesSettings(
             k.min_sync_period,
             k.sync_period,
-            SchedulerName(k.default_scheduler),
+            k.default_scheduler,
             tuple(ipaddress.ip_address(a) for a in k.nodeport_addresses),
             k.kubeconfig,
             k.node_name,

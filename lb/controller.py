@@ -20,7 +20,7 @@ from lb.changes import Changes
 from lb.health.monitor import Monitor
 from lb.log import emit
 from lb.model import AdminState, Backend, Config, Endpoint, Service, ServiceKey
-from lb.stats import ServiceSnapshot
+from lb.stats import Offload, ServiceSnapshot
 
 log = logging.getLogger("lb.controller")
 
@@ -35,10 +35,13 @@ class Dataplane(Protocol):
         dataplane may then do only that work), None: find out."""
         ...
 
-    def observe(self) -> list[ServiceSnapshot]: ...
+    def observe(self, only: ServiceKey | None = None) -> list[ServiceSnapshot]:
+        """What it carries, one snapshot per service and place; `only`: that service's
+        (nothing if it has none)."""
+        ...
 
-    def observe_one(self, key: ServiceKey) -> list[ServiceSnapshot]:
-        """What `observe` shows of one service (nothing if it has none)."""
+    def explain(self, key: ServiceKey) -> Offload | None:
+        """Where the service is carried and why; None: this dataplane has one place only."""
         ...
 
     async def close(self, grace: float) -> None: ...

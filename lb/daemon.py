@@ -22,13 +22,13 @@ from lb.k8s.api import Api, ApiError
 from lb.k8s.source import KubernetesSource, SourceMetrics
 from lb.log import emit
 from lb.metrics import Metrics
-from lb.model import Config, Service
+from lb.model import Config, Mode, Service
 from lb.proxy.dataplane import ApplyError, UserspaceDataplane
 from lb.proxy.sockets import BindError
 from lb.rates import INTERVAL, RateEstimator
 from offload.kernel import KernelUnavailable, open_kernel
 from offload.manager import OffloadManager
-from offload.policy import Mode, OffloadPolicy
+from offload.policy import OffloadPolicy
 
 log = logging.getLogger("lb")
 

@@ -1,8 +1,9 @@
 """The desired-state model: plain frozen values that sources produce and dataplanes consume.
 
-Nothing here does I/O. A `Config` (from the YAML file, later from Kubernetes) holds
-`Service` values; the controller merges live health into their `Backend` values and
-hands the result to every dataplane, which make the world match it.
+Nothing here does I/O. A `Config` (from the YAML file; with `source: kubernetes` its
+services come from the API, lb/k8s/) holds `Service` values; the controller merges live
+health into their `Backend` values and hands the result to every dataplane, which make
+the world match it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class Protocol(enum.StrEnum):
 
 
 class SchedulerName(enum.StrEnum):
-    """The IPVS scheduler names (`ipvsadm -s`)."""
+    """The IPVS scheduler names (`ipvsadm -s`); what each is and can do: lb/sched/__init__.py."""
 
     RR = "rr"
     WRR = "wrr"
@@ -31,6 +32,7 @@ class SchedulerName(enum.StrEnum):
     SH = "sh"
     MH = "mh"
     DH = "dh"
+    FO = "fo"
 
 
 class SchedFlag(enum.StrEnum):
@@ -40,11 +42,13 @@ class SchedFlag(enum.StrEnum):
     PORT = "port"  # IP_VS_SVC_F_SCHED2: hash the client's source port too
 
 
-#: Schedulers that take flags, and the spellings ipvsadm accepts for them.
-FLAG_SPELLINGS: dict[SchedulerName, dict[str, SchedFlag]] = {
-    SchedulerName.SH: {"sh-fallback": SchedFlag.FALLBACK, "sh-port": SchedFlag.PORT},
-    SchedulerName.MH: {"mh-fallback": SchedFlag.FALLBACK, "mh-port": SchedFlag.PORT},
-}
+class Mode(enum.StrEnum):
+    """Which dataplane carries the services (`dataplane:` in the config, `--dataplane`)."""
+
+    USERSPACE = "userspace"
+    IPVS = "ipvs"
+    NFTABLES = "nftables"
+    AUTO = "auto"  # a kernel dataplane for the services that are stable, userspace else
 
 
 class AdminState(enum.StrEnum):
@@ -253,7 +257,7 @@ class AdminSettings:
 
 @dataclass(frozen=True, slots=True)
 class OffloadSettings:
-    """How services move to a kernel dataplane (`dataplane: ipvs | auto`)."""
+    """How services move to a kernel dataplane (`dataplane: ipvs | nftables | auto`)."""
 
     hold_down: float = 10.0  # auto: unchanged this long before a service is promoted
     churn_limit: int = 3  # auto: this many changes within hold_down demote a service
@@ -278,7 +282,7 @@ class Config:
     services: tuple[Service, ...] = ()
     shutdown_grace: float = 30.0
     admin: AdminSettings = AdminSettings()
-    dataplane: str = "userspace"  # userspace | ipvs | auto
+    dataplane: Mode = Mode.USERSPACE
     offload: OffloadSettings = OffloadSettings()
     services_from: str = "file"  # file | kubernetes
     kubernetes: KubernetesSettings = KubernetesSettings()

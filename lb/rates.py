@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lb.model import Endpoint, ServiceKey
-from lb.stats import ServiceSnapshot, Totals
+from lb.stats import STATS, ServiceSnapshot, Totals, stat_value
 
 INTERVAL = 2.0
 DECAY = 0.75  # what an interval with no change leaves of the average
@@ -35,20 +35,17 @@ class Rates:
         if intervals <= 0:
             return self
         f = DECAY**intervals
-        return Rates(
-            self.cps * f, self.in_pps * f, self.out_pps * f, self.in_bps * f, self.out_bps * f
-        )
+        return Rates(**{s.rate: getattr(self, s.rate) * f for s in STATS})
 
     def moved(self, new: Totals, old: Totals, dt: float) -> Rates:
         def smooth(current: float, now: int, before: int) -> float:
             return current + ((now - before) / dt - current) / 4
 
         return Rates(
-            smooth(self.cps, new.conns, old.conns),
-            smooth(self.in_pps, new.packets_in, old.packets_in),
-            smooth(self.out_pps, new.packets_out, old.packets_out),
-            smooth(self.in_bps, new.bytes_in, old.bytes_in),
-            smooth(self.out_bps, new.bytes_out, old.bytes_out),
+            **{
+                s.rate: smooth(getattr(self, s.rate), stat_value(new, s), stat_value(old, s))
+                for s in STATS
+            }
         )
 
 

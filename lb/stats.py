@@ -13,6 +13,22 @@ from dataclasses import dataclass
 from lb.model import Backend, Endpoint, Service
 
 
+class Placement(enum.StrEnum):
+    """Where a service is carried (`lb list`, the admin API's `offload`)."""
+
+    USERSPACE = "userspace"
+    KERNEL = "kernel"
+    DEMOTING = "demoting"  # IPVS hands new connections back while its NAT ones drain
+
+
+@dataclass(frozen=True, slots=True)
+class Offload:
+    """Where a service is carried, and why there."""
+
+    placement: Placement
+    reason: str
+
+
 class ErrorReason(enum.StrEnum):
     REFUSED = "refused"  # the backend refused the connection (RST / ICMP port unreachable)
     CONNECT_FAILED = "connect_failed"  # any other connect error (unreachable, ...)
@@ -51,16 +67,16 @@ class Counters:
 
     def totals(self) -> Totals:
         return Totals(
-            self.conns,
-            self.bytes_in,
-            self.bytes_out,
-            self.packets_in,
-            self.packets_out,
-            dict(self.errors),
+            conns=self.conns,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            packets_in=self.packets_in,
+            packets_out=self.packets_out,
+            errors=dict(self.errors),
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Totals:
     """A copy of Counters at one moment."""
 
@@ -70,6 +86,72 @@ class Totals:
     packets_in: int
     packets_out: int
     errors: dict[ErrorReason, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """One counter of Totals and everything that shows it: the Prometheus families (for
+    services and backends), the admin API's `connections` object, `lb list --stats`,
+    and its rate (lb.rates.Rates, `lb list --rate`). Adding a counter: the attribute in
+    Counters and Totals, bumped where it happens, and one entry in STATS
+    (docs/architecture.md, "How to add a metric")."""
+
+    attr: str  # the attribute of Counters and Totals
+    service_metric: str  # Prometheus family (a counter: exposed with _total)
+    service_help: str
+    backend_metric: str
+    backend_help: str
+    view: tuple[str, ...]  # where it sits in the admin API's `connections` object
+    column: str  # `lb list --stats` header (8 columns, as ipvsadm)
+    rate: str  # the attribute of lb.rates.Rates that smooths it
+    rate_column: str  # `lb list --rate` header
+    udp_only: bool = False  # datagram counts: shown for UDP services only
+
+
+#: In the column order of `ipvsadm -Ln --stats` and `--rate`.
+STATS: tuple[Stat, ...] = (
+    Stat("conns", "lb_service_connections",
+         "Client connections (TCP) or flows (UDP) given a backend.",
+         "lb_backend_connections", "Connections or flows scheduled to the backend.",
+         ("total",), "Conns", "cps", "CPS"),
+    Stat("packets_in", "lb_service_in_packets", "Datagrams from clients (UDP).",
+         "lb_backend_in_packets", "Datagrams sent to the backend (UDP).",
+         ("packets", "in"), "InPkts", "in_pps", "InPPS", udp_only=True),
+    Stat("packets_out", "lb_service_out_packets", "Datagrams back to clients (UDP).",
+         "lb_backend_out_packets", "Datagrams from the backend (UDP).",
+         ("packets", "out"), "OutPkts", "out_pps", "OutPPS", udp_only=True),
+    Stat("bytes_in", "lb_service_in_bytes", "Bytes from clients towards backends.",
+         "lb_backend_in_bytes", "Bytes sent to the backend.",
+         ("bytes", "in"), "InBytes", "in_bps", "InBPS"),
+    Stat("bytes_out", "lb_service_out_bytes", "Bytes from backends back to clients.",
+         "lb_backend_out_bytes", "Bytes received from the backend.",
+         ("bytes", "out"), "OutBytes", "out_bps", "OutBPS"),
+)  # fmt: skip
+
+
+def stat_value(totals: Totals, stat: Stat) -> int:
+    value: int = getattr(totals, stat.attr)
+    return value
+
+
+def totals_json(t: Totals, udp: bool) -> dict[str, object]:
+    """The admin API's `connections` object: STATS at their `view` paths (the UDP-only
+    groups null for TCP), and the errors by reason."""
+    out: dict[str, object] = {}
+    for stat in STATS:
+        *groups, leaf = stat.view
+        node = out
+        for g in groups:
+            child = node.setdefault(g, {})
+            assert isinstance(child, dict)
+            node = child
+        node[leaf] = stat_value(t, stat)
+    if not udp:
+        for stat in STATS:
+            if stat.udp_only:
+                out[stat.view[0]] = None
+    out["errors"] = {r.value: n for r, n in t.errors.items()}
+    return out
 
 
 @dataclass(frozen=True, slots=True)

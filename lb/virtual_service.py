@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from lb.model import Endpoint, Persistence, Protocol, SchedFlag, SchedulerName
 from lb.persist import Template, Templates
-from lb.sched import HASHES_CLIENT, Dest, Request, fold_address, make_scheduler
+from lb.sched import SCHEDULERS, Dest, Request, fold_address, make_scheduler
 from lb.sched.base import NO_EXCLUDE
 
 #: How long a closed TCP connection still counts as inactive: the IPVS TIME_WAIT timeout,
@@ -64,6 +64,7 @@ class VirtualService:
         self.flags = flags
         self.scheduler_name = scheduler
         self.sched = make_scheduler(scheduler, self)
+        self._hashes_client = SCHEDULERS[scheduler].hashes_client
         self.persistence = persistence
         bits = 32 if vip.ip.version == 4 else 128
         self.templates = Templates(
@@ -116,6 +117,7 @@ class VirtualService:
         if scheduler != self.scheduler_name:
             self.scheduler_name = scheduler
             self.sched = make_scheduler(scheduler, self)
+            self._hashes_client = SCHEDULERS[scheduler].hashes_client
         self.flags = flags
         self.persistence = persistence
         if persistence is not None:
@@ -126,7 +128,7 @@ class VirtualService:
     @property
     def needs_client_address(self) -> bool:
         """Whether connect() looks at the client address (persistence or a hashing scheduler)."""
-        return self.persistence is not None or self.scheduler_name in HASHES_CLIENT
+        return self.persistence is not None or self._hashes_client
 
     def known_endpoints(self) -> set[Endpoint]:
         """Destinations in the list, and deleted ones whose connections are still counted."""
@@ -170,7 +172,7 @@ class VirtualService:
                 dest = template.dest
             self.templates.attach(template, now)
         else:
-            fold = fold_address(client_ip) if self.scheduler_name in HASHES_CLIENT else 0
+            fold = fold_address(client_ip) if self._hashes_client else 0
             dest = self.sched.schedule(Request(fold, client_port, exclude))
             if dest is None:
                 return None

@@ -10,6 +10,7 @@ VIP of its own device; any other IPVS service (keepalived's, say) is left alone.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -17,23 +18,15 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from lb.changes import Changes
 from lb.log import emit
-from lb.model import Endpoint, IPAddress, Service, ServiceKey
+from lb.model import Endpoint, IPAddress, Protocol, Service, ServiceKey
 from lb.plan import AddDest, DelDest, EditDest, plan_dests
 from lb.stats import BackendSnapshot, ErrorReason, ServiceSnapshot, Totals
 from lb.virtual_service import DestView
 from offload.host import HostError, nat_paths
-from offload.ipvs_netlink import (
-    FWD_LOCAL,
-    IpvsClient,
-    KConn,
-    KDest,
-    KService,
-    KStats,
-    carries_data,
-    read_conn_table,
-)
+from offload.ipvs_model import FWD_LOCAL, KConn, KDest, KService, KStats
+from offload.ipvs_netlink import IpvsClient, carries_data, read_conn_table
 from offload.nft_rules import NatPath
-from offload.policy import kernel_service, not_expressible
+from offload.policy import kernel_service, not_expressible_ipvs
 
 log = logging.getLogger("lb.offload")
 
@@ -49,7 +42,14 @@ async def _no_hold(key: ServiceKey) -> AsyncIterator[None]:
 
 
 def _totals(s: KStats) -> Totals:
-    return Totals(s.conns, s.inbytes, s.outbytes, s.inpkts, s.outpkts, dict(NO_ERRORS))
+    return Totals(
+        conns=s.conns,
+        bytes_in=s.inbytes,
+        bytes_out=s.outbytes,
+        packets_in=s.inpkts,
+        packets_out=s.outpkts,
+        errors=dict(NO_ERRORS),
+    )
 
 
 class IpvsDataplane:
@@ -116,7 +116,7 @@ class IpvsDataplane:
         await self._refresh()
 
     def not_expressible(self, s: Service) -> str | None:
-        return not_expressible(s)
+        return not_expressible_ipvs(s)
 
     async def owned(self) -> set[ServiceKey]:
         vips = await self.owned_vips()
@@ -312,3 +312,26 @@ class IpvsDataplane:
         self._desired.clear()
         self._services.clear()
         self._dests.clear()
+
+
+def save_lines(s: Service) -> list[str]:
+    """The service as `ipvsadm-save -n` would print it once offloaded (backends in the
+    order they are added, the file's)."""
+    k = kernel_service(s)
+    proto = "-t" if s.protocol is Protocol.TCP else "-u"
+    head = f"-A {proto} {s.listen} -s {k.scheduler}"
+    if s.flags:
+        head += " -b " + ",".join(f"{s.scheduler}-{f}" for f in sorted(s.flags))
+    if s.persistence is not None:
+        head += f" -p {s.persistence.timeout}"
+        if s.persistence.prefix_len != s.listen.ip.max_prefixlen:
+            head += f" -M {ipaddress.IPv4Network(f'0.0.0.0/{s.persistence.prefix_len}').netmask}"
+    lines = [head]
+    for b in s.backends:
+        line = f"-a {proto} {s.listen} -r {b.address} -m -w {b.effective_weight}"
+        if b.max_connections:
+            line += f" -x {b.max_connections}"
+        if b.resume_below:
+            line += f" -y {b.resume_below}"
+        lines.append(line)
+    return lines

@@ -2,7 +2,7 @@
 
 Like kube-proxy's `pkg/proxy/ipvs/util`: a handful of verbs on plain values, so the
 reconciler can be unit-tested against a fake and run for real against the kernel.
-pyroute2 pitfalls handled here (ipvs-reference.md): destinations default to direct
+pyroute2 pitfalls handled here (docs/dataplanes/ipvs.md): destinations default to direct
 routing, so the forwarding method is always given; its "update" word deletes, so edits
 use "set"; there is no single-destination get, so destinations are dumped.
 """
@@ -13,24 +13,13 @@ import ipaddress
 import socket
 import sys
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from typing import Protocol as TypingProtocol
 
 from lb.model import Endpoint, Protocol, ServiceKey
+from offload.ipvs_model import F_HASHED, FLAGS_MASK, FWD_MASQ, KConn, KDest, KService, KStats
 from offload.nlthread import NetlinkThread
-
-# Service flags (include/uapi/linux/ip_vs.h)
-F_PERSISTENT = 0x0001
-F_HASHED = 0x0002  # kernel-internal, shows up in dumps
-F_ONEPACKET = 0x0004
-F_SCHED1 = 0x0008  # sh-fallback / mh-fallback
-F_SCHED2 = 0x0010  # sh-port / mh-port
-FLAGS_MASK = 0xFFFF
-
-FWD_MASQ = 0  # NAT
-FWD_LOCAL = 1
 
 _PROTO = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP}
 _PROTO_BACK = {v: k for k, v in _PROTO.items()}
@@ -38,54 +27,6 @@ _PROTO_BACK = {v: k for k, v in _PROTO.items()}
 
 class IpvsUnavailable(Exception):
     """The kernel has no IPVS here, or lb may not drive it."""
-
-
-@dataclass(frozen=True, slots=True)
-class KStats:
-    conns: int = 0
-    inpkts: int = 0
-    outpkts: int = 0
-    inbytes: int = 0
-    outbytes: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class KService:
-    """A virtual service as the kernel has it (or should)."""
-
-    key: ServiceKey
-    scheduler: str
-    flags: int = 0  # F_PERSISTENT | F_SCHED1 | F_SCHED2 (never F_HASHED)
-    timeout: int = 0  # persistence timeout, seconds
-    prefix_len: int = 32  # persistence netmask
-    stats: KStats = field(default=KStats(), compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class KDest:
-    """A real server as the kernel has it (or should)."""
-
-    endpoint: Endpoint
-    weight: int
-    u_threshold: int = 0
-    l_threshold: int = 0
-    fwd: int = FWD_MASQ
-    active: int = field(default=0, compare=False)
-    inactive: int = field(default=0, compare=False)
-    persistent: int = field(default=0, compare=False)
-    stats: KStats = field(default=KStats(), compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class KConn:
-    """One entry of the kernel's connection table (/proc/net/ip_vs_conn)."""
-
-    protocol: Protocol
-    client: Endpoint
-    vip: Endpoint
-    dest: Endpoint
-    state: str
-    expires: int  # seconds
 
 
 #: TCP states in which a connection can no longer carry data.

@@ -1,20 +1,23 @@
-"""What the offload manager needs from a kernel dataplane (IPVS or nftables), and how
-one is opened."""
+"""The kernel dataplanes: what the offload manager needs from one (`KernelDataplane`), and
+the one table of them (`KERNEL_PATHS`) from which they are opened, planned and cleaned up."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from lb.changes import Changes
-from lb.model import Endpoint, Service, ServiceKey
+from lb.model import Endpoint, IPAddress, Mode, Service, ServiceKey
 from lb.stats import ServiceSnapshot
 from offload.conntrack import Conntrack
 from offload.host import IPVS_SYSCTLS, NFT_SYSCTLS, Host, HostError
-from offload.ipvs import IpvsDataplane
+from offload.ipvs import IpvsDataplane, save_lines
 from offload.ipvs_netlink import IpvsUnavailable, NetlinkIpvs
 from offload.nft_netlink import NftNetlink
-from offload.nftables import NftDataplane, NftError
-from offload.policy import Mode
+from offload.nft_rules import TABLES, base_script, diff_script, render
+from offload.nftables import NftDataplane, NftError, hairpin
+from offload.policy import not_expressible_ipvs, not_expressible_nftables
 
 
 class KernelDataplane(Protocol):
@@ -62,6 +65,24 @@ class KernelUnavailable(Exception):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class KernelPath:
+    """One kernel dataplane, with all lb needs to know of it (`KERNEL_PATHS`)."""
+
+    mode: Mode
+    label: str  # how messages name it
+    #: Why it cannot carry a service, or None (pure: `lb offload plan` runs it offline).
+    not_expressible: Callable[[Service], str | None]
+    #: Probe the kernel, set the host up (device, sysctls) and open the dataplane:
+    #: (device, drain_timeout) -> (dataplane, host); KernelUnavailable says why it cannot.
+    open: Callable[[str, float], Awaitable[tuple[KernelDataplane, Host]]]
+    #: Remove what a run left in this path (`lb cleanup`), given the VIPs on lb's device;
+    #: what it did, one line each.
+    cleanup: Callable[[set[IPAddress]], Awaitable[list[str]]]
+    #: What the kernel would be given for these services (`lb offload plan`): lines.
+    plan: Callable[[list[Service]], list[str]]
+
+
 async def open_ipvs(device: str, drain_timeout: float) -> tuple[KernelDataplane, Host]:
     """IPVS through netlink, with its device, sysctls and masquerade table."""
     host = Host(device, sysctls=IPVS_SYSCTLS)
@@ -79,8 +100,36 @@ async def open_ipvs(device: str, drain_timeout: float) -> tuple[KernelDataplane,
     return ipvs, host
 
 
-async def open_nftables(device: str) -> tuple[KernelDataplane, Host]:
-    """Table `ip lb` through `nft`, conntrack through netlink, the VIPs on the device."""
+async def cleanup_ipvs(vips: set[IPAddress]) -> list[str]:
+    """Delete lb's IPVS services: those on a VIP of its device."""
+    if not vips:
+        return []
+    try:
+        client = await NetlinkIpvs().open()
+    except IpvsUnavailable as e:
+        return [f"IPVS: {e}"]
+
+    async def owned_vips() -> set[IPAddress]:
+        return vips
+
+    try:
+        ipvs = IpvsDataplane(client, owned_vips)
+        owned = sorted(await ipvs.owned())
+        await ipvs.remove_all()
+    finally:
+        await client.close()
+    return [f"deleted IPVS service {key}" for key in owned]
+
+
+def plan_ipvs(services: list[Service]) -> list[str]:
+    """The services as `ipvsadm-save -n` would print them once offloaded."""
+    return [line for s in services for line in save_lines(s)]
+
+
+async def open_nftables(device: str, drain_timeout: float = 0.0) -> tuple[KernelDataplane, Host]:
+    """Tables `ip lb*` through `nft` and netlink, conntrack through the `conntrack` tool,
+    the VIPs on the device (`drain_timeout` is not used: conntrack keeps a leaving
+    service's flows)."""
     host = Host(device, sysctls=NFT_SYSCTLS)
     await host.load_modules()
     try:
@@ -92,20 +141,56 @@ async def open_nftables(device: str) -> tuple[KernelDataplane, Host]:
     return nft, host
 
 
+async def cleanup_nftables(vips: set[IPAddress]) -> list[str]:
+    """Delete lb's nftables tables (whatever the device holds)."""
+    try:
+        await NftDataplane().remove_all()
+    except NftError as e:
+        return [f"nftables tables ip {TABLES[0]}*: {e}"]
+    return [f"deleted nftables tables ip {TABLES[0]}, {TABLES[1]}..{TABLES[-1]} (if they existed)"]
+
+
+def plan_nftables(services: list[Service]) -> list[str]:
+    """The transaction the nftables dataplane's first apply sends for these services."""
+    out = base_script(hairpin(services))
+    for s in services:
+        out += diff_script(None, render(s))
+    return out
+
+
+#: The kernel dataplanes, in the order `auto` tries them (adding one: docs/architecture.md).
+KERNEL_PATHS: dict[Mode, KernelPath] = {
+    p.mode: p
+    for p in (
+        KernelPath(Mode.IPVS, "IPVS", not_expressible_ipvs, open_ipvs, cleanup_ipvs, plan_ipvs),
+        KernelPath(
+            Mode.NFTABLES,
+            "nftables",
+            not_expressible_nftables,
+            open_nftables,
+            cleanup_nftables,
+            plan_nftables,
+        ),
+    )
+}
+
+
+def kernel_path(mode: Mode) -> KernelPath:
+    """The kernel dataplane that `mode` describes for a plan (`auto` and `userspace`: the
+    first one `auto` tries)."""
+    return KERNEL_PATHS.get(mode) or next(iter(KERNEL_PATHS.values()))
+
+
 async def open_kernel(
     mode: Mode, device: str, drain_timeout: float
 ) -> tuple[KernelDataplane, Host]:
-    """The kernel dataplane `mode` asks for; `auto`: IPVS if this kernel has it, else
-    nftables. KernelUnavailable says why none could be opened."""
+    """The kernel dataplane `mode` asks for; `auto`: the first of KERNEL_PATHS this kernel
+    has. KernelUnavailable says why none could be opened."""
     errors = []
-    if mode in (Mode.IPVS, Mode.AUTO):
-        try:
-            return await open_ipvs(device, drain_timeout)
-        except KernelUnavailable as e:
-            errors.append(f"IPVS: {e}")
-    if mode in (Mode.NFTABLES, Mode.AUTO):
-        try:
-            return await open_nftables(device)
-        except KernelUnavailable as e:
-            errors.append(f"nftables: {e}")
+    for path in KERNEL_PATHS.values():
+        if mode in (path.mode, Mode.AUTO):
+            try:
+                return await path.open(device, drain_timeout)
+            except KernelUnavailable as e:
+                errors.append(f"{path.label}: {e}")
     raise KernelUnavailable("; ".join(errors) or f"no kernel dataplane in mode {mode}")

@@ -9,7 +9,7 @@ VIP:port whatever carries it, so that:
 - demote, IPVS: add VIP:port itself as a local destination (the kernel hands those
   connections to the listener unchanged), quiesce the NAT destinations, wait until their
   connections are gone (or `drain_timeout`), then delete the IPVS service. Deleting first
-  would reset every connection the kernel carries (ipvs-reference.md);
+  would reset every connection the kernel carries (docs/dataplanes/ipvs.md);
 - demote, nftables: delete the service's map element and chains in one transaction: new
   connections reach the listener, established flows keep the NAT conntrack gave them.
 """
@@ -17,37 +17,24 @@ VIP:port whatever carries it, so that:
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from lb.changes import Applied, Changes
 from lb.log import emit
-from lb.model import IPAddress, Service, ServiceKey
+from lb.model import IPAddress, Mode, Service, ServiceKey
 from lb.proxy.dataplane import UserspaceDataplane
-from lb.stats import ServiceSnapshot
+from lb.stats import Offload, Placement, ServiceSnapshot
 from offload.host import Host
 from offload.kernel import KernelDataplane
-from offload.policy import Mode, OffloadPolicy, demoting_form, orphan_form
+from offload.policy import OffloadPolicy, demoting_form, orphan_form
 
 log = logging.getLogger("lb.offload")
 
 TICK = 1.0
 #: A refresh of the kernel's counters waits this many times as long as the last one took.
 REFRESH_DUTY = 20.0
-
-
-class Placement(enum.StrEnum):
-    USERSPACE = "userspace"
-    KERNEL = "kernel"
-    DEMOTING = "demoting"  # IPVS hands new connections back while its NAT ones drain
-
-
-@dataclass(frozen=True, slots=True)
-class Offload:
-    placement: Placement
-    reason: str
 
 
 class OffloadManager:
@@ -137,23 +124,16 @@ class OffloadManager:
         if self._tick is None:
             self._tick = loop.create_task(self._ticker())
 
-    def observe(self) -> list[ServiceSnapshot]:
+    def observe(self, only: ServiceKey | None = None) -> list[ServiceSnapshot]:
+        """Every service's snapshots, or `only` that one's (the work: that service's)."""
         out = []
-        for snap in self.userspace.observe():
+        for snap in self.userspace.observe(only):
             key = snap.service.key
             if self._placement.get(key, Placement.USERSPACE) is Placement.KERNEL and snap.open == 0:
                 continue  # the kernel carries it: the idle listener is not worth a line
             out.append(snap)
         if self.kernel is not None:
-            out += [self._shown(s) for s in self.kernel.observe()]
-        return out
-
-    def observe_one(self, key: ServiceKey) -> list[ServiceSnapshot]:
-        """What `observe` shows of one service (the work: that service's)."""
-        in_kernel = self._placement.get(key, Placement.USERSPACE) is Placement.KERNEL
-        out = [s for s in self.userspace.observe_one(key) if not (in_kernel and s.open == 0)]
-        if self.kernel is not None:
-            out += [self._shown(s) for s in self.kernel.observe(only=key)]
+            out += [self._shown(s) for s in self.kernel.observe(only=only)]
         return out
 
     def active(self) -> list[ServiceSnapshot]:

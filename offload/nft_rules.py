@@ -46,6 +46,7 @@ from lb.model import (
     Service,
     ServiceKey,
 )
+from lb.sched import SCHEDULERS
 from lb.virtual_service import VirtualService
 
 TABLE = "lb"  # hairpin masquerade
@@ -62,14 +63,15 @@ def shard_of(key: ServiceKey) -> str:
 #: userspace (the map is rebuilt whole on every change to the service).
 MAX_CYCLE = 4096
 AFFINITY_SIZE = 65535
-EXPRESSIBLE = frozenset({SchedulerName.RR, SchedulerName.WRR, SchedulerName.SH})
 
 
 def not_expressible_nft(s: Service) -> str | None:
     """Why nftables NAT cannot carry `s` (beyond what no kernel path can), or None."""
-    if s.scheduler not in EXPRESSIBLE:
+    if not SCHEDULERS[s.scheduler].nftables:
+        names = [str(spec.name) for spec in SCHEDULERS.values() if spec.nftables]
         return (
-            f"scheduler {s.scheduler} is not expressible in nftables (rr, wrr and sh are); "
+            f"scheduler {s.scheduler} is not expressible in nftables "
+            f"({', '.join(names[:-1])} and {names[-1]} are); "
             "it needs connection counts or IPVS's hash tables"
         )
     if SchedFlag.FALLBACK in s.flags:

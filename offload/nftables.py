@@ -34,11 +34,10 @@ from offload.nft_rules import (
     Rendered,
     base_script,
     diff_ops,
-    not_expressible_nft,
     remove_script,
     render,
 )
-from offload.policy import not_expressible
+from offload.policy import not_expressible_nftables
 
 Nft = Callable[[str], Awaitable[str]]
 Query = Callable[..., Awaitable[Any]]
@@ -117,7 +116,7 @@ class NftDataplane:
         self._moved: set[ServiceKey] = set()  # counters or flows moved since active()
 
     def not_expressible(self, s: Service) -> str | None:
-        return not_expressible(s) or not_expressible_nft(s)
+        return not_expressible_nftables(s)
 
     async def probe(self) -> None:
         """NftError unless nft runs here with the rights to change the ruleset."""
@@ -324,7 +323,7 @@ class NftDataplane:
                         inactive=self._flows[(key, b.address, False)],
                         persistent=0,
                         overloaded=False,
-                        totals=Totals(conns, 0, 0, 0, 0, dict.fromkeys(ErrorReason, 0)),
+                        totals=_connections_only(conns),
                     )
                 )
             total = sum(b.totals.conns for b in backends)
@@ -334,7 +333,7 @@ class NftDataplane:
                     dataplane=self.name,
                     listening=True,
                     open=sum(b.active for b in backends),
-                    totals=Totals(total, 0, 0, 0, 0, dict.fromkeys(ErrorReason, 0)),
+                    totals=_connections_only(total),
                     backends=tuple(backends),
                 )
             )
@@ -347,6 +346,18 @@ class NftDataplane:
         self._desired.clear()
         self._applied.clear()
         self._pins.clear()
+
+
+def _connections_only(conns: int) -> Totals:
+    """nftables counts connections (conntrack), not bytes or packets, per backend."""
+    return Totals(
+        conns=conns,
+        bytes_in=0,
+        bytes_out=0,
+        packets_in=0,
+        packets_out=0,
+        errors=dict.fromkeys(ErrorReason, 0),
+    )
 
 
 def _flow_key(f: Flow) -> tuple[ServiceKey, Endpoint, bool]:

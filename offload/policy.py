@@ -8,7 +8,6 @@ in `auto` mode, *stable* (unchanged for `hold_down`). Churn (too many changes wi
 from __future__ import annotations
 
 import dataclasses
-import enum
 import heapq
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -19,20 +18,16 @@ from lb.model import (
     UDP_IDLE_TIMEOUT,
     AdminState,
     Backend,
+    Mode,
     Protocol,
     SchedFlag,
     SchedulerName,
     Service,
     ServiceKey,
 )
-from offload.ipvs_netlink import F_PERSISTENT, F_SCHED1, F_SCHED2, KService
-
-
-class Mode(enum.StrEnum):
-    USERSPACE = "userspace"
-    IPVS = "ipvs"
-    NFTABLES = "nftables"
-    AUTO = "auto"
+from lb.sched import SCHEDULERS
+from offload.ipvs_model import F_PERSISTENT, F_SCHED1, F_SCHED2, KService
+from offload.nft_rules import not_expressible_nft
 
 
 def kernel_service(s: Service) -> KService:
@@ -77,6 +72,19 @@ def not_expressible(s: Service) -> str | None:
     if s.access_log:
         return "the access log is userspace-only"
     return None
+
+
+def not_expressible_ipvs(s: Service) -> str | None:
+    """Why the IPVS dataplane cannot carry `s`, or None."""
+    reason = not_expressible(s)
+    if reason is None and not SCHEDULERS[s.scheduler].ipvs:
+        return f"scheduler {s.scheduler} has no IPVS module"
+    return reason
+
+
+def not_expressible_nftables(s: Service) -> str | None:
+    """Why the nftables dataplane cannot carry `s`, or None."""
+    return not_expressible(s) or not_expressible_nft(s)
 
 
 def demoting_form(s: Service) -> Service:

@@ -8,10 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 from lb import __version__
+from lb.stats import STATS
 
 Service = dict[str, Any]
-STATS_COLUMNS = "   Conns   InPkts  OutPkts  InBytes OutBytes"
-RATE_COLUMNS = "     CPS    InPPS   OutPPS    InBPS   OutBPS"
+STATS_COLUMNS = " ".join(f"{s.column:>8}" for s in STATS)
+RATE_COLUMNS = " ".join(f"{s.rate_column:>8}" for s in STATS)
 FORWARD = {"userspace": "Proxy", "ipvs": "Masq", "nftables": "Masq"}
 JHASH_NOTE = (
     "sh in nftables hashes with jhash: each client keeps its backend, "
@@ -120,10 +121,18 @@ def _service_head_short(s: Service, show: Callable[[str], str]) -> str:
 
 def _numbers(item: dict[str, Any], mode: str, exact: bool) -> str:
     if mode == "rate":
-        r = item["rates"]
-        values = [r["cps"], r["in_pps"], r["out_pps"], r["in_bps"], r["out_bps"]]
+        values = [item["rates"][s.rate] for s in STATS]
     else:
-        c = item["connections"]
-        packets = c["packets"] or {"in": 0, "out": 0}
-        values = [c["total"], packets["in"], packets["out"], c["bytes"]["in"], c["bytes"]["out"]]
+        values = [_at(item["connections"], s.view) for s in STATS]
     return " ".join(largenum(v, exact) for v in values)
+
+
+def _at(view: dict[str, Any], path: tuple[str, ...]) -> float:
+    """The number at `path` of the admin API's connections object (0 where its group is
+    null: packets of a TCP service)."""
+    node: Any = view
+    for part in path:
+        if node is None:
+            return 0
+        node = node[part]
+    return float(node or 0)

@@ -190,14 +190,10 @@ class AdminServer:
 
     def _services(self, only: ServiceKey | None = None) -> list[dict[str, Any]]:
         c = self.controller
-        explain = getattr(c.dataplane, "explain", None)
         out = []
-        snaps = c.dataplane.observe() if only is None else c.dataplane.observe_one(only)
-        for s in snaps:
-            offload = None
-            if explain is not None:
-                o = explain(s.service.key)
-                offload = (str(o.placement), o.reason)
+        for s in c.dataplane.observe(only):
+            o = c.dataplane.explain(s.service.key)
+            offload = None if o is None else (str(o.placement), o.reason)
             out.append(service_json(s, c.monitors, c.overrides, self.rates, offload))
         return out
 
@@ -250,7 +246,7 @@ class AdminServer:
             return _error(e.status, str(e))
         c = self.controller
         svc = c.service_named(service)
-        for snap in c.dataplane.observe_one(svc.key) if svc is not None else []:
+        for snap in c.dataplane.observe(svc.key) if svc is not None else []:
             if snap.service.name == service:
                 for b in snap.backends:
                     if b.address == backend.address:

@@ -10,28 +10,13 @@ from lb.health.monitor import Monitor
 from lb.metrics import backend_state_label
 from lb.model import Protocol
 from lb.rates import RateEstimator, Rates
-from lb.stats import BackendSnapshot, ServiceSnapshot, Totals
+from lb.stats import STATS, BackendSnapshot, ServiceSnapshot, totals_json
 
 JSON = dict[str, Any]
 
 
-def _totals(t: Totals, udp: bool) -> JSON:
-    return {
-        "total": t.conns,
-        "errors": {r.value: n for r, n in t.errors.items()},
-        "bytes": {"in": t.bytes_in, "out": t.bytes_out},
-        "packets": {"in": t.packets_in, "out": t.packets_out} if udp else None,
-    }
-
-
 def _rates(r: Rates) -> JSON:
-    return {
-        "cps": r.cps,
-        "in_pps": r.in_pps,
-        "out_pps": r.out_pps,
-        "in_bps": r.in_bps,
-        "out_bps": r.out_bps,
-    }
+    return {s.rate: getattr(r, s.rate) for s in STATS}
 
 
 def backend_json(
@@ -63,7 +48,7 @@ def backend_json(
         "inactive": b.inactive,
         "persistent": b.persistent,
         "overloaded": b.overloaded,
-        "connections": _totals(b.totals, udp),
+        "connections": totals_json(b.totals, udp),
         "rates": _rates(rates.backend(s.service.key, b.address, s.dataplane)),
         "health": None if m is None else {
             "running": m.running, "checks": m.checks, "failures": m.failures, "last": m.last_reason
@@ -98,7 +83,7 @@ def service_json(
         "persistence": None if p is None else {"timeout": p.timeout, "netmask": netmask},
         "listening": s.listening,
         "open": s.open,
-        "connections": _totals(s.totals, svc.protocol is Protocol.UDP),
+        "connections": totals_json(s.totals, svc.protocol is Protocol.UDP),
         "rates": _rates(rates.service(svc.key, s.dataplane)),
         "offload": None if offload is None else {"placement": offload[0], "reason": offload[1]},
         "backends": [backend_json(s, b, monitors, overrides, rates) for b in s.backends],

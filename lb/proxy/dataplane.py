@@ -19,7 +19,7 @@ from lb.proxy.runtime import ServiceRuntime
 from lb.proxy.sockets import BindError, bind_listener
 from lb.proxy.tcp import TcpService
 from lb.proxy.udp import UdpService
-from lb.stats import ServiceSnapshot
+from lb.stats import Offload, ServiceSnapshot
 
 log = logging.getLogger("lb.proxy")
 
@@ -130,12 +130,15 @@ class UserspaceDataplane:
         self.retired = [rt for rt in self.retired if rt.relays]
         self._tick = loop.call_later(TICK, self._on_tick)
 
-    def observe(self) -> list[ServiceSnapshot]:
-        return [rt.snapshot() for rt in self.runtimes.values()]
-
-    def observe_one(self, key: ServiceKey) -> list[ServiceSnapshot]:
-        rt = self.runtimes.get(key)
+    def observe(self, only: ServiceKey | None = None) -> list[ServiceSnapshot]:
+        if only is None:
+            return [rt.snapshot() for rt in self.runtimes.values()]
+        rt = self.runtimes.get(only)
         return [rt.snapshot()] if rt is not None else []
+
+    def explain(self, key: ServiceKey) -> Offload | None:
+        """None: every service here is in userspace, nothing to explain."""
+        return None
 
     def active(self) -> list[ServiceSnapshot]:
         """The services whose counters may have moved since the last call (for rates)."""
