@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import functools
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,26 @@ from lb.sched import SCHEDULERS, with_flags
 PathPart = str | int
 T = TypeVar("T")
 
+# --- what loading a file may cost (docs/configuration.md, "Bounds of the loader") -----
+# A file comes from an operator, but a reload must never take the balancer down with it:
+# each bound is refused with a clear problem, not a spin, a crash or a traceback.
+
+#: The largest file read (a 10,000-service file with 10 backends each is about 6 MB).
+MAX_FILE_BYTES = 64 * 1024 * 1024
+#: The deepest nesting of mappings and lists (a config needs six levels).
+MAX_DEPTH = 64
+#: Nodes reached through aliases and merge keys beyond the file's own: an alias bomb
+#: (anchors nested nine deep, 446 bytes) expands to a billion nodes.
+MAX_ALIAS_NODES = 1_000_000
+#: Problems listed in an error; the rest are counted.
+MAX_LISTED_PROBLEMS = 100
+#: The longest duration anywhere (timeouts, intervals, grace periods): one year.
+MAX_DURATION = 365 * 86400.0
+#: The longest persistence timeout: IPVS keeps it as seconds x HZ in 32 bits (30 days).
+MAX_PERSISTENCE = 30 * 86400
+#: The largest connection limit or threshold (IPVS keeps thresholds in 32 bits).
+MAX_COUNT = 2**31 - 1
+
 
 @dataclass(frozen=True, slots=True)
 class Problem:
@@ -69,11 +90,25 @@ class ConfigError(Exception):
         self.problems = list(problems)
         super().__init__(self.render())
 
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, list[Problem]]]:
+        return (ConfigError, (self.source, self.problems))  # crosses from lb.loader's child
+
+    @property
+    def listed(self) -> list[Problem]:
+        """The problems worth showing: the first MAX_LISTED_PROBLEMS."""
+        return self.problems[:MAX_LISTED_PROBLEMS]
+
+    @property
+    def unlisted(self) -> int:
+        return max(0, len(self.problems) - MAX_LISTED_PROBLEMS)
+
     def render(self) -> str:
         lines = []
-        for p in self.problems:
+        for p in self.listed:
             loc = f"{self.source}:{p.line}" if p.line else self.source
             lines.append(f"{loc}: {p.where}: {p.message}" if p.path else f"{loc}: {p.message}")
+        if self.unlisted:
+            lines.append(f"{self.source}: ... and {self.unlisted} more problems")
         return "\n".join(lines)
 
 
@@ -91,18 +126,24 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 def parse_duration(value: object) -> float:
-    """`500ms`, `2s`, `5m`, `1h`, or a bare number of seconds."""
+    """`500ms`, `2s`, `5m`, `1h`, or a bare number of seconds: finite, 0 to MAX_DURATION."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError("must be a duration such as 500ms, 2s, 5m or a number of seconds")
-    if isinstance(value, int | float):
+    if isinstance(value, int) and abs(value) > MAX_DURATION:  # float() of it may overflow
+        seconds = math.inf if value > 0 else -math.inf
+    elif isinstance(value, int | float):
         seconds = float(value)
     else:
         m = _DURATION.match(value)
         if not m:
             raise ValueError(f"{value!r} is not a duration (use 500ms, 2s, 5m, 1h or seconds)")
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if math.isnan(seconds):
+        raise ValueError("must be a number of seconds, not NaN")
     if seconds < 0:
         raise ValueError("must not be negative")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"must be at most 365 days ({MAX_DURATION:.0f}s)")
     return seconds
 
 
@@ -161,8 +202,8 @@ class BackendIn(_Model):
     address: Addr
     weight: Annotated[int, Strict(), Field(ge=0, le=65535)] = 1
     state: Literal["ready", "drain", "maint"] = "ready"
-    max_connections: Annotated[int, Strict(), Field(ge=0)] = 0
-    resume_below: Annotated[int, Strict(), Field(ge=0)] = 0
+    max_connections: Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)] = 0
+    resume_below: Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)] = 0
 
 
 class PersistenceIn(_Model):
@@ -193,7 +234,7 @@ class ServiceIn(_Model):
     connect_timeout: Duration = 5.0
     idle_timeout: Duration | None = None
     retries: Annotated[int, Strict(), Field(ge=0, le=10)] = 1
-    max_connections: Annotated[int, Strict(), Field(ge=0)] | None = None
+    max_connections: Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)] | None = None
     access_log: Annotated[bool, Strict()] = False
     backends: list[BackendIn] = []
 
@@ -475,6 +516,11 @@ def _check_persistence(
             (*at, "persistence", "timeout"),
             "must be a whole number of seconds, at least 1s (IPVS granularity)",
         )
+    elif timeout is not None and timeout > MAX_PERSISTENCE:
+        yield Problem(
+            (*at, "persistence", "timeout"),
+            f"must be at most 30 days ({MAX_PERSISTENCE}s, what IPVS can hold)",
+        )
     if "netmask" in p and listen is not None:
         try:
             parse_prefix(p["netmask"], listen.ip.version)
@@ -586,13 +632,69 @@ def _build_service(s: ServiceIn) -> Service:
 
 def _load_yaml(text: str) -> tuple[yaml.Node | None, Any]:
     """The document's node tree (for line numbers and duplicate keys) and its data, from
-    one parse; with libyaml (PyYAML's C loader) when it is there."""
+    one parse; with libyaml (PyYAML's C loader) when it is there. The tree is measured
+    before anything is built from it (`_measure`): what it refuses is never expanded."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
     try:
         node = loader.get_single_node()
-        return node, loader.construct_document(node) if node is not None else None
+        if node is None:
+            return None, None
+        problem = _measure(node)
+        if problem is not None:
+            raise _Refused(problem)
+        return node, loader.construct_document(node)
     finally:
         loader.dispose()
+
+
+class _Refused(Exception):
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _measure(root: yaml.Node) -> Problem | None:
+    """Refuse a node graph that is cyclic (`&a [*a]`), nested deeper than MAX_DEPTH, or
+    whose expansion through aliases and merge keys exceeds MAX_ALIAS_NODES. One pass over
+    the distinct nodes (an alias is the same node object reached twice), without
+    recursion: each node's expanded size is computed once, from its children's."""
+    size: dict[int, int] = {}
+    ancestors: set[int] = set()
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 0, False)]
+    while stack:
+        node, depth, leaving = stack.pop()
+        key = id(node)
+        if leaving:
+            ancestors.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in _children(node))
+            continue
+        if key in size:
+            continue
+        line = node.start_mark.line + 1
+        if key in ancestors:
+            return Problem((), "an alias refers to a node that contains it (recursive)", line)
+        if depth >= MAX_DEPTH:
+            return Problem((), f"nested deeper than {MAX_DEPTH} levels", line)
+        ancestors.add(key)
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in _children(node) if id(c) not in size)
+    aliased = size[id(root)] - len(size)
+    if aliased > MAX_ALIAS_NODES:
+        return Problem(
+            (),
+            f"aliases and merge keys expand to {aliased:,} more nodes than the file holds "
+            f"(at most {MAX_ALIAS_NODES:,}): refused",
+            root.start_mark.line + 1,
+        )
+    return None
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
@@ -604,8 +706,12 @@ def parse_config(text: str, source: str = "<config>") -> Config:
 
 
 def _parse_config(text: str, source: str) -> Config:
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(source, [_too_large(len(text))])
     try:
         node, raw = _load_yaml(text)
+    except _Refused as e:
+        raise ConfigError(source, [e.problem]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -659,9 +765,16 @@ def _parse_config(text: str, source: str) -> Config:
     )
 
 
+def _too_large(size: int) -> Problem:
+    return Problem((), f"the file is {size:,} bytes, more than {MAX_FILE_BYTES:,}: refused")
+
+
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError(str(path), [_too_large(size)])
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

@@ -20,6 +20,7 @@ from lb.config import ConfigError, load_config
 from lb.controller import Controller
 from lb.k8s.api import Api, ApiError
 from lb.k8s.source import KubernetesSource, SourceMetrics
+from lb.loader import load_isolated
 from lb.log import emit
 from lb.metrics import Metrics
 from lb.model import Config, Mode, Service
@@ -300,24 +301,27 @@ class Daemon:
             await asyncio.sleep(INTERVAL)
 
     def _on_hup(self) -> None:
-        if not self._serving:
-            self._hup_pending = True
+        if not self._serving or (self._reloading is not None and not self._reloading.done()):
+            self._hup_pending = True  # the file may change after it is read: read it again
             return
-        if self._reloading is None or self._reloading.done():
-            self._reloading = asyncio.get_running_loop().create_task(self.reload())
+        self._reloading = asyncio.get_running_loop().create_task(self.reload())
 
     async def reload(self) -> None:
-        try:
-            await self._reload()
-        except Exception as e:  # a bug: say so loudly, keep serving
-            log.exception("reload failed")
-            self._reload_failed(f"reload of {self.config_path} failed: {type(e).__name__}: {e}")
+        """Reload until no SIGHUP came in meanwhile."""
+        self._hup_pending = True
+        while self._hup_pending:
+            self._hup_pending = False
+            try:
+                await self._reload()
+            except Exception as e:  # a bug: say so loudly, keep serving
+                log.exception("reload failed")
+                self._reload_failed(f"reload of {self.config_path} failed: {type(e).__name__}: {e}")
 
     async def _reload(self) -> None:
-        try:
-            config = load_config(self.config_path)
+        try:  # in a child process: serving, checks, the admin API and signals go on
+            config = await load_isolated(self.config_path)
         except ConfigError as e:
-            for p in e.problems:
+            for p in e.listed:
                 where = f"{p.where}: " if p.path else ""
                 emit(
                     log,
@@ -328,7 +332,8 @@ class Daemon:
                     line=p.line,
                 )
             self._reload_failed(
-                f"reload of {self.config_path} rejected ({len(e.problems)} problems)"
+                f"reload of {self.config_path} rejected ({len(e.problems)} problems"
+                + (f", {e.unlisted} not listed)" if e.unlisted else ")")
             )
             return
         if self.kubernetes is not None:

@@ -40,7 +40,10 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "offload.nft_rules",
         "offload.ipvs_model",
     ),
-    "support": ("lb.log",),
+    "support": (
+        "lb.log",
+        "lb.exhaustion",
+    ),
     "userspace": (
         "lb.proxy.*",
         "lb.health.monitor",
@@ -68,6 +71,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "lb.k8s.api",
         "lb.k8s.informer",
         "lb.k8s.source",
+        "lb.loader",
         "lb.metrics",
         "offload.commands",
         "offload.manager",

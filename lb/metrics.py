@@ -15,9 +15,10 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from lb import __version__
+from lb.exhaustion import EXHAUSTION
 from lb.health.monitor import Monitor
 from lb.model import BackendState, Endpoint, Protocol, ServiceKey
-from lb.stats import BackendSnapshot, ErrorReason, ServiceSnapshot
+from lb.stats import STATS, BackendSnapshot, ErrorReason, ServiceSnapshot, stat_value
 
 SYNC_BUCKETS = (
     0.0005,
@@ -35,6 +36,10 @@ SYNC_BUCKETS = (
     5.0,
     10.0,
 )
+
+
+#: Reasons that are never a backend's: counted for the service only.
+_SERVICE_ONLY = (ErrorReason.NO_BACKEND, ErrorReason.EXHAUSTED)
 
 
 def backend_state_label(b: BackendSnapshot) -> BackendState:
@@ -57,29 +62,17 @@ class _SnapshotCollector(Collector):
         c, g = CounterMetricFamily, GaugeMetricFamily
         Family = type[CounterMetricFamily | GaugeMetricFamily]
         specs: list[tuple[str, Family, str, list[str], str]] = [
-            ("s_conns", c, "lb_service_connections", svc,
-             "Client connections (TCP) or flows (UDP) given a backend."),
             ("s_active", g, "lb_service_connections_active", svc, "Open client connections (TCP)."),
             ("s_flows", g, "lb_udp_flows_active", svc, "Live UDP flows."),
             ("s_err", c, "lb_service_connection_errors", [*svc, "reason"],
              "Clients refused or dropped, by reason."),
-            ("s_in", c, "lb_service_in_bytes", svc, "Bytes from clients towards backends."),
-            ("s_out", c, "lb_service_out_bytes", svc, "Bytes from backends back to clients."),
-            ("s_inp", c, "lb_service_in_packets", svc, "Datagrams from clients (UDP)."),
-            ("s_outp", c, "lb_service_out_packets", svc, "Datagrams back to clients (UDP)."),
             ("s_tpl", g, "lb_persistence_templates", svc, "Live persistence templates."),
-            ("b_conns", c, "lb_backend_connections", be,
-             "Connections or flows scheduled to the backend."),
             ("b_active", g, "lb_backend_connections_active", be,
              "Active connections (IPVS ActiveConn)."),
             ("b_inactive", g, "lb_backend_connections_inactive", be,
              "Inactive connections: closed ones in TIME_WAIT, and UDP flows (IPVS InActConn)."),
             ("b_err", c, "lb_backend_connection_errors", [*be, "reason"],
              "Failed connection attempts to the backend, by reason."),
-            ("b_in", c, "lb_backend_in_bytes", be, "Bytes sent to the backend."),
-            ("b_out", c, "lb_backend_out_bytes", be, "Bytes received from the backend."),
-            ("b_inp", c, "lb_backend_in_packets", be, "Datagrams sent to the backend (UDP)."),
-            ("b_outp", c, "lb_backend_out_packets", be, "Datagrams from the backend (UDP)."),
             ("b_up", g, "lb_backend_up", [*be, "state"],
              "1 for the backend's current state, one series per state."),
             ("b_weight", g, "lb_backend_weight", be, "Configured weight, with runtime edits."),
@@ -89,42 +82,49 @@ class _SnapshotCollector(Collector):
              "1 while the backend is at its connection threshold."),
         ]  # fmt: skip
         f = {key: kind(name, doc, labels=labels) for key, kind, name, labels, doc in specs}
+        # the counters of lb.stats.STATS, for services and for backends
+        sf = {st: c(st.service_metric, st.service_help, labels=svc) for st in STATS}
+        bf = {st: c(st.backend_metric, st.backend_help, labels=be) for st in STATS}
         for s in self.snapshots():
             name, dp = s.service.name, s.dataplane
             t = s.totals
-            f["s_conns"].add_metric([name, dp], t.conns)
             udp = s.service.protocol is Protocol.UDP
+            for st, family in sf.items():
+                if udp or not st.udp_only:
+                    family.add_metric([name, dp], stat_value(t, st))
             f["s_flows" if udp else "s_active"].add_metric([name, dp], s.open)
             for reason in ErrorReason:
                 f["s_err"].add_metric([name, dp, reason.value], t.errors[reason])
-            f["s_in"].add_metric([name, dp], t.bytes_in)
-            f["s_out"].add_metric([name, dp], t.bytes_out)
-            if udp:
-                f["s_inp"].add_metric([name, dp], t.packets_in)
-                f["s_outp"].add_metric([name, dp], t.packets_out)
             f["s_tpl"].add_metric([name, dp], sum(b.persistent for b in s.backends))
             for b in s.backends:
                 lbl = [name, str(b.address), dp]
                 bt = b.totals
-                f["b_conns"].add_metric(lbl, bt.conns)
+                for st, family in bf.items():
+                    if udp or not st.udp_only:
+                        family.add_metric(lbl, stat_value(bt, st))
                 f["b_active"].add_metric(lbl, b.active)
                 f["b_inactive"].add_metric(lbl, b.inactive)
                 for reason in ErrorReason:
-                    if reason is not ErrorReason.NO_BACKEND:
+                    if reason not in _SERVICE_ONLY:
                         f["b_err"].add_metric([*lbl, reason.value], bt.errors[reason])
-                f["b_in"].add_metric(lbl, bt.bytes_in)
-                f["b_out"].add_metric(lbl, bt.bytes_out)
-                if udp:
-                    f["b_inp"].add_metric(lbl, bt.packets_in)
-                    f["b_outp"].add_metric(lbl, bt.packets_out)
                 current = backend_state_label(b)
                 for state in BackendState:
                     f["b_up"].add_metric([*lbl, state.value], 1 if state is current else 0)
                 f["b_weight"].add_metric(lbl, b.backend.weight if b.backend else 0)
                 f["b_eweight"].add_metric(lbl, b.weight)
                 f["b_over"].add_metric(lbl, 1 if b.overloaded else 0)
+        yield from sf.values()
+        yield from bf.values()
         yield from f.values()
         yield from self._health()
+        exhausted = CounterMetricFamily(
+            "lb_resource_exhausted",
+            "New work (accept, connect, UDP flow, health probe) refused for want of a resource.",
+            labels=["resource"],
+        )
+        for resource, count in EXHAUSTION.counts.items():
+            exhausted.add_metric([resource], count)
+        yield exhausted
 
     def _health(self) -> Iterator[Metric]:
         lbl = ["service", "backend"]

@@ -95,6 +95,9 @@ class Endpoint:
     def __hash__(self) -> int:
         return self._hash
 
+    def __reduce__(self) -> tuple[type[Endpoint], tuple[IPAddress, int]]:
+        return (Endpoint, (self.ip, self.port))  # the hash is made anew in each process
+
     @classmethod
     def parse(cls, text: str) -> Endpoint:
         """Parse `1.2.3.4:80` or `[::1]:80`; raise ValueError with a message fit for users."""
@@ -236,6 +239,10 @@ class ServiceKey:
 
     def __hash__(self) -> int:
         return self._hash
+
+    def __reduce__(self) -> tuple[type[ServiceKey], tuple[Protocol, Endpoint]]:
+        # a str enum's hash differs between processes (lb.loader's child makes Configs)
+        return (ServiceKey, (self.protocol, self.listen))
 
     def __str__(self) -> str:
         return f"{self.protocol}/{self.listen}"

@@ -35,6 +35,7 @@ class ErrorReason(enum.StrEnum):
     TIMEOUT = "timeout"  # connect timeout
     LIMIT = "limit"  # a connection or flow limit was reached (service, or every backend's)
     NO_BACKEND = "no_backend"  # the scheduler had no usable backend
+    EXHAUSTED = "exhausted"  # lb was out of descriptors or memory (lb.exhaustion)
 
     def describe(self) -> str:
         return _DESCRIBE[self]
@@ -46,6 +47,7 @@ _DESCRIBE = {
     ErrorReason.TIMEOUT: "timed out connecting",
     ErrorReason.LIMIT: "over a connection limit",
     ErrorReason.NO_BACKEND: "with no usable backend",
+    ErrorReason.EXHAUSTED: "refused: lb was out of descriptors or memory",
 }
 
 

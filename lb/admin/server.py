@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
@@ -100,6 +101,34 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp answers what its HTTP parser refuses (an oversized header, an unknown
+    method, a bad Content-Length, ...) in plain text and logs a traceback each time: a
+    client's mistake gets a JSON 4xx like every other error, and a debug line."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            return super().handle_error(request, status, exc, message)
+        log.debug("admin: refused a malformed request (%s): %s", status, message)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has begun: cannot send the error")
+        reason = " ".join((message or "").split()) or "the request is malformed"
+        response = _error(status, reason)
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
 class AdminServer:
     def __init__(
         self,
@@ -117,6 +146,7 @@ class AdminServer:
         self.rates = rates
         self.readiness = readiness
         self.token = token
+        self._token = (token or "").encode()  # compared as bytes, in constant time
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -139,6 +169,9 @@ class AdminServer:
             shutdown_timeout=1.0,
         )
         await self._runner.setup()
+        server = self._runner.server
+        assert server is not None
+        server.__class__ = _JsonErrorServer  # the runner made it; only its handlers change
         await web.SockSite(self._runner, sock).start()
 
     async def stop(self) -> None:
@@ -170,7 +203,8 @@ class AdminServer:
         if request.method == "POST" and self.token is not None:
             given = request.headers.get("Authorization", "")
             scheme, _, value = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), self.token):
+            given_token = value.strip().encode("utf-8", "surrogateescape")  # any bytes
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given_token, self._token):
                 return _error(401, "a bearer token is required", **{"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
@@ -220,6 +254,8 @@ class AdminServer:
             data = json.loads(raw or b"null")
         except (ValueError, UnicodeDecodeError) as e:
             return _error(400, f"the body is not JSON: {e}")
+        except RecursionError:
+            return _error(400, "the body is not JSON lb takes: nested too deeply")
         if not isinstance(data, dict):
             return _error(
                 400, 'the body must be a JSON object, e.g. {"state": "drain"} or {"weight": 2}'

@@ -1,4 +1,6 @@
-"""Health probes: TCP connect and HTTP GET. Each returns (healthy, reason)."""
+"""Health probes: TCP connect and HTTP GET. Each returns (healthy, reason), or raises
+CannotProbe when lb itself lacks what a probe needs (lb.exhaustion): that says nothing
+of the backend."""
 
 from __future__ import annotations
 
@@ -8,13 +10,33 @@ import socket
 
 import aiohttp
 
+from lb.exhaustion import resource_of
 from lb.model import CheckKind, Endpoint, HealthCheck
+
+
+class CannotProbe(Exception):
+    """The probe could not run: lb is out of `resource`."""
+
+    def __init__(self, resource: str, reason: str) -> None:
+        super().__init__(reason)
+        self.resource = resource
+        self.reason = reason
+
+
+def _failed(e: OSError) -> tuple[bool, str]:
+    resource = resource_of(e)
+    if resource is not None:
+        raise CannotProbe(resource, _explain(e)) from e
+    return False, _explain(e)
 
 
 async def tcp_probe(target: Endpoint, limit: float) -> tuple[bool, str]:
     loop = asyncio.get_running_loop()
     family = socket.AF_INET if target.family == 4 else socket.AF_INET6
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        return _failed(e)
     sock.setblocking(False)
     try:
         async with asyncio.timeout(limit):
@@ -22,7 +44,7 @@ async def tcp_probe(target: Endpoint, limit: float) -> tuple[bool, str]:
     except TimeoutError:
         return False, f"connect timed out after {limit:g}s"
     except OSError as e:
-        return False, _explain(e)
+        return _failed(e)
     finally:
         sock.close()
     return True, "connected"
@@ -42,10 +64,14 @@ async def http_probe(
             return False, f"HTTP {resp.status}"
     except TimeoutError:
         return False, f"no answer within {limit:g}s"
+    except aiohttp.ClientOSError as e:  # a ClientError that is also an OSError
+        if resource_of(e) is None:
+            return False, str(e) or type(e).__name__
+        return _failed(e)
     except aiohttp.ClientError as e:
         return False, str(e) or type(e).__name__
     except OSError as e:
-        return False, _explain(e)
+        return _failed(e)
 
 
 def _explain(e: OSError) -> str:

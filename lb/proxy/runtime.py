@@ -7,6 +7,7 @@ import logging
 import socket
 from collections.abc import Callable
 
+from lb.exhaustion import EXHAUSTION, resource_of
 from lb.log import emit
 from lb.model import Backend, Endpoint, Service
 from lb.plan import AddDest, DelDest, EditDest, plan_dests
@@ -97,6 +98,16 @@ class ServiceRuntime:
         self.counters.error(reason)
         self.error_log.note(self.loop.time(), None, reason)
         self.wake(self)
+
+    def exhausted(self, e: OSError, what: str) -> bool:
+        """If `e` says lb is out of a resource: refuse the client for it (not the
+        backend's fault), count and log it (lb.exhaustion), and say so."""
+        resource = resource_of(e)
+        if resource is None:
+            return False
+        EXHAUSTION.note(resource, what, self.loop.time())
+        self.refused(ErrorReason.EXHAUSTED)
+        return True
 
     def failed(self, dest: Dest, counters: Counters, reason: ErrorReason) -> None:
         """An attempt to reach a backend failed (counted for the backend)."""

@@ -250,7 +250,15 @@ class Relay:
                 await self.loop.create_connection(_factory(backend), *conn.dest.addr)
             except ConnectionRefusedError:
                 reason = ErrorReason.REFUSED
-            except OSError:
+            except OSError as e:
+                if svc.exhausted(e, f"a connection to {svc.service.name}"):
+                    timer.cancel()  # lb's own shortage: no other backend would do better
+                    core.release(conn, self.loop.time())
+                    self.conn = None
+                    if not self.client.lost:
+                        sockets.reset(self.client_transport)
+                    self._finish(refused=ErrorReason.EXHAUSTED)
+                    return
                 reason = ErrorReason.CONNECT_FAILED
             except asyncio.CancelledError:
                 _discard(backend)  # the connect may have completed just as it was cancelled
