@@ -348,7 +348,7 @@ START_TIMEOUT = 180.0
 
 def lb_yaml(topo: Topology) -> str:
     """One lb configuration for both of lb's dataplanes: `retries: 0` so that the kernel
-    can carry the TCP services (README, Kernel offload), no health checks (always UP)."""
+    can carry the TCP services (docs/dataplanes/ipvs.md), no health checks (always UP)."""
     out = [f"dataplane: userspace\nshutdown_grace: 1s\nadmin: {{listen: {ADMIN}}}\nservices:\n"]
     for svc in SERVICES:
         backends = "".join(f"      - address: {ip}:{svc.backend_port}\n" for ip in topo.backend_ips)

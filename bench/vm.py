@@ -1,4 +1,4 @@
-"""The kernel VM (kernel-vm.md): Debian's kernel, which has IPVS, booted with virtme-ng
+"""The kernel VM (docs/testing.md): Debian's kernel, which has IPVS, booted with virtme-ng
 under qemu's software emulation (KVM guests hang on these machines). The guest sees the
 host's files, so it runs this checkout and its venv as they are.
 

@@ -1,1 +1,2 @@
-"""Kernel offload dataplanes (IPVS, nftables): see issues 4 and 5."""
+"""Kernel offload dataplanes (IPVS, nftables) and the offload manager: see
+docs/dataplanes/ipvs.md and docs/dataplanes/nftables.md."""

@@ -3,7 +3,7 @@
 - a dummy device (default `lb0`) holding each offloaded VIP as a /32 (or /128), so that
   the userspace listener can bind it and the host answers for it; the VIPs on it are how
   lb recognises its own IPVS services, after a restart or a `kill -9` too;
-- the sysctls kernel NAT needs on one host (IPVS's: ipvs-reference.md);
+- the sysctls kernel NAT needs on one host (why each: docs/dataplanes/ipvs.md);
 - an nftables table of its own (`lb_ipvs`) that masquerades what the kernel path cannot
   carry otherwise: clients on this host (their source is the VIP) and hairpin traffic (a
   backend reaching itself through the VIP); and that holds back new connections to a

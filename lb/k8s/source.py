@@ -5,8 +5,9 @@
   view, e.g. services without their endpoints).
 - Coalescing: changes mark the state dirty; a sync runs at most once per
   `min_sync_period` and at least once per `sync_period` (which also retries a sync that
-  failed). Each sync translates the whole store (pure, lb/k8s/translate.py) and hands
-  the services to `apply`; the dataplanes change only what differs.
+  failed). Each sync translates only the Services whose objects changed (pure,
+  lb/k8s/translate.py; its memo gives back the very services of last time for the
+  others) and hands the services to `apply`; the dataplanes change only what differs.
 - While the API is unreachable the informers keep their stores: the last known state
   serves on, and nothing is applied until something changes again.
 """
