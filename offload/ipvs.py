@@ -1,10 +1,15 @@
 """The IPVS dataplane: make the kernel's virtual services match a desired set.
 
-`apply(desired)` dumps what the kernel has, diffs, and adds / sets / deletes services and
-destinations, with the destination edits from `lb.plan` (the same order the userspace
-reference uses, so the kernel's list order and scheduler state match it). Idempotent:
-nothing to change means no netlink write. It only touches services it owns, those on a
-VIP of its own device; any other IPVS service (keepalived's, say) is left alone.
+Work is that of the change, as in kube-proxy's proxiers: `apply(desired, changes)` writes
+only the services `changes` names, from what it applied last (their destinations read
+back once each), and never dumps the kernel's service table. A full reconcile (dump,
+diff, write the difference) runs on the first apply, after one that failed or surprised
+it, when no `changes` are given, and every RESYNC_PERIOD from `refresh()`: that one
+repairs drift (an `ipvsadm -D` of an lb service, a destination added by hand) and says
+so (`ipvs.drift_repaired`). Destination edits come from `lb.plan` (the userspace
+reference's order, so the kernel's list order and scheduler state match it). Only
+services on a VIP of lb's own device are touched; any other (keepalived's, say) is left
+alone.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import replace
 
 from lb.changes import Changes
 from lb.log import emit
@@ -31,6 +38,10 @@ from offload.policy import kernel_service, not_expressible_ipvs
 log = logging.getLogger("lb.offload")
 
 NO_ERRORS: dict[ErrorReason, int] = dict.fromkeys(ErrorReason, 0)
+
+#: How often `refresh()` reconciles the whole kernel against what lb applied (kube-proxy's
+#: syncPeriod): the bound on how long drift lasts.
+RESYNC_PERIOD = 30.0
 
 Hold = Callable[[ServiceKey], AbstractAsyncContextManager[None]]
 Nat = Callable[[set[NatPath]], Awaitable[None]]
@@ -81,39 +92,117 @@ class IpvsDataplane:
         self._services: dict[ServiceKey, KService] = {}
         self._dests: dict[ServiceKey, list[KDest]] = {}
         self._quiesced: dict[tuple[ServiceKey, Endpoint], float] = {}
+        self._vips: set[IPAddress] = set()  # lb's device's addresses, as last read
+        self._paths: dict[ServiceKey, set[NatPath]] = {}  # each service's masquerade paths
+        self._path_count: Counter[NatPath] = Counter()  # how many services need each
+        self._reconciled = False  # a full reconcile went through, and nothing failed since
+        self._resynced_at = 0.0
 
     # --- apply ---------------------------------------------------------------------------
 
     async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
-        """Reconcile against a dump of the kernel (`changes` is not used: IPVS's own
-        netlink answers what it has, and a dump keeps foreign services in view)."""
+        """Write the change (`changes`: the services of `desired` that are new or changed,
+        and the keys that left), or reconcile everything (see the module's docstring)."""
         async with self._netlink:
-            await self._apply(desired)
+            try:
+                if changes is None or not self._reconciled:
+                    await self._reconcile(desired)
+                elif changes:
+                    try:
+                        await self._apply_changes(changes)
+                    except Exception as e:  # a surprise (a service that exists already...)
+                        emit(
+                            log,
+                            logging.WARNING,
+                            "ipvs.resync",
+                            f"IPVS apply of the change failed ({type(e).__name__}: {e}): "
+                            "reconciling every service",
+                        )
+                        await self._reconcile(desired)
+            except BaseException:
+                self._reconciled = False  # what the kernel has is unknown: look next time
+                raise
 
-    async def _apply(self, desired: list[Service]) -> None:
+    async def _apply_changes(self, changes: Changes) -> None:
+        """Only the services `changes` names: no dump of the kernel's table."""
         now = self.clock()
-        vips = await self.owned_vips()
+        for key in changes.removed:
+            if self._desired.pop(key, None) is not None and key not in self.foreign:
+                await self._delete(key)
+        fresh = [s for s in changes.fresh if s.key not in self.foreign]
+        if any(s.listen.ip not in self._vips for s in fresh):
+            self._vips = await self.owned_vips()  # a new VIP: is it on lb's device?
+        for s in fresh:
+            if s.listen.ip not in self._vips:  # not lb's to program
+                self._desired.pop(s.key, None)
+                self._forget(s.key)
+                continue
+            self._desired[s.key] = s
+            have = self._services.get(s.key)
+            await self._apply_service(s, have, now, self._dests.get(s.key) if have else None)
+            self._dests[s.key] = await self.client.dests(s.key)  # read back: this one only
+            want = kernel_service(s)  # as written now; the counters as last read
+            self._services[s.key] = want if have is None else replace(want, stats=have.stats)
+        gone = {key for key in changes.removed if key not in self._desired}
+        if gone:
+            self._quiesced = {k: t for k, t in self._quiesced.items() if k[0] not in gone}
+        await self._set_nat_of(changes.touched())
+
+    async def _reconcile(self, desired: list[Service], periodic: bool = False) -> None:
+        """Dump the kernel, diff every service against `desired`, write the difference.
+        `periodic`: a resync of what was applied, where any write is drift repaired."""
+        now = self.clock()
+        vips = self._vips = await self.owned_vips()
         kernel = {k.key: k for k in await self.client.services()}
         self.foreign = {key for key in kernel if key.listen.ip not in vips}
         wanted: dict[ServiceKey, Service] = {}
+        drifted: list[str] = []
         for s in desired:
             if s.key in self.foreign:
                 continue  # never modify a service that is not ours
             wanted[s.key] = s
-            await self._apply_service(s, kernel.get(s.key), now)
+            have = kernel.get(s.key)
+            if periodic and have != kernel_service(s):
+                drifted.append(f"{s.key} {'missing' if have is None else 'changed'}")
+            moved = await self._apply_service(s, have, now)
+            if periodic and moved and have is not None:
+                drifted.append(f"{s.key} destinations")
         for key in kernel.keys() - wanted.keys() - self.foreign:
-            await self.client.del_service(key)
-            emit(
-                log,
-                logging.INFO,
-                "ipvs.service_deleted",
-                f"IPVS service {key} deleted",
-                service=str(key),
-            )
+            if periodic:
+                drifted.append(f"{key} not lb's to keep")
+            await self._delete(key)
         self._desired = wanted
         self._quiesced = {k: t for k, t in self._quiesced.items() if k[0] in wanted}
-        await self._set_nat(list(wanted.values()))
+        self._paths = {key: nat_paths([s]) for key, s in wanted.items()}
+        self._path_count = Counter(p for paths in self._paths.values() for p in paths)
+        await self._set_nat()
         await self._refresh()
+        self._reconciled = True
+        self._resynced_at = now
+        if drifted:
+            emit(
+                log,
+                logging.WARNING,
+                "ipvs.drift_repaired",
+                f"IPVS no longer had what lb applied: repaired {', '.join(drifted[:10])}"
+                + (f" and {len(drifted) - 10} more" if len(drifted) > 10 else ""),
+                services=len(drifted),
+            )
+
+    async def _delete(self, key: ServiceKey) -> None:
+        await self.client.del_service(key)
+        self._forget(key)
+        emit(
+            log,
+            logging.INFO,
+            "ipvs.service_deleted",
+            f"IPVS service {key} deleted",
+            service=str(key),
+        )
+
+    def _forget(self, key: ServiceKey) -> None:
+        self._services.pop(key, None)
+        self._dests.pop(key, None)
 
     def not_expressible(self, s: Service) -> str | None:
         return not_expressible_ipvs(s)
@@ -122,12 +211,33 @@ class IpvsDataplane:
         vips = await self.owned_vips()
         return {k.key for k in await self.client.services() if k.key.listen.ip in vips}
 
-    async def _set_nat(self, services: list[Service]) -> None:
+    async def _set_nat_of(self, keys: Iterable[ServiceKey]) -> None:
+        """The masquerade paths of these services changed, maybe: update the counts, and
+        the host's table only if the set of paths did (a weight edit leaves it alone)."""
+        moved = False
+        for key in keys:
+            s = self._desired.get(key)
+            new = nat_paths([s]) if s is not None else set()
+            old = self._paths.pop(key, set())
+            if new:
+                self._paths[key] = new
+            for p in old - new:
+                self._path_count[p] -= 1
+                if not self._path_count[p]:
+                    del self._path_count[p]
+                    moved = True
+            for p in new - old:
+                moved |= not self._path_count[p]
+                self._path_count[p] += 1
+        if moved:
+            await self._set_nat()
+
+    async def _set_nat(self) -> None:
         """Masquerade for clients on this host and hairpin (offload/host.py)."""
         if self.nat is None:
             return
         try:
-            await self.nat(nat_paths(services))
+            await self.nat(set(self._path_count))
         except HostError as e:
             emit(
                 log,
@@ -136,10 +246,14 @@ class IpvsDataplane:
                 f"masquerade for local clients unavailable: {e}",
             )
 
-    async def _apply_service(self, s: Service, have: KService | None, now: float) -> None:
-        """Between adding a service and its first destination, and while its scheduler is
-        swapped, IPVS refuses new connections (port unreachable): those moments are held
-        (new connections dropped, so clients send their SYN again) until the service works."""
+    async def _apply_service(
+        self, s: Service, have: KService | None, now: float, dests: list[KDest] | None = None
+    ) -> bool:
+        """Make the kernel's service `s`: whether its destinations were written. `dests`:
+        the kernel's, if known (else read). Between adding a service and its first
+        destination, and while its scheduler is swapped, IPVS refuses new connections
+        (port unreachable): those moments are held (new connections dropped, so clients
+        send their SYN again) until the service works."""
         want = kernel_service(s)
         if have is None:
 
@@ -157,7 +271,7 @@ class IpvsDataplane:
                 key=str(s.key),
                 held_ms=held_ms,
             )
-            return
+            return True
         if have.scheduler != want.scheduler:
             held_ms = await self._held(s.key, lambda: self.client.set_service(want))
             emit(
@@ -172,7 +286,9 @@ class IpvsDataplane:
             )
         elif have != want:
             await self.client.set_service(want)
-        await self._apply_dests(s, await self.client.dests(s.key), now)
+        if dests is None:
+            dests = await self.client.dests(s.key)
+        return await self._apply_dests(s, dests, now)
 
     async def _held(self, key: ServiceKey, write: Callable[[], Awaitable[None]]) -> float:
         """Run `write` with new connections to `key` held; how long they were, in ms."""
@@ -219,7 +335,14 @@ class IpvsDataplane:
         """Re-read counters and connections; never in the middle of an apply (one netlink
         client: their requests and answers must not interleave)."""
         async with self._netlink:
-            await self._refresh()
+            if self._reconciled and self.clock() - self._resynced_at >= RESYNC_PERIOD:
+                try:
+                    await self._reconcile(list(self._desired.values()), periodic=True)
+                except BaseException:
+                    self._reconciled = False
+                    raise
+            else:
+                await self._refresh()
             await self._settle()
 
     async def _settle(self) -> None:
@@ -312,6 +435,9 @@ class IpvsDataplane:
         self._desired.clear()
         self._services.clear()
         self._dests.clear()
+        self._paths.clear()
+        self._path_count.clear()
+        self._reconciled = False
 
 
 def save_lines(s: Service) -> list[str]:
