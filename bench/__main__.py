@@ -4,8 +4,9 @@ Markdown tables, PNG plots). Needs root (network namespaces) and the README's se
 Three parts: the control plane (bench/control.py: applying services at 1..10,000;
 bench/scale.py: `lb run` itself at those sizes, its edits, memory and idle CPU), the data
 plane (bench/dataplane.py: connections, requests, bulk and UDP through lb and its peers, in
-network namespaces), and the data plane again in the kernel VM (bench/vm.py), where lb's
-IPVS dataplane can run: its figures are compared only with each other.
+network namespaces), and the kernel VM (bench/vm.py), where lb's IPVS dataplane can run:
+the data plane again, and the `ipvs-control` part (lb ipvs beside lb nftables applying
+services); its figures are compared only with each other.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from bench.workloads import WORKLOADS
 
 FULL_SIZES = [1, 10, 100, 1000, 10_000]
 QUICK_SIZES = [1, 10, 100]
-PARTS = ("control", "dataplane", "vm")
+PARTS = ("control", "dataplane", "vm", "ipvs-control")
+DEFAULT_PARTS = ("control", "dataplane", "vm")
 QUICK_PARTS = ("control", "dataplane")
 
 
@@ -64,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="results directory (default bench/results/<date>)")
     p.add_argument(
         "--only",
-        help="comma-separated parts: control, dataplane, vm (default all three; --quick: "
-        "control and dataplane)",
+        help="comma-separated parts: control, dataplane, vm, ipvs-control (default: "
+        "control, dataplane and vm, which runs the data plane and ipvs-control in the kernel "
+        "VM; --quick: control and dataplane; ipvs-control alone needs a kernel with IPVS)",
     )
     p.add_argument(
         "--peers",
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
-        parts = names(args.only, "--only", PARTS, QUICK_PARTS if args.quick else None)
+        parts = names(args.only, "--only", PARTS, QUICK_PARTS if args.quick else DEFAULT_PARTS)
         peers = names(args.peers, "--peers", ALL_PEERS, PEERS)
         workloads = names(args.workloads, "--workloads", tuple(WORKLOADS))
     except ValueError as e:
@@ -116,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "bench: --peers: lb ipvs needs a kernel with IPVS, which this one is not "
             "(the vm part measures it in the kernel VM: --only vm)",
+            file=sys.stderr,
+        )
+        return 2
+    if "ipvs-control" in parts and not vm.ipvs_available():
+        print(
+            "bench: --only ipvs-control needs a kernel with IPVS, which this one is not "
+            "(the vm part runs it in the kernel VM)",
             file=sys.stderr,
         )
         return 2
@@ -219,10 +229,22 @@ def run_parts(
                 dataplane.measure(peers, workloads, runs, quick, dadvance)
             )
             save()
+        if "ipvs-control" in parts:
+            itask = progress.add_task(
+                "ipvs control plane", total=len(sizes) * len(control.IPVS_APPLIERS)
+            )
+
+            def iadvance(what: str) -> None:
+                progress.update(itask, advance=1, description=f"ipvs control plane: {what}")
+
+            doc["ipvs_control"] = as_json(
+                asyncio.run(control.measure(sizes, runs, iadvance, control.IPVS_APPLIERS))
+            )
+            save()
         if "vm" in parts:
-            vtask = progress.add_task("data plane in the kernel VM (booted, running)", total=1)
+            vtask = progress.add_task("the kernel VM (booted, running)", total=1)
             try:
-                doc["vm"] = vm.dataplane(runs, quick, workloads)
+                doc["vm"] = vm.run(runs, quick, workloads)
             except RuntimeError as e:
                 failed["vm"] = str(e)
             else:

@@ -23,7 +23,9 @@ from dataclasses import dataclass, replace
 
 from bench.stats import Summary
 from lb.changes import Changes
-from lb.model import Backend, Endpoint, Protocol, SchedulerName, Service
+from lb.model import Backend, Endpoint, IPAddress, Protocol, SchedulerName, Service
+from offload.ipvs import IpvsDataplane
+from offload.ipvs_netlink import NetlinkIpvs
 from offload.nft_netlink import NftNetlink
 from offload.nft_rules import Op
 from offload.nftables import NftDataplane
@@ -188,12 +190,50 @@ class IptablesRestore:
         return None  # the restore command is the whole of it
 
 
+class _BenchVips(set[IPAddress]):
+    """Every address of the bench's VIP range (10.100.0.0/16) is lb's: an IPVS dataplane
+    asks which VIPs it owns, and the bench puts none on a device."""
+
+    def __contains__(self, ip: object) -> bool:
+        return isinstance(ip, ipaddress.IPv4Address) and int(ip) >> 16 == VIP_BASE >> 16
+
+
+class Ipvs:
+    """lb's IPVS dataplane over netlink, told which service changed as the offload manager
+    tells it. IPVS keeps its table per network namespace; the bench's runs in a kernel VM
+    where nothing else uses it, so this one programs the guest's own namespace."""
+
+    def __init__(self, ns: Netns) -> None:
+        self.dp: IpvsDataplane | None = None
+
+    async def apply(self, ss: list[Service], changes: Changes | None = None) -> None:
+        if self.dp is None:
+            client = await NetlinkIpvs().open()
+
+            async def vips() -> set[IPAddress]:
+                return _BenchVips()
+
+            self.dp = IpvsDataplane(client, vips)
+        await self.dp.apply(ss, changes)
+
+    async def reset(self) -> None:
+        if self.dp is not None:
+            await self.dp.remove_all()
+
+    def kernel_seconds(self) -> float | None:
+        return None
+
+
 APPLIERS: dict[str, Callable[[Netns], Applier]] = {
     "lb nftables": Nftables,
     "lb nftables, changes via nft -f": lambda ns: Nftables(ns, netlink=False),
     "iptables-restore (legacy)": lambda ns: IptablesRestore(ns, "iptables-legacy-restore"),
     "iptables-restore (nft)": lambda ns: IptablesRestore(ns, "iptables-nft-restore"),
 }
+
+
+#: Side by side in a kernel with IPVS (the vm part's guest): lb's two kernel dataplanes.
+IPVS_APPLIERS: dict[str, Callable[[Netns], Applier]] = {"lb ipvs": Ipvs, "lb nftables": Nftables}
 
 
 #: Sizes past which a dataplane is not measured: lb's fallback reads a 10,000-service
@@ -214,14 +254,17 @@ Results = dict[str, dict[int, dict[str, Summary]]]
 
 
 async def measure(
-    sizes: list[int], runs: int, advance: Callable[[str], None] = lambda _: None
+    sizes: list[int],
+    runs: int,
+    advance: Callable[[str], None] = lambda _: None,
+    appliers: dict[str, Callable[[Netns], Applier]] = APPLIERS,
 ) -> Results:
     """For each dataplane and size: `runs` fresh full applies, each followed by one more
     service and by one edit. The dataplanes take turns at each size (same conditions)."""
-    results: Results = {name: {} for name in APPLIERS}
+    results: Results = {name: {} for name in appliers}
     for n in sizes:
         base = services(n + 1)
-        for i, (name, make) in enumerate(APPLIERS.items()):
+        for i, (name, make) in enumerate(appliers.items()):
             if n > LARGEST.get(name, n):
                 advance(f"{name} skipped at {n} services")
                 continue

@@ -48,16 +48,22 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += scale_markdown(doc["scale"])
     if "dataplane" in doc:
         lines += dataplane_markdown(doc["dataplane"])
+    if "ipvs_control" in doc:
+        lines += ipvs_control_markdown(doc["ipvs_control"], "On this machine's kernel.")
     if "vm" in doc:
         vm = doc["vm"]
-        lines += dataplane_markdown(
-            vm["dataplane"],
-            heading="Data plane in the kernel VM, with lb ipvs",
-            note=f"In a guest of Debian's kernel {vm['kernel']} (it has IPVS, this "
+        emulated = (
+            f"In a guest of Debian's kernel {vm['kernel']} (it has IPVS, this "
             "machine's kernel does not) under qemu's software emulation (bench/vm.py): "
             "every figure is far below the host's, so compare them only with each other "
-            "(the ratios below), never with the tables above.",
+            "(the ratios below), never with the tables above."
         )
+        if vm.get("dataplane"):
+            lines += dataplane_markdown(
+                vm["dataplane"], heading="Data plane in the kernel VM, with lb ipvs", note=emulated
+            )
+        if vm.get("ipvs_control"):
+            lines += ipvs_control_markdown(vm["ipvs_control"], emulated)
     for part, why in doc.get("failed", {}).items():
         lines += ["", f"## The {part} part failed", "", "```", why.strip(), "```"]
     return "\n".join(lines) + "\n"
@@ -90,6 +96,46 @@ def control_markdown(doc: dict[str, Any]) -> list[str]:
             step,
             lambda s: f"{ms(s['median'])} ({ms(s['low'])}-{ms(s['high'])})",
         )
+    return lines
+
+
+def ipvs_control_markdown(control: dict[str, Any], note: str) -> list[str]:
+    """lb ipvs beside lb nftables (bench/control.py IPVS_APPLIERS): each step's times, and
+    one change at each size relative to the smallest (flat: the work of the change)."""
+    sizes = sorted({int(n) for per in control.values() for n in per})
+    lines = [
+        "",
+        "## Control plane with IPVS: services x 10 backends",
+        "",
+        note + " Median time in ms (smallest-largest of the runs); each change is told "
+        "which service changed, as lb's offload manager tells it.",
+    ]
+    for step, title in STEP_TITLES.items():
+        lines += ["", f"### {title}", ""]
+        lines += size_table(
+            sizes,
+            control,
+            step,
+            lambda s: f"{ms(s['median'])} ({ms(s['low'])}-{ms(s['high'])})",
+        )
+    smallest = str(sizes[0]) if sizes else ""
+    for step in ("add_one", "edit_one"):
+        lines += [
+            "",
+            f"### {STEP_TITLES[step]}: relative to {sizes[0] if sizes else 0:,} services",
+            "",
+        ]
+        rows = {}
+        for name, per in control.items():
+            base = per.get(smallest, {}).get(step)
+            if base is None or not base["median"]:
+                continue
+            rows[name] = {
+                n: {step: {"ratio": by[step]["median"] / base["median"]}}
+                for n, by in per.items()
+                if step in by
+            }
+        lines += size_table(sizes, rows, step, lambda s: f"{s['ratio']:.2f}x")
     return lines
 
 
@@ -210,7 +256,7 @@ def plot(out: Path, doc: dict[str, Any]) -> list[Path]:
         paths.append(scale_plot(out, doc["scale"]))
     if "dataplane" in doc:
         paths.append(dataplane_plot(out, doc["dataplane"]))
-    if "vm" in doc:
+    if doc.get("vm", {}).get("dataplane"):
         paths.append(dataplane_plot(out, doc["vm"]["dataplane"], "dataplane-vm", "in the VM"))
     return paths
 

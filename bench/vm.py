@@ -103,21 +103,29 @@ def ipvs_available() -> bool:
 VM_RUNS = 3
 
 
-def dataplane(runs: int, quick: bool, workloads: list[str]) -> dict[str, Any]:
-    """The bench's data plane run in a guest with VM_PEERS, `runs` rounds (VM_RUNS at
-    most): {"kernel", "machine", "dataplane"} as the guest's results.json has them."""
+#: The control plane's sizes in the guest: one change at each, relative to the smallest.
+VM_SIZES = (10, 100, 1000, 10_000)
+QUICK_VM_SIZES = (10, 100)
+
+
+def run(runs: int, quick: bool, workloads: list[str]) -> dict[str, Any]:
+    """The bench's data plane with VM_PEERS and its ipvs-control part (lb ipvs beside lb
+    nftables, VM_SIZES), in one guest, `runs` rounds (VM_RUNS at most): {"kernel",
+    "machine", "dataplane", "ipvs_control"} as the guest's results.json has them."""
     from bench.peers import VM_PEERS
 
     runs = min(runs, VM_RUNS)
+    sizes = QUICK_VM_SIZES if quick else VM_SIZES
     with tempfile.TemporaryDirectory(prefix="lbbench-vm-") as tmp:
         rw = Path(tmp)
         bench = [
-            sys.executable, "-m", "bench", "--only", "dataplane", "--peers", ",".join(VM_PEERS),
-            "--workloads", ",".join(workloads), "--runs", str(runs), "--out", str(rw),
+            sys.executable, "-m", "bench", "--only", "dataplane,ipvs-control",
+            "--peers", ",".join(VM_PEERS), "--workloads", ",".join(workloads),
+            "--sizes", ",".join(map(str, sizes)), "--runs", str(runs), "--out", str(rw),
             *(["--quick"] if quick else []),
         ]  # fmt: skip
         inner = f"PYTHONDONTWRITEBYTECODE=1 {shlex.join(bench)} > {rw}/log.txt 2>&1"
-        code, _, stderr = boot(inner, rw, timeout=(45 if quick else 240) * 60)
+        code, _, stderr = boot(inner, rw, timeout=(60 if quick else 300) * 60)
         results = rw / "results.json"
         if not results.exists():
             log = rw / "log.txt"
@@ -127,5 +135,6 @@ def dataplane(runs: int, quick: bool, workloads: list[str]) -> dict[str, Any]:
     return {
         "kernel": doc["machine"]["kernel"],
         "machine": doc["machine"],
-        "dataplane": doc["dataplane"],
+        "dataplane": doc.get("dataplane", {}),
+        "ipvs_control": doc.get("ipvs_control", {}),
     }

@@ -180,6 +180,41 @@ def test_ipvs_peer_is_refused_on_a_kernel_without_ipvs(tmp_path: Path) -> None:
     assert not (tmp_path / "results.json").exists()
 
 
+def test_ipvs_control_is_refused_on_a_kernel_without_ipvs(tmp_path: Path) -> None:
+    require_root()
+    if vm.ipvs_available():
+        pytest.skip("this kernel has IPVS")
+    done = bench("--only", "ipvs-control", "--out", str(tmp_path))
+    assert done.returncode == 2 and "ipvs-control needs a kernel with IPVS" in done.stderr
+
+
+def test_the_ipvs_control_plane_is_reported_relative_to_the_smallest_size(
+    tmp_path: Path,
+) -> None:
+    def summary(median: float) -> dict[str, float]:
+        return {"median": median, "low": median, "high": median, "runs": 1}
+
+    def steps(edit: float) -> dict[str, dict[str, float]]:
+        return {"full": summary(1.0), "add_one": summary(edit), "edit_one": summary(edit)}
+
+    machine = {"cpus": 2, "kernel": "6.1.0-test", "python": "3.11", "nft": "nft", "iptables": "x"}
+    vm_doc = {
+        "kernel": "6.1.0-test",
+        "machine": machine,
+        "dataplane": {},
+        "ipvs_control": {
+            "lb ipvs": {"10": steps(0.002), "10000": steps(0.003)},
+            "lb nftables": {"10": steps(0.001), "10000": steps(0.004)},
+        },
+    }
+    write_report(tmp_path, {"date": "d", "quick": False, "machine": machine, "vm": vm_doc})
+    table = (tmp_path / "results.md").read_text()
+    part = table.split("## Control plane with IPVS")[1]
+    assert "### drain one backend of one service: relative to 10 services" in part
+    assert "| lb ipvs | 1.00x | 1.50x |" in part and "| lb nftables | 1.00x | 4.00x |" in part
+    assert "## Data plane in the kernel VM" not in table  # no data plane figures: no section
+
+
 def test_a_failed_vm_part_is_reported_and_fails_the_run(tmp_path: Path) -> None:
     """The guest cannot boot (no such kernel image): the bench says so, in its exit code,
     on stderr and in results.md, and keeps what it measured."""
