@@ -11,13 +11,29 @@ A template per (client address & netmask) of a service remembers the destination
 - a template is no longer valid when its destination was deleted or has weight 0
   (expire_quiescent_template=1), and is then replaced.
 Time is passed in (seconds, monotonic) so the rules are unit-testable.
+
+When a service moves between dataplanes its templates move with it (`Affinity`: the
+client's network, its backend, the time it has left), so that a client keeps its backend
+across the move (docs/dataplanes/ipvs.md, "What moves with a service").
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from lb.model import Endpoint, IPAddress
 from lb.sched.dest import Dest
 
 EXPIRE_LATER = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Affinity:
+    """A persistence template as it crosses from one dataplane to another."""
+
+    client: IPAddress  # the client's address & the netmask (the template's key)
+    backend: Endpoint
+    remaining: float  # seconds until it expires if no new connection renews it
 
 
 class Template:
@@ -94,6 +110,21 @@ class Templates:
     def sweep(self, now: float) -> None:
         for t in list(self._by_key.values()):
             self._advance(t, now)
+
+    def live(self, now: float) -> list[Template]:
+        """The templates still live at `now` (their timers run up to it)."""
+        return [t for t in list(self._by_key.values()) if self._advance(t, now)]
+
+    def seed(self, key: int, dest: Dest, remaining: float, now: float) -> Template | None:
+        """A template another dataplane held: `dest` for `remaining` seconds, renewed by
+        `timeout` as any. One this dataplane has that controls connections wins (they
+        are its own, and newer); else the seeded one replaces it."""
+        t = self.lookup(key, now)
+        if t is not None and t.controls_any(now):
+            return None
+        t = self.create(key, dest, now)
+        t.expires = now + remaining
+        return t
 
     def per_dest(self) -> dict[Dest, int]:
         """Live templates per destination (ipvsadm's PersistConn column)."""

@@ -9,12 +9,13 @@ the service is persistent) and count the new connection on it.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
 from lb.model import Endpoint, Persistence, Protocol, SchedFlag, SchedulerName
-from lb.persist import Template, Templates
+from lb.persist import Affinity, Template, Templates
 from lb.sched import SCHEDULERS, Dest, Request, fold_address, make_scheduler
 from lb.sched.base import NO_EXCLUDE
 
@@ -195,6 +196,37 @@ class VirtualService:
             self.templates.detach(conn.template, now, 0.0)
         if conn.dest.total == 0 and self._trash.get(conn.dest.endpoint) is conn.dest:
             del self._trash[conn.dest.endpoint]
+
+    # --- persistence across dataplanes ----------------------------------------------------
+
+    def export_affinity(self, now: float) -> list[Affinity]:
+        """The live, valid templates, for the dataplane that takes the service over (an
+        invalid one would be replaced at the client's next connection anyway)."""
+        version = self.vip.ip.version
+        return [
+            Affinity(
+                ipaddress.IPv4Address(t.key) if version == 4 else ipaddress.IPv6Address(t.key),
+                t.dest.endpoint,
+                t.expires - now,
+            )
+            for t in self.templates.live(now)
+            if t.valid()
+        ]
+
+    def seed_affinity(self, affinities: list[Affinity], now: float) -> int:
+        """Take over another dataplane's templates (see Templates.seed); how many were
+        taken (one whose backend this service does not have is left out)."""
+        if self.persistence is None:
+            return 0
+        taken = 0
+        for a in affinities:
+            dest = self._by_endpoint.get(a.backend)
+            if dest is None or a.remaining <= 0 or a.client.version != self.vip.ip.version:
+                continue
+            key = self.templates.key(int(a.client))
+            if self.templates.seed(key, dest, a.remaining, now) is not None:
+                taken += 1
+        return taken
 
     def expire(self, now: float) -> None:
         """Run the timers due by `now`: lingering connections and persistence templates."""

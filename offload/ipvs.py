@@ -19,19 +19,20 @@ import ipaddress
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 
 from lb.changes import Changes
 from lb.log import emit
 from lb.model import Endpoint, IPAddress, Protocol, Service, ServiceKey
+from lb.persist import Affinity
 from lb.plan import AddDest, DelDest, EditDest, plan_dests
 from lb.stats import BackendSnapshot, ErrorReason, ServiceSnapshot, Totals
 from lb.virtual_service import DestView
 from offload.host import HostError, nat_paths
 from offload.ipvs_model import FWD_LOCAL, KConn, KDest, KService, KStats
-from offload.ipvs_netlink import IpvsClient, carries_data, read_conn_table
+from offload.ipvs_netlink import IpvsClient, carries_data, read_conn_table, read_templates
 from offload.nft_rules import NatPath
 from offload.policy import kernel_service, not_expressible_ipvs
 
@@ -66,6 +67,9 @@ def _totals(s: KStats) -> Totals:
 class IpvsDataplane:
     name = "ipvs"
     lingers = True  # deleting an IPVS service resets its connections
+    #: IPVS takes templates only through its sync protocol (docs/dataplanes/ipvs.md,
+    #: "What moves with a service"): not carried yet.
+    carries_affinity = False
 
     def __init__(
         self,
@@ -75,6 +79,7 @@ class IpvsDataplane:
         *,
         clock: Callable[[], float] = time.monotonic,
         conn_table: Callable[[], list[KConn] | None] = read_conn_table,
+        template_table: Callable[[], list[KConn] | None] = read_templates,
         hold: Hold = _no_hold,
         nat: Nat | None = None,
     ) -> None:
@@ -82,6 +87,7 @@ class IpvsDataplane:
         self.hold = hold
         self.nat = nat
         self.conn_table = conn_table
+        self.template_table = template_table
         self._conns: list[KConn] | None = None
         self.owned_vips = owned_vips
         self.drain_timeout = drain_timeout
@@ -100,7 +106,21 @@ class IpvsDataplane:
 
     # --- apply ---------------------------------------------------------------------------
 
-    async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
+    async def export_affinity(self, key: ServiceKey) -> list[Affinity]:
+        """The service's persistence templates as /proc/net/ip_vs_conn lists them (client
+        network, port 0), for userspace taking the service back."""
+        return [
+            Affinity(t.client.ip, t.dest, float(t.expires))
+            for t in self.template_table() or []
+            if t.vip == key.listen and t.protocol is key.protocol and t.expires > 0
+        ]
+
+    async def apply(
+        self,
+        desired: list[Service],
+        changes: Changes | None = None,
+        seeds: Mapping[ServiceKey, list[Affinity]] | None = None,
+    ) -> None:
         """Write the change (`changes`: the services of `desired` that are new or changed,
         and the keys that left), or reconcile everything (see the module's docstring)."""
         async with self._netlink:

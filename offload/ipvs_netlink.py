@@ -40,9 +40,13 @@ def _hex_endpoint(addr: str, port: str) -> Endpoint:
     return Endpoint(ipaddress.IPv4Address(int(addr, 16)), int(port, 16))
 
 
-def read_conn_table(path: str = "/proc/net/ip_vs_conn") -> list[KConn] | None:
-    """The IPv4 TCP and UDP entries (templates left out); None if the table is unreadable.
-    There is no netlink dump of connections: this file is the only listing."""
+def read_conn_table(
+    path: str = "/proc/net/ip_vs_conn", *, templates: bool = False
+) -> list[KConn] | None:
+    """The IPv4 TCP and UDP entries, or with `templates` the persistence templates alone;
+    None if the table is unreadable. There is no netlink dump of connections: this file is
+    the only listing. A template is <protocol, client network, port 0, VIP, port, backend,
+    port> (ip_vs_sched_persist()), and its expiry the time it has left."""
     try:
         lines = Path(path).read_text().splitlines()[1:]
     except OSError:
@@ -57,10 +61,14 @@ def read_conn_table(path: str = "/proc/net/ip_vs_conn") -> list[KConn] | None:
             _hex_endpoint(f[3], f[4]),
             _hex_endpoint(f[5], f[6]),
         )
-        if client.port == 0 or vip.port == 0:
-            continue  # a persistence template
+        if (client.port == 0 or vip.port == 0) != templates:
+            continue  # a template (or, with `templates`, a connection)
         out.append(KConn(Protocol(f[0].lower()), client, vip, dest, f[7], int(f[8])))
     return out
+
+
+def read_templates(path: str = "/proc/net/ip_vs_conn") -> list[KConn] | None:
+    return read_conn_table(path, templates=True)
 
 
 def carries_data(c: KConn) -> bool:

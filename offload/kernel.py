@@ -3,12 +3,13 @@ the one table of them (`KERNEL_PATHS`) from which they are opened, planned and c
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from lb.changes import Changes
 from lb.model import Endpoint, IPAddress, Mode, Service, ServiceKey
+from lb.persist import Affinity
 from lb.stats import ServiceSnapshot
 from offload.conntrack import Conntrack
 from offload.host import IPVS_SYSCTLS, NFT_SYSCTLS, Host, HostError
@@ -28,14 +29,28 @@ class KernelDataplane(Protocol):
     #: leaves the kernel in one step.
     lingers: bool
     foreign: set[ServiceKey]  # keys another program already serves in this kernel path
+    #: Whether persistence templates cross into and out of it (`seeds`, export_affinity):
+    #: without, a persistent service moves only once it holds no template.
+    carries_affinity: bool
 
     def not_expressible(self, s: Service) -> str | None:
         """Why this dataplane cannot carry `s`, or None."""
         ...
 
-    async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
+    async def apply(
+        self,
+        desired: list[Service],
+        changes: Changes | None = None,
+        seeds: Mapping[ServiceKey, list[Affinity]] | None = None,
+    ) -> None:
         """Make the kernel carry exactly these services (the others of lb's go);
-        `changes`: what differs from the last apply, if the caller knows."""
+        `changes`: what differs from the last apply, if the caller knows; `seeds`: the
+        persistence templates of services coming from userspace, in the kernel before
+        it takes their new connections (if `carries_affinity`)."""
+        ...
+
+    async def export_affinity(self, key: ServiceKey) -> list[Affinity]:
+        """The service's templates in the kernel, for userspace taking it back."""
         ...
 
     async def refresh(self) -> None:

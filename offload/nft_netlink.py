@@ -27,6 +27,7 @@ from lb.model import Endpoint, IPAddress, Protocol, ServiceKey
 from offload.netns import inside
 from offload.nft_rules import (
     AFFINITY_SIZE,
+    AddAffinity,
     AddChain,
     AddConns,
     AddCounter,
@@ -260,6 +261,13 @@ def encode(ops: Iterable[Op], map_names: Iterator[int] | None = None) -> Batch:
                     [_table(table), string(2, chain), nest(4, *_rule(b, table, rule, text))],
                     text,
                 )
+            case AddAffinity(table, name, clients):
+                items = [
+                    nest(1, data(1, ip.packed), u64(4, ms))  # NFTA_SET_ELEM_KEY, _TIMEOUT
+                    for ip, ms in clients
+                ]
+                attrs = [_table(table), string(2, name), nest(3, *items)]
+                b.add(MSG_NEWSETELEM, NLM_F_CREATE, attrs, text)
             case AddService(table, key, chain):
                 _elements(
                     b, MSG_NEWSETELEM, table, "services", [(_service_key(key), chain)], text=text

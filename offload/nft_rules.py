@@ -46,6 +46,7 @@ from lb.model import (
     Service,
     ServiceKey,
 )
+from lb.persist import Affinity
 from lb.sched import SCHEDULERS
 from lb.virtual_service import VirtualService
 
@@ -502,6 +503,42 @@ class DeleteSet:
 
 
 @dataclass(frozen=True, slots=True)
+class AddAffinity:
+    """Clients (their prefixes) put into a backend's affinity set for the time their
+    template had left in the dataplane that carried the service before (a promote)."""
+
+    table: str
+    name: str
+    clients: tuple[tuple[IPAddress, int], ...]  # (prefix address, milliseconds left)
+
+    def nft(self) -> str:
+        elements = ", ".join(f"{ip} timeout {ms}ms" for ip, ms in self.clients)
+        return f"add element ip {self.table} {self.name} {{ {elements} }}"
+
+
+def affinity_ops(r: Rendered, affinities: Iterable[Affinity]) -> list[AddAffinity]:
+    """The elements that carry `affinities` into the service's sets (one op per backend
+    set; a backend the service does not have in the kernel is left out)."""
+    sets: dict[str, list[tuple[IPAddress, int]]] = {}
+    names = {rule.backend: n.affinity for n, rule in r.endpoints.values()}
+    for a in affinities:
+        name = names.get(a.backend)
+        ms = int(a.remaining * 1000)
+        if name is not None and name in r.sets and ms > 0 and a.client.version == 4:
+            sets.setdefault(name, []).append((a.client, ms))
+    return [AddAffinity(r.table, name, tuple(sorted(c))) for name, c in sorted(sets.items())]
+
+
+def with_affinity(ops: list[Op], seeds: list[AddAffinity]) -> list[Op]:
+    """`seeds` inserted before the service's map element (the moment the kernel takes
+    its new connections), after the sets they fill are made."""
+    if not seeds:
+        return ops
+    at = next((i for i, op in enumerate(ops) if isinstance(op, AddService)), len(ops))
+    return [*ops[:at], *seeds, *ops[at:]]
+
+
+@dataclass(frozen=True, slots=True)
 class AddService:
     """The services map's element for `key`: its packets go to `chain`."""
 
@@ -552,6 +589,7 @@ Op = (
     | DeleteConns
     | AddSet
     | DeleteSet
+    | AddAffinity
     | AddService
     | DeleteService
     | AddMasq

@@ -11,16 +11,18 @@ that of the change. Other tables are never touched.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import shutil
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from lb.changes import Applied, Changes
 from lb.log import emit
 from lb.model import BackendState, Endpoint, Protocol, Service, ServiceKey
+from lb.persist import Affinity
 from lb.stats import BackendSnapshot, ErrorReason, ServiceSnapshot, Totals
 from offload.conntrack import Conntrack, ConntrackError, Flow
 from offload.nft_netlink import NftNetlink, NftNetlinkError
@@ -32,10 +34,12 @@ from offload.nft_rules import (
     NatPath,
     Op,
     Rendered,
+    affinity_ops,
     base_script,
     diff_ops,
     remove_script,
     render,
+    with_affinity,
 )
 from offload.policy import not_expressible_nftables
 
@@ -93,6 +97,7 @@ def hairpin(services: Iterable[Service]) -> set[NatPath]:
 class NftDataplane:
     name = "nftables"
     lingers = False  # conntrack keeps the NAT of established flows when a service goes
+    carries_affinity = True  # templates are elements of the backends' affinity sets
 
     def __init__(
         self,
@@ -122,12 +127,20 @@ class NftDataplane:
         """NftError unless nft runs here with the rights to change the ruleset."""
         await self.nft(f"table ip {TABLE}\n")  # creates nothing that the first apply keeps
 
-    async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
+    async def apply(
+        self,
+        desired: list[Service],
+        changes: Changes | None = None,
+        seeds: Mapping[ServiceKey, list[Affinity]] | None = None,
+    ) -> None:
         """One transaction with the objects of the services that changed: the work done,
         in Python and in the kernel, is that of the change (`changes`, or found by
         identity). A changed service is compared with the one applied (an equality
         test). If the kernel refuses the transaction, the next apply rebuilds the tables
-        whole."""
+        whole. `seeds`: persistence templates of services coming from userspace, put in
+        their affinity sets in the same transaction, before the kernel takes their new
+        connections."""
+        seeds = seeds or {}
         old = self._rendered
         fresh, removed = self._changes(desired, changes)
         before = {k: self._desired[k] for k in [*fresh, *removed] if k in self._desired}
@@ -149,7 +162,10 @@ class NftDataplane:
             self._unpin(hairpin([before[key]]), gone)
         for key in changed:
             new = render(fresh[key])
-            ops += diff_ops(rendered.get(key), new) if old is not None else []
+            if old is not None:
+                ops += with_affinity(
+                    diff_ops(rendered.get(key), new), affinity_ops(new, seeds.get(key, ()))
+                )
             rendered[key] = new
             if old is not None and key in before:
                 self._unpin(hairpin([before[key]]), gone)
@@ -164,7 +180,7 @@ class NftDataplane:
             ops.insert(0, AddMasq(frozenset(added)))
         try:
             if old is None:
-                await self._build([rendered[key] for key in changed])
+                await self._build([rendered[key] for key in changed], seeds)
             elif ops:
                 await self._run(ops)
                 self.writes += 1
@@ -187,15 +203,21 @@ class NftDataplane:
         ch = self._applied.changes(desired, given)
         return {s.key: s for s in ch.fresh}, ch.removed
 
-    async def _build(self, services: list[Rendered]) -> None:
+    async def _build(
+        self, services: list[Rendered], seeds: Mapping[ServiceKey, list[Affinity]]
+    ) -> None:
         """The first apply: the table replaced by an empty one (`nft -f`, atomic: a table
         left by a crashed lb goes in the same step, the NAT of its flows stays), then the
         services over netlink, `CHUNK` at a time, each with its map element, so that a
         service is in the map only once it is whole (`nft -f` takes minutes to read a
         script of 10,000 services). Without netlink, all of it in one `nft -f`."""
         base = base_script(self._pins)
+
+        def ops_of(r: Rendered) -> list[Op]:
+            return with_affinity(diff_ops(None, r), affinity_ops(r, seeds.get(r.key, ())))
+
         if self.netlink is None:
-            ops = [op for r in services for op in diff_ops(None, r)]
+            ops = [op for r in services for op in ops_of(r)]
             await self.nft("\n".join(base + [op.nft() for op in ops]) + "\n")
             self.writes += 1
             return
@@ -203,7 +225,7 @@ class NftDataplane:
         self.writes += 1
         for start in range(0, len(services), CHUNK):
             chunk = services[start : start + CHUNK]
-            await self._run([op for r in chunk for op in diff_ops(None, r)])
+            await self._run([op for r in chunk for op in ops_of(r)])
             self.writes += 1
 
     def _unpin(self, paths: set[NatPath], gone: set[NatPath]) -> None:
@@ -223,6 +245,28 @@ class NftDataplane:
             await asyncio.to_thread(self.netlink.run, ops)
         except (NftNetlinkError, OSError) as e:
             raise NftError(str(e)) from None
+
+    async def export_affinity(self, key: ServiceKey) -> list[Affinity]:
+        """The clients in the service's affinity sets, each with its backend and the time
+        it has left (whole seconds, as nft lists them), for the dataplane taking the
+        service over. Read before the service leaves the kernel."""
+        r = (self._rendered or {}).get(key)
+        if r is None or not r.sets:
+            return []
+        out = []
+        for names, rule in r.endpoints.values():
+            try:
+                doc = await self.query("list", "set", "ip", r.table, names.affinity)
+            except (NftError, ValueError) as err:
+                emit(log, logging.WARNING, "nft.affinity", f"affinity of {key} unread: {err}")
+                continue
+            for item in doc.get("nftables", []):
+                for listed in item.get("set", {}).get("elem", []):
+                    elem = listed.get("elem", {}) if isinstance(listed, dict) else {}
+                    value, left = elem.get("val"), elem.get("expires")
+                    if isinstance(value, str) and isinstance(left, int | float) and left > 0:
+                        out.append(Affinity(ipaddress.ip_address(value), rule.backend, left))
+        return out
 
     async def _forget_dead(
         self, before: dict[ServiceKey, Service], changed: list[ServiceKey]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Mapping
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,6 +16,7 @@ from lb.changes import Applied, Changes
 from lb.config import parse_config
 from lb.controller import Controller
 from lb.model import Backend, Endpoint, Mode, Protocol, SchedulerName, Service, ServiceKey
+from lb.persist import Affinity
 from lb.proxy.dataplane import UserspaceDataplane
 from lb.rates import INTERVAL, RateEstimator
 from lb.stats import ErrorReason, ServiceSnapshot, Totals
@@ -132,6 +134,7 @@ class FakeKernel:
     the kernel: tests/test_nft_offload.py, tests/kernel/)."""
 
     name = "fake"
+    carries_affinity = False
 
     def __init__(self, lingers: bool = False) -> None:
         self.lingers = lingers
@@ -145,9 +148,17 @@ class FakeKernel:
         self.checked.append(s.name)
         return None
 
-    async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
+    async def apply(
+        self,
+        desired: list[Service],
+        changes: Changes | None = None,
+        seeds: Mapping[ServiceKey, list[Affinity]] | None = None,
+    ) -> None:
         self.applied.append(list(desired))
         self.told.append(changes)
+
+    async def export_affinity(self, key: ServiceKey) -> list[Affinity]:
+        return []
 
     async def refresh(self) -> None:
         pass

@@ -9,7 +9,7 @@ from lb.config import parse_config
 from lb.model import Endpoint, IPAddress, Mode, Service
 from offload.ipvs import IpvsDataplane
 from offload.ipvs_model import F_PERSISTENT, F_SCHED2, KConn, KDest, KService
-from offload.ipvs_netlink import carries_data, read_conn_table
+from offload.ipvs_netlink import carries_data, read_conn_table, read_templates
 from offload.policy import OffloadPolicy, demoting_form, kernel_service, not_expressible
 from tests.support.fake_ipvs import FakeIpvs
 
@@ -315,3 +315,22 @@ async def test_drained_looks_at_connection_states(tmp_path: Path) -> None:
 
 async def _owned() -> set[IPAddress]:
     return {VIP}
+
+
+async def test_templates_are_read_from_the_connection_table_for_a_demote(tmp_path: Path) -> None:
+    table = tmp_path / "ip_vs_conn"
+    table.write_text(
+        "Pro FromIP   FPrt ToIP     TPrt DestIP   DPrt State       Expires PEName PEData\n"
+        "TCP 0A630102 9C40 0A63000A 0050 0A630202 1F90 ESTABLISHED     898\n"
+        "TCP 0A630100 0000 0A63000A 0050 0A630202 1F90 NONE            100\n"  # 10.99.1.0/24
+        "TCP 0A630200 0000 0A63000A 0050 0A630203 1F90 NONE             42\n"
+        "TCP 0A630300 0000 0A63000B 0050 0A630203 1F90 NONE             42\n"  # another VIP
+        "UDP 0A630400 0000 0A63000A 0050 0A630203 1F90 NONE             42\n"  # another protocol
+    )
+    (web,) = services(WEB.replace("10.0.0.1:80", "10.99.0.10:80"))
+    dp = IpvsDataplane(FakeIpvs(), _owned, template_table=lambda: read_templates(str(table)))
+    got = sorted(
+        (str(a.client), str(a.backend), a.remaining) for a in await dp.export_affinity(web.key)
+    )
+    assert got == [("10.99.1.0", "10.99.2.2:8080", 100.0), ("10.99.2.0", "10.99.2.3:8080", 42.0)]
+    assert read_templates(str(tmp_path / "missing")) is None

@@ -4,19 +4,25 @@ runs them against the real one)."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 
 import pytest
 
 from lb.config import parse_config
 from lb.model import AdminState, Endpoint, Protocol, Service, ServiceKey
+from lb.persist import Affinity
 from offload.nft_rules import (
     MAX_CYCLE,
+    Names,
+    affinity_ops,
     cycle,
+    diff_ops,
     diff_script,
     not_expressible_nft,
     render,
     service_id,
     shard_of,
+    with_affinity,
 )
 from offload.nftables import NftDataplane, NftError
 from tests.support.vs import Harness, name_of
@@ -262,3 +268,33 @@ def test_conntrack_lines_give_each_flows_service_and_backend() -> None:
         Flow(web, Endpoint.parse("10.9.0.3:8080"), True),
         Flow(dns, Endpoint.parse("10.244.0.5:5353"), False),
     ]  # icmp and the entry that was not DNATed are left out
+
+
+def test_affinity_goes_into_the_backends_sets_before_the_service_is_in_the_map() -> None:
+    (web,) = services(
+        "services:\n- name: web\n  listen: 10.0.0.1:80\n  scheduler: rr\n  retries: 0\n"
+        "  persistence: {timeout: 60, netmask: /24}\n"
+        "  backends: [{address: 10.0.1.1:8080}, {address: 10.0.1.2:8080}]\n"
+    )
+    r = render(web)
+    a, b = (x.address for x in web.backends)
+    net = ipaddress.ip_address("10.9.9.0")
+    seeds = affinity_ops(
+        r,
+        [
+            Affinity(net, b, 12.5),
+            Affinity(ipaddress.ip_address("10.9.8.0"), b, 1.0),
+            Affinity(net, Endpoint.parse("10.0.1.9:8080"), 5.0),  # not a backend: left out
+            Affinity(ipaddress.ip_address("10.9.7.0"), a, 0.0),  # expired: left out
+        ],
+    )
+    (op,) = seeds
+    assert op.nft() == (
+        f"add element ip {r.table} {Names.of(web.key, b).affinity} "
+        "{ 10.9.8.0 timeout 1000ms, 10.9.9.0 timeout 12500ms }"
+    )
+    ops = with_affinity(diff_ops(None, r), seeds)
+    kinds = [type(o).__name__ for o in ops]
+    assert kinds.index("AddAffinity") > max(i for i, k in enumerate(kinds) if k == "AddSet")
+    assert kinds.index("AddAffinity") == kinds.index("AddService") - 1
+    assert with_affinity(ops, []) == ops

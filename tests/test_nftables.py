@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import subprocess
 from collections.abc import Callable
 
 import pytest
 
+from lb.changes import Changes
 from lb.config import parse_config
 from lb.model import AdminState, Service
+from lb.persist import Affinity
 from offload.netns import inside
 from offload.nft_netlink import NftNetlink
 from offload.nft_rules import cycle
@@ -127,6 +130,35 @@ async def test_persistence_keeps_a_client_subnet_on_one_backend(
     await apply(topo, dp, [drained])
     again = {(await ask(topo, ip)).split()[0] for ip in CLIENT_IPS[:6]}
     assert first not in again and len(again) == 1
+
+
+@pytest.mark.parametrize("when", ["built", "added"])
+async def test_affinity_is_seeded_before_the_kernel_takes_the_service_and_read_back(
+    topo: Topology, backends: Backends, make_dp: Callable[[], NftDataplane], when: str
+) -> None:
+    """A promote: the clients userspace kept on a backend stay on it in the kernel, from
+    their first connection (seeded in the transaction that makes the service), and what
+    the kernel holds can be read back for a demote."""
+    (web,) = config(
+        "services:"
+        + WEB.replace("retries: 0", "retries: 0\n    persistence: {timeout: 60, netmask: /24}")
+    )
+    target = web.backends[2].address  # weight 1: not the cycle's first pick
+    net = ipaddress.ip_address("10.99.1.0")
+    seeds = {web.key: [Affinity(net, target, 30.0)]}
+    dp = make_dp()
+    with inside(topo.lb):
+        if when == "built":  # the first apply builds the tables
+            await dp.apply([web], None, seeds)
+        else:  # the tables are there: the service comes with the change
+            await dp.apply([])
+            await dp.apply([web], Changes([web]), seeds)
+    seen = {(await ask(topo, ip)).split()[0] for ip in CLIENT_IPS[:6] for _ in range(3)}
+    assert seen == {str(target.ip)}
+    with inside(topo.lb):
+        (back,) = await dp.export_affinity(web.key)
+    assert (back.client, back.backend) == (net, target)
+    assert 50 <= back.remaining <= 60  # renewed by those connections: the service's timeout
 
 
 async def test_drain_down_and_removal_spare_established_connections(

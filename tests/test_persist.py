@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from lb.model import Persistence, Protocol
-from tests.support.vs import Harness, name_of
+from lb.persist import Affinity
+from tests.support.vs import Harness, ep, name_of
 
 
 def persistent(timeout: int = 300, prefix: int = 32, protocol: Protocol = Protocol.TCP) -> Harness:
@@ -109,3 +112,71 @@ def test_ipv6_prefix() -> None:
     h = Harness("rr", persistence=Persistence(300, 64), vip=vip).add("A").add("B")
     assert {h.pick(f"2001:db8:0:1::{i}") for i in range(1, 10)} == {"B"}
     assert h.pick("2001:db8:0:2::1") == "A"
+
+
+# --- templates moving between dataplanes (Affinity) --------------------------------------
+
+
+def test_affinity_moves_to_a_fresh_service_and_keeps_each_client_on_its_backend() -> None:
+    """What a promote or a demote does: the next dataplane starts from the templates the
+    last one held, so clients keep their backends although its scheduler starts over."""
+    old = persistent(timeout=300, prefix=24)
+    placed = {src: old.pick(src) for src in ("10.0.0.1", "10.0.1.1", "10.0.2.1")}
+    assert len(set(placed.values())) == 3
+    old.now = 100.0
+    moved = old.vs.export_affinity(old.now)
+    assert sorted((str(a.client), name_of(a.backend), a.remaining) for a in moved) == sorted(
+        (src.rsplit(".", 1)[0] + ".0", placed[src], 200.0) for src in placed
+    )
+    new = persistent(timeout=300, prefix=24)
+    new.now = 5000.0  # another clock: only the remaining time crosses
+    assert new.vs.seed_affinity(moved, new.now) == 3
+    for src, backend in placed.items():
+        assert new.pick(src) == backend
+        assert new.pick(src[:-1] + "7") == backend  # another client of the same /24
+
+
+def test_seeded_templates_expire_after_the_time_they_had_left() -> None:
+    seeded = Affinity(ipaddress.ip_address("10.0.0.1"), ep("A"), 50.0)
+    h = persistent(timeout=300)  # a fresh rr would give this client C
+    assert h.vs.seed_affinity([seeded], 0.0) == 1
+    h.now = 49.0
+    assert h.pick("10.0.0.1") == "A"  # and renewed: 300 s from now
+    later = persistent(timeout=300)
+    later.vs.seed_affinity([seeded], 0.0)
+    later.now = 49.0
+    assert len(later.vs.templates.live(later.now)) == 1
+    later.now = 51.0
+    assert later.vs.templates.live(later.now) == []
+    assert later.pick("10.0.0.1") == "C"  # scheduled afresh
+
+
+def test_what_cannot_be_seeded_is_left_out() -> None:
+    old = persistent()
+    old.pick("10.0.0.1")
+    old.pick("10.0.0.2")
+    moved = old.vs.export_affinity(0.0)
+    new = Harness("rr", persistence=Persistence(300, 32)).add("A")  # B and C are gone
+    kept = [a for a in moved if name_of(a.backend) == "A"]
+    assert new.vs.seed_affinity(moved, 0.0) == len(kept)
+    assert persistent().vs.seed_affinity([], 0.0) == 0
+    plain = Harness("rr").add("A").add("B").add("C")  # no persistence: nothing to seed
+    assert plain.vs.seed_affinity(moved, 0.0) == 0
+
+
+def test_a_template_that_controls_connections_is_not_overwritten() -> None:
+    h = persistent()
+    conn = h.open("10.0.0.1")
+    assert conn is not None
+    mine = name_of(conn.dest.endpoint)
+    other = next(d.endpoint for d in h.vs.dests if name_of(d.endpoint) != mine)
+    stale = [Affinity(ipaddress.ip_address("10.0.0.1"), other, 100.0)]
+    assert h.vs.seed_affinity(stale, 0.0) == 0  # its own, with an open connection, wins
+    assert h.pick("10.0.0.1") == mine
+
+
+def test_invalid_templates_are_not_exported() -> None:
+    h = persistent()
+    backend = h.pick("10.0.0.1")
+    h.edit(backend, 0)  # quiesced: the template would be replaced at the next connection
+    assert h.vs.export_affinity(0.0) == []

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from lb.changes import Applied, Changes
 from lb.log import emit
 from lb.model import Protocol, Service, ServiceKey
+from lb.persist import Affinity
 from lb.proxy.runtime import ServiceRuntime
 from lb.proxy.sockets import BindError, bind_listener
 from lb.proxy.tcp import TcpService
@@ -148,6 +149,19 @@ class UserspaceDataplane:
 
     def has(self, key: ServiceKey) -> bool:
         return key in self.runtimes
+
+    def export_affinity(self, key: ServiceKey) -> list[Affinity]:
+        """The service's persistence templates, for the kernel dataplane taking it over."""
+        rt = self.runtimes.get(key)
+        return [] if rt is None else rt.core.export_affinity(rt.loop.time())
+
+    def seed_affinity(self, key: ServiceKey, affinities: list[Affinity]) -> int:
+        """Take over the kernel's templates of a service handed back; how many."""
+        rt = self.runtimes.get(key)
+        if rt is None:
+            return 0
+        rt.wake(rt)  # housekeeping must see templates it did not make
+        return rt.core.seed_affinity(affinities, rt.loop.time())
 
     def runtime(self, name: str) -> ServiceRuntime | None:
         for rt in self.runtimes.values():
