@@ -37,6 +37,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "lb.layers",
         "offload",  # the package only
         "offload.policy",
+        "offload.placement",
         "offload.nft_rules",
         "offload.ipvs_model",
     ),

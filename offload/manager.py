@@ -12,6 +12,11 @@ VIP:port whatever carries it, so that:
   would reset every connection the kernel carries (docs/dataplanes/ipvs.md);
 - demote, nftables: delete the service's map element and chains in one transaction: new
   connections reach the listener, established flows keep the NAT conntrack gave them.
+
+The decisions (which service where, when a move starts and ends, what the kernel is
+given, which VIPs are needed) are offload/placement.py's, pure code with its invariants
+stated and property-tested; this module only executes its actions: it logs the moves,
+hands the kernel dataplane its forms, reports back, and keeps lb's device in step.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from lb.proxy.dataplane import UserspaceDataplane
 from lb.stats import Offload, Placement, ServiceSnapshot
 from offload.host import Host
 from offload.kernel import KernelDataplane
-from offload.policy import OffloadPolicy, demoting_form, orphan_form
+from offload.placement import Actions, Move, Placements
+from offload.policy import OffloadPolicy
 
 log = logging.getLogger("lb.offload")
 
@@ -55,28 +61,14 @@ class OffloadManager:
         self.host: Host | None = None
         self.policy = OffloadPolicy(Mode.USERSPACE, 10.0, 3)
         self.drain_timeout = 300.0
+        self.placements = Placements(self.policy)  # the decisions
         self._on_sync = on_sync
-        self._desired: dict[ServiceKey, Service] = {}
         self._applied = Applied()
-        self._placement: dict[ServiceKey, Placement] = {}
-        self._reasons: dict[ServiceKey, str] = {}
-        self._demote_started: dict[ServiceKey, float] = {}
-        self._orphans: dict[ServiceKey, Service] = {}  # left the config while in the kernel
-        # What the kernel is given, by service: the service itself, or its demoting or
-        # orphan form (made once per service object, so that the kernel sees no change).
-        self._forms: dict[ServiceKey, Service] = {}
-        self._made: dict[ServiceKey, tuple[Service, Placement | None, Service]] = {}
-        # The VIPs lb holds on its device, and which service needs each.
-        self._held: set[IPAddress] | None = None  # None: not read from the device yet
-        self._vip_of: dict[ServiceKey, IPAddress] = {}
-        self._local: dict[IPAddress, str] = {}
+        self._held: set[IPAddress] | None = None  # VIPs on lb's device; None: not read yet
         self._lock = asyncio.Lock()
         self._tick: asyncio.Task[None] | None = None
         self._next_refresh = 0.0
-        # The kernel must get an apply although nothing changed: the first one (it adopts
-        # or clears what a previous run left), or the one after an apply that failed.
-        self._kernel_stale = True
-        self._kernel_dirty: set[ServiceKey] = set()  # keys whose kernel form changed
+        self._observed: float | None = None  # when the kernel's last refresh started
 
     def enable(
         self,
@@ -92,6 +84,13 @@ class OffloadManager:
         if kernel is not None:
             policy.check = kernel.not_expressible
         self.drain_timeout = drain_timeout
+        self.placements.enable(
+            policy,
+            kernel.name if kernel is not None else None,
+            kernel is not None and kernel.lingers,
+            host.device if host is not None and kernel is not None else None,
+            drain_timeout,
+        )
 
     # --- the Dataplane surface -------------------------------------------------------------
 
@@ -99,12 +98,7 @@ class OffloadManager:
         loop = asyncio.get_running_loop()
         async with self._lock:
             ch = self._applied.changes(desired, changes)
-            undo = {key: self._desired.get(key) for key in ch.touched()}
-            for key in ch.removed:
-                self._desired.pop(key, None)
-            new = [s for s in ch.fresh if undo[s.key] is None]
-            for s in ch.fresh:
-                self._desired[s.key] = s
+            new = [s for s in ch.fresh if self.placements.service(s.key) is None]
             try:
                 await self._add_vips(new)
                 start = loop.time()
@@ -112,24 +106,23 @@ class OffloadManager:
                 if self._on_sync is not None:
                     self._on_sync("userspace", loop.time() - start)
             except BaseException:
-                for key, old in undo.items():  # as before: the next apply starts from there
-                    if old is None:
-                        self._desired.pop(key, None)
-                    else:
-                        self._desired[key] = old
+                self.placements.unclaim(s.key for s in new)  # the next apply starts over
                 raise
             self._applied.commit(ch)
-            self.policy.observe(ch.fresh, ch.removed, loop.time())
-            await self._reconcile(ch.touched())
+            self._see_kernel()
+            now = loop.time()
+            await self._run(
+                self.placements.edit(ch.fresh, ch.removed, now, self._drained(), self._observed)
+            )
         if self._tick is None:
             self._tick = loop.create_task(self._ticker())
 
     def observe(self, only: ServiceKey | None = None) -> list[ServiceSnapshot]:
         """Every service's snapshots, or `only` that one's (the work: that service's)."""
         out = []
+        placement = self.placements.placement
         for snap in self.userspace.observe(only):
-            key = snap.service.key
-            if self._placement.get(key, Placement.USERSPACE) is Placement.KERNEL and snap.open == 0:
+            if placement(snap.service.key) is Placement.KERNEL and snap.open == 0:
                 continue  # the kernel carries it: the idle listener is not worth a line
             out.append(snap)
         if self.kernel is not None:
@@ -150,13 +143,11 @@ class OffloadManager:
 
     def _shown(self, snap: ServiceSnapshot) -> ServiceSnapshot:
         """A kernel snapshot with the service as configured (not its demoting form)."""
-        key = snap.service.key
-        shown = self._desired.get(key) or self._orphans.get(key)
+        shown = self.placements.shown(snap.service.key)
         return replace(snap, service=shown) if shown is not None else snap
 
     def explain(self, key: ServiceKey) -> Offload:
-        placement = self._placement.get(key, Placement.USERSPACE)
-        return Offload(placement, self._reasons.get(key, "dataplane: userspace"))
+        return self.placements.explain(key)
 
     async def close(self, grace: float) -> None:
         if self._tick is not None:
@@ -178,28 +169,24 @@ class OffloadManager:
             return
         device = self.host.device
         held = await self._read_addresses()
-        for s in new:
-            ip = s.listen.ip
-            # Every VIP that is not an address of this host already: a service the kernel
-            # cannot carry is served by its userspace listener on the same device (as
-            # kube-proxy's IPVS mode binds every cluster IP to kube-ipvs0).
-            if not ip.is_unspecified and self._local.get(ip, device) == device:
-                self._vip_of[s.key] = ip  # held as long as the service is there
-        wanted = held | set(self._vip_of.values())
+        # Every VIP that is not an address of this host already: a service the kernel
+        # cannot carry is served by its userspace listener on the same device (as
+        # kube-proxy's IPVS mode binds every cluster IP to kube-ipvs0).
+        self.placements.claim(new)
+        wanted = held.union(self.placements.needed_vips())
         await self._set_held(wanted)
+        local = self.placements.local
         for ip in wanted:
-            self._local[ip] = device
+            local[ip] = device
 
     async def _read_addresses(self) -> set[IPAddress]:
         """Read the host's addresses; the first time, the VIPs on lb's device are taken
         as held (what a previous run left, which it may still use or must drop)."""
         assert self.host is not None
-        self._local = await self.host.local_addresses()
+        local = self.placements.local = await self.host.local_addresses()
         if self._held is None:
             self._held = {
-                ip
-                for ip, dev in self._local.items()
-                if dev == self.host.device and not ip.is_link_local
+                ip for ip, dev in local.items() if dev == self.host.device and not ip.is_link_local
             }
         return self._held
 
@@ -210,7 +197,7 @@ class OffloadManager:
         if self.host is None or self.kernel is None:
             return
         held = self._held if self._held is not None else await self._read_addresses()
-        unused = held - set(self._vip_of.values())
+        unused = held.difference(self.placements.needed_vips())
         if not unused:
             return
         unused -= {rt.service.listen.ip for rt in self.userspace.retired}
@@ -228,144 +215,64 @@ class OffloadManager:
             await self.host.set_vips(wanted)
         self._held = wanted
 
-    # --- decisions ---------------------------------------------------------------------------
+    # --- executing the decisions ---------------------------------------------------------------
 
-    def _want(self, s: Service, now: float) -> tuple[bool, str]:
-        if (
-            self.host is not None
-            and self._local.get(s.listen.ip, self.host.device) != self.host.device
-        ):
-            where = self._local[s.listen.ip]
-            return (
-                False,
-                f"VIP {s.listen.ip} is on {where}: lb offloads only VIPs on {self.host.device}",
-            )
-        if self.kernel is not None and s.key in self.kernel.foreign:
-            return False, f"an IPVS service lb does not own already uses {s.key}"
-        current = self._placement.get(s.key, Placement.USERSPACE)
-        w = self.policy.want(s.key, now, current is Placement.KERNEL)
-        return w.kernel, w.reason
+    def _see_kernel(self) -> None:
+        """What the decisions read of the kernel dataplane: the keys it found foreign."""
+        if self.kernel is not None:
+            self.placements.foreign = frozenset(self.kernel.foreign)
 
-    async def _reconcile(self, keys: set[ServiceKey]) -> None:
-        """Move the services of `keys` (and those a timer or a demotion concerns) as the
-        policy says, then give the kernel what changed."""
+    def _drained(self) -> set[ServiceKey]:
+        """The draining keys the kernel has no connection left for (by its last refresh)."""
+        kernel = self.kernel
+        if kernel is None:
+            return set()
+        return {
+            key
+            for key, keep in self.placements.draining().items()
+            if (keep is not None or kernel.has(key)) and kernel.drained(key, keep)
+        }
+
+    async def _run(self, actions: Actions) -> None:
+        """Log the moves, give the kernel what changed, report back (which may decide
+        again: keys the apply found foreign), then drop the VIPs nothing needs."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        lingers = self.kernel is not None and self.kernel.lingers
-        keys = keys | self.policy.due(now) | self._demote_started.keys() | self._orphans.keys()
-        for key in keys:
-            s = self._desired.get(key)
-            if s is None:
-                gone = self._placement.pop(key, None)
-                previous = self._made.get(key)
-                if (
-                    gone is not None
-                    and gone is not Placement.USERSPACE
-                    and lingers
-                    and previous is not None
-                ):
-                    self._orphans[key] = previous[0]
-                self._reasons.pop(key, None)
-                self._demote_started.pop(key, None)
-                orphan = self._orphans.get(key)
-                if orphan is not None and (
-                    self.kernel is not None and self.kernel.has(key) and self.kernel.drained(key)
-                ):
-                    del self._orphans[key]
-                    orphan = None
-                if orphan is None:
-                    self._vip_of.pop(key, None)
-                self._give(key, orphan, None)
-                continue
-            self._orphans.pop(key, None)
-            placement = self._decide(s, now, lingers)
-            self._give(key, s, placement)
-        if self.kernel is None or not (self._kernel_dirty or self._kernel_stale):
+        self._log(actions)
+        if self.kernel is None or actions.kernel is None:
             return
         start = loop.time()
-        foreign = set(self.kernel.foreign)
-        self._kernel_stale = True  # until this apply is through
-        await self.kernel.apply(list(self._forms.values()), self._dirty_changes())
-        self._kernel_stale = False
-        self._kernel_dirty = set()
-        # the apply found services of another program's (IPVS): those keys stay in
-        # userspace, decided again now (nothing else would look at them again)
-        flipped = (self.kernel.foreign ^ foreign) & self._desired.keys()
-        if flipped:
-            for key in flipped:
-                s = self._desired[key]
-                self._give(key, s, self._decide(s, now, lingers))
-            if self._kernel_dirty:
-                await self.kernel.apply(list(self._forms.values()), self._dirty_changes())
-                self._kernel_dirty = set()
+        for _ in range(2):  # the write, and the one for keys it found foreign, if any
+            write = actions.kernel
+            if write is None:
+                break
+            try:
+                await self.kernel.apply(write.forms, write.changes)
+            except BaseException:
+                self.placements.apply_failed()
+                raise
+            actions = self.placements.applied(loop.time(), self.kernel.foreign)
+            self._log(actions)
         if self._on_sync is not None:
             self._on_sync(self.kernel.name, loop.time() - start)
         await self._drop_vips()
 
-    def _dirty_changes(self) -> Changes:
-        forms, dirty = self._forms, self._kernel_dirty
-        return Changes(
-            [forms[k] for k in dirty if k in forms], [k for k in dirty if k not in forms]
-        )
-
-    def _decide(self, s: Service, now: float, lingers: bool) -> Placement:
-        want, reason = self._want(s, now)
-        self._reasons[s.key] = reason
-        current = self._placement.get(s.key, Placement.USERSPACE)
-        if want and current is Placement.USERSPACE:
-            self._placement[s.key] = Placement.KERNEL
-            self._demote_started.pop(s.key, None)
-            name = self.kernel.name if self.kernel is not None else "the kernel"
-            self._moved(s, "offload.promote", f"moves to {name} ({reason})", reason)
-        elif not want and current is Placement.KERNEL:
-            self._moved(s, "offload.demote", f"moves back to userspace ({reason})", reason)
-            if lingers:
-                self._placement[s.key] = Placement.DEMOTING
-                self._demote_started[s.key] = now
+    def _log(self, actions: Actions) -> None:
+        for m in actions.moves:
+            if m.move is Move.PROMOTE:
+                name = self.kernel.name if self.kernel is not None else "the kernel"
+                what = f"moves to {name} ({m.reason})"
+            elif m.move is Move.DEMOTE:
+                what = f"moves back to userspace ({m.reason})"
             else:
-                self._placement[s.key] = Placement.USERSPACE
-                self._moved(s, "offload.demoted", "is back in userspace")
-        elif current is Placement.DEMOTING and self.kernel is not None:
-            started = self._demote_started.get(s.key, now)
-            if self.kernel.drained(s.key, keep=s.listen) or now - started >= self.drain_timeout:
-                self._placement[s.key] = Placement.USERSPACE
-                self._demote_started.pop(s.key, None)
-                self._moved(s, "offload.demoted", "is back in userspace")
-                if want:  # calm again meanwhile: no timer will bring it up, so now
-                    return self._decide(s, now, lingers)
-        return self._placement.get(s.key, Placement.USERSPACE)
-
-    def _give(self, key: ServiceKey, s: Service | None, placement: Placement | None) -> None:
-        """Set what the kernel gets for `key`: `s` as placed (None: an orphan, or nothing);
-        a key whose form changed is one the next kernel apply is told of."""
-        form: Service | None = None
-        if s is not None and placement is not Placement.USERSPACE:
-            made = self._made.get(key)
-            if made is not None and made[0] is s and made[1] is placement:
-                form = made[2]
-            else:
-                if placement is Placement.KERNEL:
-                    form = s
-                elif placement is Placement.DEMOTING:
-                    form = demoting_form(s)
-                else:
-                    form = orphan_form(s)
-                self._made[key] = (s, placement, form)
-        elif s is not None:
-            self._made[key] = (s, placement, s)
-        else:
-            self._made.pop(key, None)
-        old = self._forms.get(key)
-        if old is form:
-            return
-        if form is None:
-            del self._forms[key]
-        else:
-            self._forms[key] = form
-        self._kernel_dirty.add(key)
-
-    def _moved(self, s: Service, event: str, what: str, reason: str | None = None) -> None:
-        emit(log, logging.INFO, event, f"service {s.name} {what}", service=s.name, reason=reason)
+                what = "is back in userspace"
+            emit(
+                log,
+                logging.INFO,
+                m.move.value,
+                f"service {m.name} {what}",
+                service=m.name,
+                reason=m.reason,
+            )
 
     async def _ticker(self) -> None:
         """Refresh kernel counters (at most 5% of the time: reading them grows with the
@@ -378,9 +285,12 @@ class OffloadManager:
                 if self.kernel is not None and loop.time() >= self._next_refresh:
                     start = loop.time()
                     await self.kernel.refresh()
+                    self._observed = start
                     spent = loop.time() - start
                     self._next_refresh = start + max(TICK, REFRESH_DUTY * spent)
                 async with self._lock:
-                    await self._reconcile(set())
+                    self._see_kernel()
+                    now = loop.time()
+                    await self._run(self.placements.tick(now, self._drained(), self._observed))
             except Exception:
                 log.exception("offload reconcile failed")

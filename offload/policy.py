@@ -29,6 +29,10 @@ from lb.sched import SCHEDULERS
 from offload.ipvs_model import F_PERSISTENT, F_SCHED1, F_SCHED2, KService
 from offload.nft_rules import not_expressible_nft
 
+#: A service this close to `hold_down` without changes counts as calm (float rounding of
+#: the timer that wakes it).
+CALM_SLACK = 1e-6
+
 
 def kernel_service(s: Service) -> KService:
     """The IPVS service for `s`: scheduler, flags, persistence timeout and netmask."""
@@ -108,10 +112,31 @@ def orphan_form(s: Service) -> Service:
 
 
 @dataclass
-class _Track:
+class Calm:
+    """One service's history as the policy judges it: the service, when it last changed,
+    and when it changed within the last `hold_down` (its churn). The placement core keeps
+    one in each service's record (offload/placement.py)."""
+
     service: Service
     changed: float
     changes: deque[float]
+
+    @classmethod
+    def new(cls, s: Service, now: float) -> Calm:
+        return cls(s, now, deque([now]))
+
+    def note(self, s: Service, now: float) -> bool:
+        """`s` is the service now: whether that is a change (its wait for calm restarts).
+        The same object, or an equal one (a reload's), is not."""
+        if self.service is s:
+            return False
+        if self.service == s:
+            self.service = s
+            return False
+        self.service = s
+        self.changed = now
+        self.changes.append(now)
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +146,10 @@ class Want:
 
 
 class OffloadPolicy:
+    """The mode and its settings, and the judgement (`judge`) of one service's `Calm`.
+    `observe` / `want` / `due` keep a `Calm` per key themselves, for callers without
+    records of their own."""
+
     def __init__(
         self,
         mode: Mode,
@@ -133,7 +162,7 @@ class OffloadPolicy:
         self.churn_limit = churn_limit
         self.check = check  # why the kernel dataplane in use cannot carry a service
         self.unavailable: str | None = None  # why no kernel dataplane can be used at all
-        self._track: dict[ServiceKey, _Track] = {}
+        self._track: dict[ServiceKey, Calm] = {}
         self._timers: list[tuple[float, ServiceKey]] = []  # (end of a wait for calm, service)
 
     def observe(
@@ -144,15 +173,8 @@ class OffloadPolicy:
         for s in changed:
             t = self._track.get(s.key)
             if t is None:
-                self._track[s.key] = _Track(s, now, deque([now]))
-            elif t.service is not s:
-                if t.service == s:
-                    t.service = s  # the same service again (a new object of a reload)
-                    continue
-                t.service = s
-                t.changed = now
-                t.changes.append(now)
-            else:
+                self._track[s.key] = Calm.new(s, now)
+            elif not t.note(s, now):
                 continue
             if self.mode is Mode.AUTO:
                 heapq.heappush(self._timers, (now + self.hold_down, s.key))
@@ -163,6 +185,12 @@ class OffloadPolicy:
         t = self._track.get(key)
         if t is None:
             return Want(False, "not in the config")
+        return self.judge(t, now, in_kernel)
+
+    def judge(self, t: Calm, now: float, in_kernel: bool) -> Want:
+        """Whether the service of `t` should be in the kernel at `now` (`in_kernel`: it
+        is there now): expressible, and in `auto` stable (calm for `hold_down`) and not
+        churning (`churn_limit` changes within `hold_down`)."""
         if self.mode is Mode.USERSPACE:
             return Want(False, "dataplane: userspace")
         if self.unavailable is not None:
@@ -177,11 +205,16 @@ class OffloadPolicy:
         if in_kernel and len(t.changes) >= self.churn_limit:
             return Want(False, f"churn: {len(t.changes)} changes in the last {self.hold_down:g}s")
         calm = now - t.changed
-        if not in_kernel and calm < self.hold_down - 1e-6:  # not by a rounding (due())
+        if not in_kernel and calm < self.hold_down - CALM_SLACK:  # not by a rounding (due())
             return Want(
                 False, f"waiting for {self.hold_down:g}s without changes ({calm:.0f}s so far)"
             )
         return Want(True, "stable")
+
+    def wait_ends(self, t: Calm) -> float | None:
+        """When the service's wait for calm ends (None: not in `auto`, nothing to wait
+        for): what `judge` says of it may change with time alone then."""
+        return t.changed + self.hold_down if self.mode is Mode.AUTO else None
 
     def due(self, now: float) -> set[ServiceKey]:
         """The services whose wait for calm (`hold_down`) has ended by `now`: what `want`
