@@ -29,11 +29,12 @@ from dataclasses import replace
 from lb.changes import Applied, Changes
 from lb.log import emit
 from lb.model import IPAddress, Mode, Service, ServiceKey
+from lb.persist import Affinity
 from lb.proxy.dataplane import UserspaceDataplane
 from lb.stats import Offload, Placement, ServiceSnapshot
 from offload.host import Host
 from offload.kernel import KernelDataplane
-from offload.placement import Actions, Move, Placements
+from offload.placement import Actions, Move, Moved, Placements
 from offload.policy import OffloadPolicy
 
 log = logging.getLogger("lb.offload")
@@ -245,8 +246,9 @@ class OffloadManager:
             write = actions.kernel
             if write is None:
                 break
+            seeds = await self._carry_affinity(actions.moves)
             try:
-                await self.kernel.apply(write.forms, write.changes)
+                await self.kernel.apply(write.forms, write.changes, seeds)
             except BaseException:
                 self.placements.apply_failed()
                 raise
@@ -255,6 +257,36 @@ class OffloadManager:
         if self._on_sync is not None:
             self._on_sync(self.kernel.name, loop.time() - start)
         await self._drop_vips()
+
+    async def _carry_affinity(self, moves: list[Moved]) -> dict[ServiceKey, list[Affinity]]:
+        """Persistence templates move with their service, before the path taking it over
+        gets its new connections: a demote seeds userspace with the kernel's (read while
+        the kernel still carries it), a promote hands userspace's to the kernel write (the
+        seeds), where the kernel dataplane can take them (`carries_affinity`)."""
+        assert self.kernel is not None
+        seeds: dict[ServiceKey, list[Affinity]] = {}
+        for m in moves:
+            if m.move is Move.PROMOTE and self.kernel.carries_affinity:
+                held = self.userspace.export_affinity(m.key)
+                if held:
+                    seeds[m.key] = held
+                    self._carried(m, len(held), f"to {self.kernel.name}")
+            elif m.move is Move.DEMOTE:
+                held = await self.kernel.export_affinity(m.key)
+                if held:
+                    taken = self.userspace.seed_affinity(m.key, held)
+                    self._carried(m, taken, "to userspace")
+        return seeds
+
+    def _carried(self, m: Moved, n: int, where: str) -> None:
+        emit(
+            log,
+            logging.INFO,
+            "offload.affinity",
+            f"service {m.name}: {n} persistence template{'s' if n != 1 else ''} moved {where}",
+            service=m.name,
+            templates=n,
+        )
 
     def _log(self, actions: Actions) -> None:
         for m in actions.moves:

@@ -160,6 +160,14 @@ async def test_promote_and_demote_under_load_lose_nothing(
     await promote_and_demote_under_load(topo, tmp_path)
 
 
+async def test_a_persistent_client_keeps_its_backend_through_every_move(
+    topo: Topology, backends: Backends, tmp_path: Path
+) -> None:
+    """Promote (userspace's templates into the kernel's affinity sets, before it takes
+    the service), demote (the kernel's back into userspace) and promote again, under load."""
+    await promote_and_demote_under_load(topo, tmp_path, persistent=True)
+
+
 async def test_crash_recovery_and_cleanup(
     topo: Topology, backends: Backends, tmp_path: Path
 ) -> None:

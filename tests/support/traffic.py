@@ -191,12 +191,13 @@ HANDOFF_BACKENDS = [
 ]
 
 
-def handoff_config(weight: int) -> str:
+def handoff_config(weight: int, persistent: bool = False) -> str:
     web = service_yaml(
         "web",
         80,
         [b.replace("W", str(weight)) for b in HANDOFF_BACKENDS],
-        "    scheduler: wrr\n    retries: 0\n",
+        "    scheduler: wrr\n    retries: 0\n"
+        + ("    persistence: {timeout: 300s}\n" if persistent else ""),
     )
     return config_yaml(
         [web], "auto", "offload: {hold_down: 5s, churn_limit: 3, drain_timeout: 60s}\n"
@@ -212,6 +213,7 @@ class Load:
         self.ok = 0
         self.failed: list[str] = []
         self.paths: list[str] = []  # "kernel" (the backend saw the client) or "userspace"
+        self.backends: dict[str, set[str]] = {}  # by client address: the backends it got
         self.started = time.monotonic()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -239,6 +241,7 @@ class Load:
                     self.failed.append("corrupted echo")
                     continue
                 self.paths.append("userspace" if line.split()[-1] == LB_SIDE else "kernel")
+                self.backends.setdefault(source, set()).add(line.split()[0])
                 self.ok += 1
             except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
                 self.failed.append(
@@ -290,14 +293,17 @@ class Stream:
         await self._task
 
 
-async def promote_and_demote_under_load(topo: Topology, tmp_path: Path) -> None:
+async def promote_and_demote_under_load(
+    topo: Topology, tmp_path: Path, *, persistent: bool = False
+) -> None:
     """The service starts in userspace, is promoted once stable, demoted by churn and
     promoted again, all under continuous load: zero failed connections, zero lost bytes
-    (dataplane auto: IPVS where the kernel has it, nftables elsewhere)."""
+    (dataplane auto: IPVS where the kernel has it, nftables elsewhere). `persistent`:
+    with client-IP persistence, every client keeps its backend through every move."""
     cfg = tmp_path / "lb.yaml"
-    cfg.write_text(handoff_config(1))
+    cfg.write_text(handoff_config(1, persistent))
     async with running_lb(topo, cfg) as lb:
-        load = Load(topo)
+        load = Load(topo, workers=6 if persistent else 3)
         load.start()
         in_user = Stream(topo, topo.client_ips[10])  # opened while userspace carries the service
         in_user.start()
@@ -310,7 +316,7 @@ async def promote_and_demote_under_load(topo: Topology, tmp_path: Path) -> None:
         # churn: three changes within hold_down send the service back to userspace
         n = len(lb.events)
         for weight in (2, 3, 4):
-            cfg.write_text(handoff_config(weight))
+            cfg.write_text(handoff_config(weight, persistent))
             lb.signal(signal.SIGHUP)
             await lb.wait_event("config.reloaded", after=n)
             n = len(lb.events)
@@ -329,3 +335,9 @@ async def promote_and_demote_under_load(topo: Topology, tmp_path: Path) -> None:
     assert load.ok > 50
     # both paths carried traffic, and the last connections went through the kernel again
     assert "userspace" in load.paths and "kernel" in load.paths and load.paths[-1] == "kernel"
+    if persistent:  # no client was scheduled afresh by the path taking over
+        moved = {src: got for src, got in load.backends.items() if len(got) > 1}
+        assert not moved, f"{moved}\n" + lb.timeline(load.started)
+        carried = [e["msg"] for e in lb.events if e.get("event") == "offload.affinity"]
+        assert any("to userspace" in m for m in carried), lb.timeline(load.started)
+        assert sum("templates moved to" in m and "userspace" not in m for m in carried) >= 2
