@@ -9,17 +9,22 @@ import sys
 from pathlib import Path
 
 
-def test_bench_measures_lb_on_ipvs(tmp_path: Path) -> None:
-    out = tmp_path / "results"
+def bench(out: Path, *args: str) -> None:
+    """`python -m bench ARGS --out OUT`, which must succeed."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--runs", "1", "--out", str(out),
-         "--only", "dataplane", "--peers", "direct,lb ipvs", "--workloads", "requests,udp"],
+        [sys.executable, "-m", "bench", *args, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,
         check=False,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_bench_measures_lb_on_ipvs(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    bench(out, "--quick", "--runs", "1", "--only", "dataplane", "--peers", "direct,lb ipvs",
+          "--workloads", "requests,udp")  # fmt: skip
     dp = json.loads((out / "results.json").read_text())["dataplane"]
     assert dp["kinds"]["lb ipvs"] == "kernel"
     for workload in ("requests", "udp"):
@@ -34,15 +39,7 @@ def test_bench_measures_lb_on_ipvs(tmp_path: Path) -> None:
 def test_bench_measures_the_ipvs_control_plane(tmp_path: Path) -> None:
     """The vm part's ipvs-control: lb ipvs beside lb nftables, told which service changed."""
     out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--runs", "1", "--out", str(out),
-         "--only", "ipvs-control", "--sizes", "5,20"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
+    bench(out, "--runs", "1", "--only", "ipvs-control", "--sizes", "5,20")
     control = json.loads((out / "results.json").read_text())["ipvs_control"]
     assert set(control) == {"lb ipvs", "lb nftables"}
     for per in control.values():
