@@ -18,7 +18,7 @@ from lb import __version__
 from lb.exhaustion import EXHAUSTION
 from lb.health.monitor import Monitor
 from lb.model import BackendState, Endpoint, Protocol, ServiceKey
-from lb.stats import STATS, BackendSnapshot, ErrorReason, ServiceSnapshot, stat_value
+from lb.stats import STATS, BackendSnapshot, ErrorReason, ServiceSnapshot, shown, stat_value
 
 SYNC_BUCKETS = (
     0.0005,
@@ -90,7 +90,7 @@ class _SnapshotCollector(Collector):
             t = s.totals
             udp = s.service.protocol is Protocol.UDP
             for st, family in sf.items():
-                if udp or not st.udp_only:
+                if shown(st, s.service.protocol):
                     family.add_metric([name, dp], stat_value(t, st))
             f["s_flows" if udp else "s_active"].add_metric([name, dp], s.open)
             for reason in ErrorReason:
@@ -100,7 +100,7 @@ class _SnapshotCollector(Collector):
                 lbl = [name, str(b.address), dp]
                 bt = b.totals
                 for st, family in bf.items():
-                    if udp or not st.udp_only:
+                    if shown(st, s.service.protocol):
                         family.add_metric(lbl, stat_value(bt, st))
                 f["b_active"].add_metric(lbl, b.active)
                 f["b_inactive"].add_metric(lbl, b.inactive)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lb.model import Endpoint, ServiceKey
-from lb.stats import STATS, ServiceSnapshot, Totals, stat_value
+from lb.stats import RATED, ServiceSnapshot, Totals, stat_value
 
 INTERVAL = 2.0
 DECAY = 0.75  # what an interval with no change leaves of the average
@@ -35,7 +35,7 @@ class Rates:
         if intervals <= 0:
             return self
         f = DECAY**intervals
-        return Rates(**{s.rate: getattr(self, s.rate) * f for s in STATS})
+        return Rates(**{s.rate: getattr(self, s.rate) * f for s in RATED if s.rate})
 
     def moved(self, new: Totals, old: Totals, dt: float) -> Rates:
         def smooth(current: float, now: int, before: int) -> float:
@@ -44,7 +44,8 @@ class Rates:
         return Rates(
             **{
                 s.rate: smooth(getattr(self, s.rate), stat_value(new, s), stat_value(old, s))
-                for s in STATS
+                for s in RATED
+                if s.rate
             }
         )
 

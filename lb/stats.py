@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from lb.model import Backend, Endpoint, Service
+from lb.model import Backend, Endpoint, Protocol, Service
 
 
 class Placement(enum.StrEnum):
@@ -54,7 +54,15 @@ _DESCRIBE = {
 class Counters:
     """Totals for a service or one of its backends."""
 
-    __slots__ = ("bytes_in", "bytes_out", "conns", "errors", "packets_in", "packets_out")
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "conns",
+        "errors",
+        "packets_in",
+        "packets_out",
+        "resets",
+    )
 
     def __init__(self) -> None:
         self.conns = 0  # connections (TCP) or flows (UDP) scheduled
@@ -62,6 +70,7 @@ class Counters:
         self.bytes_out = 0  # backend -> client
         self.packets_in = 0  # UDP datagrams client -> backend
         self.packets_out = 0
+        self.resets = 0  # TCP connections that ended with a reset, from either side
         self.errors: dict[ErrorReason, int] = dict.fromkeys(ErrorReason, 0)
 
     def error(self, reason: ErrorReason) -> None:
@@ -74,6 +83,7 @@ class Counters:
             bytes_out=self.bytes_out,
             packets_in=self.packets_in,
             packets_out=self.packets_out,
+            resets=self.resets,
             errors=dict(self.errors),
         )
 
@@ -88,6 +98,7 @@ class Totals:
     packets_in: int
     packets_out: int
     errors: dict[ErrorReason, int]
+    resets: int = 0  # the kernel dataplanes do not see them
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,13 +115,13 @@ class Stat:
     backend_metric: str
     backend_help: str
     view: tuple[str, ...]  # where it sits in the admin API's `connections` object
-    column: str  # `lb list --stats` header (8 columns, as ipvsadm)
-    rate: str  # the attribute of lb.rates.Rates that smooths it
-    rate_column: str  # `lb list --rate` header
-    udp_only: bool = False  # datagram counts: shown for UDP services only
+    column: str | None  # `lb list --stats` header (ipvsadm's columns; None: not one)
+    rate: str | None  # the attribute of lb.rates.Rates that smooths it, if any
+    rate_column: str | None  # `lb list --rate` header
+    only: Protocol | None = None  # shown for services of this protocol only
 
 
-#: In the column order of `ipvsadm -Ln --stats` and `--rate`.
+#: Those with a column in the column order of `ipvsadm -Ln --stats` and `--rate`.
 STATS: tuple[Stat, ...] = (
     Stat("conns", "lb_service_connections",
          "Client connections (TCP) or flows (UDP) given a backend.",
@@ -118,17 +129,26 @@ STATS: tuple[Stat, ...] = (
          ("total",), "Conns", "cps", "CPS"),
     Stat("packets_in", "lb_service_in_packets", "Datagrams from clients (UDP).",
          "lb_backend_in_packets", "Datagrams sent to the backend (UDP).",
-         ("packets", "in"), "InPkts", "in_pps", "InPPS", udp_only=True),
+         ("packets", "in"), "InPkts", "in_pps", "InPPS", Protocol.UDP),
     Stat("packets_out", "lb_service_out_packets", "Datagrams back to clients (UDP).",
          "lb_backend_out_packets", "Datagrams from the backend (UDP).",
-         ("packets", "out"), "OutPkts", "out_pps", "OutPPS", udp_only=True),
+         ("packets", "out"), "OutPkts", "out_pps", "OutPPS", Protocol.UDP),
     Stat("bytes_in", "lb_service_in_bytes", "Bytes from clients towards backends.",
          "lb_backend_in_bytes", "Bytes sent to the backend.",
          ("bytes", "in"), "InBytes", "in_bps", "InBPS"),
     Stat("bytes_out", "lb_service_out_bytes", "Bytes from backends back to clients.",
          "lb_backend_out_bytes", "Bytes received from the backend.",
          ("bytes", "out"), "OutBytes", "out_bps", "OutBPS"),
+    Stat("resets", "lb_service_resets",
+         "TCP connections that ended with a reset from either side (userspace dataplane).",
+         "lb_backend_resets", "TCP connections to the backend that ended with a reset.",
+         ("resets",), None, None, None, Protocol.TCP),
 )  # fmt: skip
+
+
+#: The counters lb list shows as columns, and those with a rate (Rates' fields).
+COLUMNS: tuple[Stat, ...] = tuple(s for s in STATS if s.column is not None)
+RATED: tuple[Stat, ...] = tuple(s for s in STATS if s.rate is not None)
 
 
 def stat_value(totals: Totals, stat: Stat) -> int:
@@ -136,9 +156,13 @@ def stat_value(totals: Totals, stat: Stat) -> int:
     return value
 
 
-def totals_json(t: Totals, udp: bool) -> dict[str, object]:
-    """The admin API's `connections` object: STATS at their `view` paths (the UDP-only
-    groups null for TCP), and the errors by reason."""
+def shown(stat: Stat, protocol: Protocol) -> bool:
+    return stat.only is None or stat.only is protocol
+
+
+def totals_json(t: Totals, protocol: Protocol) -> dict[str, object]:
+    """The admin API's `connections` object: STATS at their `view` paths (those of the
+    other protocol null), and the errors by reason."""
     out: dict[str, object] = {}
     for stat in STATS:
         *groups, leaf = stat.view
@@ -148,10 +172,9 @@ def totals_json(t: Totals, udp: bool) -> dict[str, object]:
             assert isinstance(child, dict)
             node = child
         node[leaf] = stat_value(t, stat)
-    if not udp:
-        for stat in STATS:
-            if stat.udp_only:
-                out[stat.view[0]] = None
+    for stat in STATS:
+        if not shown(stat, protocol):
+            out[stat.view[0]] = None
     out["errors"] = {r.value: n for r, n in t.errors.items()}
     return out
 

@@ -116,6 +116,13 @@ async def test_backend_reset_resets_the_client_promptly() -> None:
             await asyncio.wait_for(reader.read(10), 2)
         writer.close()
         await eventually(lambda: lb.runtime("web").open == 0)
+        (snap,) = lb.dataplane.observe()
+        assert snap.totals.resets == 1 and snap.backends[0].totals.resets == 1
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await reader.readline() == b"hi\n"
+        writer.close()  # a close that is not a reset is not counted
+        await eventually(lambda: lb.runtime("web").open == 0)
+        assert lb.dataplane.observe()[0].totals.resets == 1
 
 
 async def test_client_reset_closes_the_backend_promptly() -> None:

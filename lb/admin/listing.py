@@ -8,11 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 from lb import __version__
-from lb.stats import STATS
+from lb.stats import COLUMNS, RATED
 
 Service = dict[str, Any]
-STATS_COLUMNS = " ".join(f"{s.column:>8}" for s in STATS)
-RATE_COLUMNS = " ".join(f"{s.rate_column:>8}" for s in STATS)
+STATS_COLUMNS = " ".join(f"{s.column:>8}" for s in COLUMNS)
+RATE_COLUMNS = " ".join(f"{s.rate_column:>8}" for s in RATED)
 FORWARD = {"userspace": "Proxy", "ipvs": "Masq", "nftables": "Masq"}
 JHASH_NOTE = (
     "sh in nftables hashes with jhash: each client keeps its backend, "
@@ -121,9 +121,9 @@ def _service_head_short(s: Service, show: Callable[[str], str]) -> str:
 
 def _numbers(item: dict[str, Any], mode: str, exact: bool) -> str:
     if mode == "rate":
-        values = [item["rates"][s.rate] for s in STATS]
+        values = [item["rates"][s.rate] for s in RATED]
     else:
-        values = [_at(item["connections"], s.view) for s in STATS]
+        values = [_at(item["connections"], s.view) for s in COLUMNS]
     return " ".join(largenum(v, exact) for v in values)
 
 

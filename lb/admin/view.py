@@ -8,15 +8,14 @@ from typing import Any
 from lb.controller import BackendKey, Override
 from lb.health.monitor import Monitor
 from lb.metrics import backend_state_label
-from lb.model import Protocol
 from lb.rates import RateEstimator, Rates
-from lb.stats import STATS, BackendSnapshot, ServiceSnapshot, totals_json
+from lb.stats import RATED, BackendSnapshot, ServiceSnapshot, totals_json
 
 JSON = dict[str, Any]
 
 
 def _rates(r: Rates) -> JSON:
-    return {s.rate: getattr(r, s.rate) for s in STATS}
+    return {s.rate: getattr(r, s.rate) for s in RATED if s.rate is not None}
 
 
 def backend_json(
@@ -30,7 +29,6 @@ def backend_json(
     desired = b.backend
     m = monitors.get(key)
     o = overrides.get(key)
-    udp = s.service.protocol is Protocol.UDP
     return {
         "address": str(b.address),
         "state": backend_state_label(b).value,
@@ -48,7 +46,7 @@ def backend_json(
         "inactive": b.inactive,
         "persistent": b.persistent,
         "overloaded": b.overloaded,
-        "connections": totals_json(b.totals, udp),
+        "connections": totals_json(b.totals, s.service.protocol),
         "rates": _rates(rates.backend(s.service.key, b.address, s.dataplane)),
         "health": None if m is None else {
             "running": m.running, "checks": m.checks, "failures": m.failures, "last": m.last_reason
@@ -83,7 +81,7 @@ def service_json(
         "persistence": None if p is None else {"timeout": p.timeout, "netmask": netmask},
         "listening": s.listening,
         "open": s.open,
-        "connections": totals_json(s.totals, svc.protocol is Protocol.UDP),
+        "connections": totals_json(s.totals, svc.protocol),
         "rates": _rates(rates.service(svc.key, s.dataplane)),
         "offload": None if offload is None else {"placement": offload[0], "reason": offload[1]},
         "backends": [backend_json(s, b, monitors, overrides, rates) for b in s.backends],

@@ -406,6 +406,9 @@ class Relay:
             backend = self.conn.dest.endpoint
             if self.established:
                 self.svc.core.close(self.conn, now, reset=self.reset_seen)
+                if self.reset_seen:
+                    self.counters.resets += 1
+                    self.svc_counters.resets += 1
             else:
                 self.svc.core.release(self.conn, now)
             self.conn = None
