@@ -253,6 +253,7 @@ class OffloadIn(_Model):
     device: Annotated[
         str, Strict(), Field(min_length=1, max_length=15, pattern=r"^[A-Za-z0-9_.-]+$")
     ] = "lb0"
+    affinity_wait: Duration = 300.0
 
 
 class KubernetesIn(_Model):
@@ -751,7 +752,9 @@ def _parse_config(text: str, source: str) -> Config:
         shutdown_grace=root.shutdown_grace,
         admin=AdminSettings(a.enabled, a.listen, a.allow_remote, a.token_file),
         dataplane=root.dataplane,
-        offload=OffloadSettings(o.hold_down, o.churn_limit, o.drain_timeout, o.device),
+        offload=OffloadSettings(
+            o.hold_down, o.churn_limit, o.drain_timeout, o.device, o.affinity_wait
+        ),
         services_from=root.source,
         kubernetes=KubernetesSettings(
             k.min_sync_period,

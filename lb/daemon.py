@@ -238,7 +238,7 @@ class Daemon:
         o = config.offload
         policy = OffloadPolicy(mode, o.hold_down, o.churn_limit)
         if mode is Mode.USERSPACE:
-            self.dataplane.enable(policy, None, None, o.drain_timeout)
+            self.dataplane.enable(policy, None, None, o.drain_timeout, o.affinity_wait)
             return
         try:
             kernel, host = await open_kernel(mode, o.device, o.drain_timeout)
@@ -252,9 +252,9 @@ class Daemon:
                 "offload.unavailable",
                 f"dataplane auto: no kernel dataplane ({e}); every service stays in userspace",
             )
-            self.dataplane.enable(policy, None, None, o.drain_timeout)
+            self.dataplane.enable(policy, None, None, o.drain_timeout, o.affinity_wait)
             return
-        self.dataplane.enable(policy, kernel, host, o.drain_timeout)
+        self.dataplane.enable(policy, kernel, host, o.drain_timeout, o.affinity_wait)
         emit(
             log,
             logging.INFO,

@@ -270,6 +270,9 @@ class OffloadSettings:
     churn_limit: int = 3  # auto: this many changes within hold_down demote a service
     drain_timeout: float = 300.0  # the longest a removed or demoted destination drains
     device: str = "lb0"  # the dummy device holding the offloaded VIPs
+    #: the longest a persistent service waits in userspace for its templates to expire
+    #: before a promote into a kernel that cannot take them (IPVS)
+    affinity_wait: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,6 +77,7 @@ class OffloadManager:
         kernel: KernelDataplane | None,
         host: Host | None,
         drain_timeout: float,
+        affinity_wait: float = 300.0,
     ) -> None:
         """Set the mode before the first apply (kernel/host None: no kernel path here)."""
         self.policy = policy
@@ -92,6 +93,15 @@ class OffloadManager:
             host.device if host is not None and kernel is not None else None,
             drain_timeout,
         )
+        self.placements.affinity_wait = affinity_wait
+        self.placements.affinity_until = (
+            self._templates_until if kernel is not None and not kernel.carries_affinity else None
+        )
+
+    def _templates_until(self, key: ServiceKey, now: float) -> float | None:
+        """When the key's persistence templates in userspace will all have expired."""
+        held = self.userspace.export_affinity(key)
+        return now + max(a.remaining for a in held) if held else None
 
     # --- the Dataplane surface -------------------------------------------------------------
 

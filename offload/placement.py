@@ -47,7 +47,7 @@ from __future__ import annotations
 import enum
 import heapq
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
@@ -110,7 +110,8 @@ class Record:
     made: tuple[Service, Placement | None, Service] | None = None
     confirmed: float | None = None  # when the kernel took `form` (None: not yet)
     vip: IPAddress | None = None  # the VIP on lb's device this key keeps there
-    wake: float | None = None  # when its wait for calm ends (a timer is set for then)
+    wake: float | None = None  # when its wait (for calm, or affinity) ends: a timer then
+    affinity_since: float | None = None  # waiting for its templates to expire, since
 
     @property
     def service(self) -> Service | None:
@@ -135,6 +136,12 @@ class Placements:
         self.lingers = False  # deleting a service from that kernel cuts its connections
         self.device: str | None = None  # lb's device (None: no host set up)
         self.drain_timeout = 300.0
+        #: A kernel that cannot take persistence templates (IPVS today): when the key's
+        #: templates in userspace will all have expired (None: it has none). Its promote
+        #: waits until then, at most `affinity_wait`: a client keeps its backend rather
+        #: than being scheduled afresh by the kernel. None: the kernel takes them along.
+        self.affinity_until: Callable[[ServiceKey, float], float | None] | None = None
+        self.affinity_wait = 300.0
         #: the host's addresses and their devices (from the executor's reads)
         self.local: dict[IPAddress, str] = {}
         self.foreign: frozenset[ServiceKey] = frozenset()  # keys another program serves
@@ -413,7 +420,9 @@ class Placements:
         w = self._want(r, now)
         r.reason = w.reason
         current = r.placement
-        if w.kernel and current is Placement.USERSPACE:
+        if w.kernel and current is Placement.USERSPACE and self._waits_for_affinity(r, now):
+            pass
+        elif w.kernel and current is Placement.USERSPACE:
             r.placement = Placement.KERNEL
             r.drain_started = None
             self._draining.discard(r.key)
@@ -436,6 +445,33 @@ class Placements:
                 out.moves.append(Moved(Move.DEMOTED, r.key, s.name, None))
                 if w.kernel:  # calm again meanwhile: no timer will bring it up, so now
                     self._decide(r, now, False, out)
+
+    def _waits_for_affinity(self, r: Record, now: float) -> bool:
+        """A promote into a kernel that cannot take the key's templates waits for them to
+        expire (then a timer brings the key back), for at most `affinity_wait`, after
+        which it goes ahead and says how many clients may be scheduled afresh."""
+        until = self.affinity_until(r.key, now) if self.affinity_until is not None else None
+        if until is None or until <= now:
+            r.affinity_since = None
+            return False
+        since = r.affinity_since if r.affinity_since is not None else now
+        deadline = min(until, since + self.affinity_wait)
+        if now >= deadline:
+            r.affinity_since = None
+            r.reason += (
+                f"; its persistence templates did not expire within affinity_wait "
+                f"({self.affinity_wait:g}s): {self.kernel} schedules their clients afresh"
+            )
+            return False
+        r.affinity_since = since
+        r.reason = (
+            f"waits in userspace until its persistence templates expire (at most "
+            f"{deadline - now:.0f}s more): {self.kernel} cannot take them"
+        )
+        if r.wake is None or r.wake > deadline:
+            r.wake = deadline
+            heapq.heappush(self._timers, (deadline, r.key))
+        return True
 
     def _give(self, r: Record, s: Service | None, placement: Placement | None) -> None:
         """Set what the kernel gets for the key: `s` as placed (placement None: an orphan;

@@ -238,6 +238,33 @@ async def test_a_demoted_service_comes_back_once_calm() -> None:
         await c.shutdown(0)
 
 
+async def test_a_persistent_service_waits_for_its_templates_before_ipvs_takes_it() -> None:
+    """A kernel that cannot take userspace's templates (IPVS): the promote waits while a
+    client's template lives, at most affinity_wait, then goes ahead and says so."""
+    backend = await TcpBackend("A").start()
+    kernel = FakeKernel(lingers=True)
+    manager = OffloadManager(UserspaceDataplane())
+    manager.enable(OffloadPolicy(Mode.AUTO, 1.0, 3), kernel, None, 60.0, affinity_wait=2.0)
+    c = Controller(manager)
+    port = free_port()
+    text = services_config([port], backend.address).replace(
+        "scheduler: rr,", "scheduler: rr, persistence: {timeout: 300},"
+    )
+    await c.start(parse_config(text))
+    [s0] = c.desired()
+    try:
+        assert await read_line("127.0.0.1", port) == "A"  # a template for 127.0.0.1
+        await asyncio.sleep(1.5)  # calm past hold_down
+        offload = manager.explain(s0.key)
+        assert offload.placement == "userspace", offload
+        assert "waits in userspace until its persistence templates expire" in offload.reason
+        await eventually(lambda: manager.explain(s0.key).placement == "kernel", timeout=5)
+        assert "schedules their clients afresh" in manager.explain(s0.key).reason
+    finally:
+        await c.shutdown(0)
+        await backend.stop()
+
+
 # --- rates -------------------------------------------------------------------------------
 
 

@@ -460,3 +460,44 @@ def test_check_invariants_names_a_broken_record() -> None:
     r.placement = Placement.USERSPACE  # but the kernel is given the service
     with pytest.raises(InvariantError, match="USERSPACE but the kernel is given a form"):
         core.check_invariants()
+
+
+def test_a_promote_into_a_kernel_without_affinity_waits_for_the_templates() -> None:
+    """IPVS cannot take userspace's persistence templates (yet): the promote waits until
+    they expire, so no client is scheduled afresh, but at most `affinity_wait`; a timer
+    brings the key back (nothing else would visit an idle service)."""
+    policy = OffloadPolicy(Mode.AUTO, HOLD_DOWN, CHURN_LIMIT)
+    core = Placements(policy)
+    core.enable(policy, "ipvs", True, None, DRAIN_TIMEOUT)
+    expiry = {"until": 30.0}
+    core.affinity_until = lambda key, now: expiry["until"]
+    core.affinity_wait = 100.0
+    s = service(0)
+    core.edit([s], [], 0.0)
+    core.applied(0.0)
+    waiting = core.tick(HOLD_DOWN)  # calm: it would be promoted now
+    assert waiting.moves == [] and core.placement(s.key) is Placement.USERSPACE
+    assert "waits in userspace until its persistence templates expire" in (
+        core.explain(s.key).reason
+    )
+    assert core.tick(29.0).visited == set()  # idle until the templates expire
+    promoted = core.tick(30.0)
+    assert [m.move for m in promoted.moves] == [Move.PROMOTE]
+    core.check_invariants()
+
+    # renewed again and again by a busy client: the wait ends at affinity_wait
+    other = service(1)
+    expiry["until"] = 10_000.0
+    core.edit([other], [], 40.0)
+    core.tick(40.0 + HOLD_DOWN)
+    assert core.placement(other.key) is Placement.USERSPACE
+    late = core.tick(40.0 + HOLD_DOWN + 100.0)
+    assert [m.move for m in late.moves] == [Move.PROMOTE]
+    assert "schedules their clients afresh" in core.explain(other.key).reason
+    core.check_invariants()
+
+    # a kernel that takes the templates along (nftables) does not wait
+    core.affinity_until = None
+    third = service(2)
+    core.edit([third], [], 200.0)
+    assert [m.move for m in core.tick(200.0 + HOLD_DOWN).moves] == [Move.PROMOTE]
