@@ -18,7 +18,7 @@ from lb.model import AdminSettings, Config, Mode
 
 def _summary(config: Config) -> str:
     n = len(config.services)
-    lines = [f"{config.source}: OK, {n} service{'' if n == 1 else 's'}"]
+    lines = [f"{config.path}: OK, {n} service{'' if n == 1 else 's'}"]
     for s in config.services:
         flags = f" ({', '.join(f'{s.scheduler}-{f}' for f in sorted(s.flags))})" if s.flags else ""
         persist = f", persistent {s.persistence.timeout}s" if s.persistence else ""

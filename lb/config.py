@@ -755,7 +755,7 @@ def _parse_config(text: str, source: str) -> Config:
         offload=OffloadSettings(
             o.hold_down, o.churn_limit, o.drain_timeout, o.device, o.affinity_wait
         ),
-        services_from=root.source,
+        source=root.source,
         kubernetes=KubernetesSettings(
             k.min_sync_period,
             k.sync_period,
@@ -764,7 +764,7 @@ def _parse_config(text: str, source: str) -> Config:
             k.kubeconfig,
             k.node_name,
         ),
-        source=source,
+        path=source,
     )
 
 

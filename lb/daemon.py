@@ -159,7 +159,7 @@ class Daemon:
             if self.admin is not None:
                 await self.admin.stop()
             raise StartError([str(err) for err in e.errors]) from None
-        if self._services_from(config) == "kubernetes":
+        if self._source_of(config) == "kubernetes":
             try:
                 await self._start_kubernetes(config)
             except StartError:
@@ -189,8 +189,8 @@ class Daemon:
             pid=os.getpid(),
         )
 
-    def _services_from(self, config: Config) -> str:
-        return self.source_options.source or config.services_from
+    def _source_of(self, config: Config) -> str:
+        return self.source_options.source or config.source
 
     async def _start_kubernetes(self, config: Config) -> None:
         """Connect to the API and start the informers; the dataplanes get the services
@@ -358,8 +358,8 @@ class Daemon:
                 "offload.unchanged",
                 "the dataplane or offload settings changed: they take effect when lb restarts",
             )
-        if (config.services_from, config.kubernetes) != (
-            self.config.services_from,
+        if (config.source, config.kubernetes) != (
+            self.config.source,
             self.config.kubernetes,
         ):
             emit(

@@ -294,6 +294,6 @@ class Config:
     admin: AdminSettings = AdminSettings()
     dataplane: Mode = Mode.USERSPACE
     offload: OffloadSettings = OffloadSettings()
-    services_from: str = "file"  # file | kubernetes
+    source: str = "file"  # where services come from: file | kubernetes (the YAML's `source`)
     kubernetes: KubernetesSettings = KubernetesSettings()
-    source: str = field(default="", compare=False)  # where it was loaded from, for messages
+    path: str = field(default="", compare=False)  # the file it was loaded from, for messages

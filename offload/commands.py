@@ -13,7 +13,7 @@ def plan(config: Config, mode: Mode) -> str:
     """What `lb offload plan` prints: the kernel's part of the config, and why the rest
     stays in userspace."""
     path = kernel_path(mode)
-    out = [f"# lb offload plan for {config.source} (dataplane {mode})"]
+    out = [f"# lb offload plan for {config.path} (dataplane {mode})"]
     if mode is Mode.USERSPACE:
         out.append(
             "# dataplane userspace: nothing goes to the kernel; with ipvs or auto it would get:"

@@ -289,7 +289,7 @@ def test_the_config_map_is_the_file_lb_reads() -> None:
 
 def test_lbs_loader_accepts_the_config_map() -> None:
     config = configmap_config()
-    assert config.services_from == "kubernetes" and config.services == ()
+    assert config.source == "kubernetes" and config.services == ()
     assert config.dataplane == "nftables"
     assert config.offload.device == "lb0"
     assert str(config.admin.listen) == "127.0.0.1:10249"
