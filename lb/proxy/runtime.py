@@ -100,13 +100,12 @@ class ServiceRuntime:
         self.wake(self)
 
     def exhausted(self, e: OSError, what: str) -> bool:
-        """If `e` says lb is out of a resource: refuse the client for it (not the
-        backend's fault), count and log it (lb.exhaustion), and say so."""
+        """Whether `e` says lb is out of a resource (then counted and logged,
+        lb.exhaustion): the caller refuses the client for it, not the backend's fault."""
         resource = resource_of(e)
         if resource is None:
             return False
         EXHAUSTION.note(resource, what, self.loop.time())
-        self.refused(ErrorReason.EXHAUSTED)
         return True
 
     def failed(self, dest: Dest, counters: Counters, reason: ErrorReason) -> None:

@@ -251,15 +251,8 @@ class Relay:
             except ConnectionRefusedError:
                 reason = ErrorReason.REFUSED
             except OSError as e:
-                if svc.exhausted(e, f"a connection to {svc.service.name}"):
-                    timer.cancel()  # lb's own shortage: no other backend would do better
-                    core.release(conn, self.loop.time())
-                    self.conn = None
-                    if not self.client.lost:
-                        sockets.reset(self.client_transport)
-                    self._finish(refused=ErrorReason.EXHAUSTED)
-                    return
-                reason = ErrorReason.CONNECT_FAILED
+                exhausted = svc.exhausted(e, f"a connection to {svc.service.name}")
+                reason = ErrorReason.EXHAUSTED if exhausted else ErrorReason.CONNECT_FAILED
             except asyncio.CancelledError:
                 _discard(backend)  # the connect may have completed just as it was cancelled
                 timed_out, self.timed_out = self.timed_out, False
@@ -285,9 +278,12 @@ class Relay:
                 self._established(backend, counters)
                 return
             timer.cancel()
-            svc.failed(conn.dest, counters, reason)
+            if reason is not ErrorReason.EXHAUSTED:  # lb's own shortage is not the backend's
+                svc.failed(conn.dest, counters, reason)
             core.release(conn, self.loop.time())
             self.conn = None
+            if reason is ErrorReason.EXHAUSTED:
+                break  # no other backend would do better
             tried.append(conn.dest)
         svc.refused(reason)
         if not self.client.lost:

@@ -134,19 +134,18 @@ class UdpService(ServiceRuntime):
             return None
         counters = self.counters_for(conn.dest)
         family = socket.AF_INET if conn.dest.endpoint.family == 4 else socket.AF_INET6
+        sock: socket.socket | None = None
         try:
             sock = socket.socket(family, socket.SOCK_DGRAM)
-        except OSError as e:  # out of descriptors: this datagram is dropped, not the loop
-            core.release(conn, now)
-            self.exhausted(e, f"a new udp flow of {self.service.name}")
-            return None
-        try:
             sock.setblocking(False)
             sock.connect(conn.dest.addr)
-        except OSError as e:
-            sock.close()
+        except OSError as e:  # out of descriptors, say: this datagram is dropped, not the loop
+            if sock is not None:
+                sock.close()
             core.release(conn, now)
-            if not self.exhausted(e, f"a new udp flow of {self.service.name}"):
+            if self.exhausted(e, f"a new udp flow of {self.service.name}"):
+                self.refused(ErrorReason.EXHAUSTED)
+            else:
                 self.failed(conn.dest, counters, ErrorReason.CONNECT_FAILED)
                 self.refused(ErrorReason.CONNECT_FAILED)
             return None
