@@ -18,7 +18,6 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
@@ -33,7 +32,7 @@ from lb.virtual_service import DestView
 from offload.host import HostError, nat_paths
 from offload.ipvs_model import FWD_LOCAL, KConn, KDest, KService, KStats
 from offload.ipvs_netlink import IpvsClient, carries_data, read_conn_table, read_templates
-from offload.nft_rules import NatPath
+from offload.nft_rules import NatPath, PathCounts
 from offload.policy import kernel_service, not_expressible_ipvs
 
 log = logging.getLogger("lb.offload")
@@ -100,7 +99,7 @@ class IpvsDataplane:
         self._quiesced: dict[tuple[ServiceKey, Endpoint], float] = {}
         self._vips: set[IPAddress] = set()  # lb's device's addresses, as last read
         self._paths: dict[ServiceKey, set[NatPath]] = {}  # each service's masquerade paths
-        self._path_count: Counter[NatPath] = Counter()  # how many services need each
+        self._path_count = PathCounts()  # how many services need each
         self._reconciled = False  # a full reconcile went through, and nothing failed since
         self._resynced_at = 0.0
 
@@ -194,7 +193,9 @@ class IpvsDataplane:
         self._desired = wanted
         self._quiesced = {k: t for k, t in self._quiesced.items() if k[0] in wanted}
         self._paths = {key: nat_paths([s]) for key, s in wanted.items()}
-        self._path_count = Counter(p for paths in self._paths.values() for p in paths)
+        self._path_count.clear()
+        for paths in self._paths.values():
+            self._path_count.add(paths, set())
         await self._set_nat()
         await self._refresh()
         self._reconciled = True
@@ -234,21 +235,15 @@ class IpvsDataplane:
     async def _set_nat_of(self, keys: Iterable[ServiceKey]) -> None:
         """The masquerade paths of these services changed, maybe: update the counts, and
         the host's table only if the set of paths did (a weight edit leaves it alone)."""
-        moved = False
+        moved: set[NatPath] = set()
         for key in keys:
             s = self._desired.get(key)
             new = nat_paths([s]) if s is not None else set()
             old = self._paths.pop(key, set())
             if new:
                 self._paths[key] = new
-            for p in old - new:
-                self._path_count[p] -= 1
-                if not self._path_count[p]:
-                    del self._path_count[p]
-                    moved = True
-            for p in new - old:
-                moved |= not self._path_count[p]
-                self._path_count[p] += 1
+            self._path_count.remove(old - new, moved)
+            self._path_count.add(new - old, moved)
         if moved:
             await self._set_nat()
 

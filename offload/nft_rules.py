@@ -33,7 +33,8 @@ import functools
 import ipaddress
 import math
 import zlib
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import reduce
 
@@ -145,6 +146,33 @@ class NatPath:
 
     def sort_key(self) -> tuple[int, int, str, int]:
         return (int(self.source), int(self.backend.ip), self.protocol.value, self.backend.port)
+
+
+class PathCounts:
+    """How many services need each masquerade path: a path is in the kernel's set while
+    one does. `add` and `remove` note in `edges` the paths that enter or leave it."""
+
+    def __init__(self) -> None:
+        self._count: Counter[NatPath] = Counter()
+
+    def __iter__(self) -> Iterator[NatPath]:
+        return iter(self._count)
+
+    def add(self, paths: Iterable[NatPath], edges: set[NatPath]) -> None:
+        for p in paths:
+            if not self._count[p]:
+                edges.add(p)
+            self._count[p] += 1
+
+    def remove(self, paths: Iterable[NatPath], edges: set[NatPath]) -> None:
+        for p in paths:
+            self._count[p] -= 1
+            if self._count[p] <= 0:
+                del self._count[p]
+                edges.add(p)
+
+    def clear(self) -> None:
+        self._count.clear()
 
 
 def fields(ip: IPAddress, protocol: Protocol, port: int) -> str:

@@ -33,6 +33,7 @@ from offload.nft_rules import (
     Names,
     NatPath,
     Op,
+    PathCounts,
     Rendered,
     affinity_ops,
     base_script,
@@ -113,7 +114,7 @@ class NftDataplane:
         self.foreign: set[ServiceKey] = set()  # nothing outside table lb is ever ours
         self.writes = 0  # transactions sent (an apply with nothing to do sends none)
         self._rendered: dict[ServiceKey, Rendered] | None = None  # None: table not built
-        self._pins: Counter[NatPath] = Counter()  # hairpin paths, by how many services need each
+        self._pins = PathCounts()  # hairpin paths, by how many services need each
         self._desired: dict[ServiceKey, Service] = {}
         self._applied = Applied()  # the service objects applied last
         self._counters: dict[str, tuple[int, int]] = {}
@@ -159,7 +160,7 @@ class NftDataplane:
         ops: list[Op] = []
         for key in removed:
             ops += diff_ops(rendered.pop(key, None), None)
-            self._unpin(hairpin([before[key]]), gone)
+            self._pins.remove(hairpin([before[key]]), gone)
         for key in changed:
             new = render(fresh[key])
             if old is not None:
@@ -168,11 +169,8 @@ class NftDataplane:
                 )
             rendered[key] = new
             if old is not None and key in before:
-                self._unpin(hairpin([before[key]]), gone)
-            for path in hairpin([fresh[key]]):
-                if not self._pins[path]:
-                    added.add(path)
-                self._pins[path] += 1
+                self._pins.remove(hairpin([before[key]]), gone)
+            self._pins.add(hairpin([fresh[key]]), added)
         gone, added = gone - added, added - gone  # moved from one service to another
         if gone:
             ops.insert(0, DeleteMasq(frozenset(gone)))
@@ -227,13 +225,6 @@ class NftDataplane:
             chunk = services[start : start + CHUNK]
             await self._run([op for r in chunk for op in ops_of(r)])
             self.writes += 1
-
-    def _unpin(self, paths: set[NatPath], gone: set[NatPath]) -> None:
-        for path in paths:
-            self._pins[path] -= 1
-            if self._pins[path] <= 0:
-                del self._pins[path]
-                gone.add(path)
 
     async def _run(self, ops: list[Op]) -> None:
         """A change: over netlink when there is a socket (its cost is the change's), else

@@ -11,8 +11,10 @@ import pytest
 
 from lb.changes import Changes
 from lb.model import Backend, Endpoint, IPAddress, Protocol, SchedulerName, Service, ServiceKey
+from offload.host import nat_paths
 from offload.ipvs import RESYNC_PERIOD, IpvsDataplane
 from offload.ipvs_model import KDest, KService
+from offload.nft_rules import NatPath
 from tests.support.fake_ipvs import FakeIpvs
 
 
@@ -177,3 +179,27 @@ async def test_drift_is_repaired_by_the_periodic_resync(caplog: pytest.LogCaptur
     with caplog.at_level(logging.WARNING, logger="lb.offload"):
         await t.dp.refresh()  # nothing drifted: nothing said, nothing written
     assert not [r for r in caplog.records if "IPVS no longer had" in r.getMessage()]
+
+
+async def test_masquerade_paths_are_rewritten_only_when_they_change() -> None:
+    """The host's masquerade table is rebuilt whole: a weight edit must not touch it; a
+    service that comes or goes does, with exactly the paths still needed."""
+    t = Setup(3)
+    calls: list[set[NatPath]] = []
+
+    async def nat(paths: set[NatPath]) -> None:
+        calls.append(set(paths))
+
+    t.dp.nat = nat
+    await t.dp.apply(t.services)
+    assert calls == [nat_paths(t.services)]
+    edited = weight_edit(t.services[1], 0, 9)
+    await t.dp.apply([t.services[0], edited, t.services[2]], Changes([edited], []))
+    assert len(calls) == 1  # same paths: nothing rewritten
+    new = fleet(4)[3]
+    t.vips.add(new.listen.ip)
+    await t.dp.apply([t.services[0], edited, t.services[2], new], Changes([new], []))
+    assert calls[-1] == nat_paths([t.services[0], edited, t.services[2], new])
+    await t.dp.apply([edited, t.services[2], new], Changes([], [t.services[0].key]))
+    assert calls[-1] == nat_paths([edited, t.services[2], new])
+    assert len(calls) == 3
