@@ -15,11 +15,24 @@ from lb.proxy.dataplane import UserspaceDataplane
 from lb.proxy.runtime import ServiceRuntime
 
 
+_issued: set[tuple[str, int, int]] = set()
+
+
 def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    """A port nothing listens on, never the same one twice in a test run.
+
+    The kernel may hand the same ephemeral port to two binds in a row once the
+    first socket is closed, so a test asking for several ports before binding
+    any of them would otherwise get duplicates now and then.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, kind) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    while True:
+        with socket.socket(family, kind) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if (host, kind, port) not in _issued:
+            _issued.add((host, kind, port))
+            return port
 
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
