@@ -102,7 +102,7 @@ class Netns:
 class Applier(typing.Protocol):
     """Something that makes a kernel carry a list of services."""
 
-    async def apply(self, ss: list[Service], changes: Changes | None = None) -> None: ...
+    async def apply(self, ss: list[Service], changes: Changes) -> None: ...
 
     async def reset(self) -> None: ...
 
@@ -122,7 +122,7 @@ class Nftables:
         self.dp = NftDataplane(nft=nft, netlink=self.netlink)
         self._kernel: float | None = None
 
-    async def apply(self, ss: list[Service], changes: Changes | None = None) -> None:
+    async def apply(self, ss: list[Service], changes: Changes) -> None:
         self._kernel = None
         if self.netlink is None:
             await self.dp.apply(ss, changes)
@@ -180,7 +180,7 @@ class IptablesRestore:
         self.ns = ns
         self.command = command
 
-    async def apply(self, ss: list[Service], changes: Changes | None = None) -> None:
+    async def apply(self, ss: list[Service], changes: Changes) -> None:
         await run(self.ns.cmd(self.command), iptables_rules(ss))  # the whole table, always
 
     async def reset(self) -> None:
@@ -206,7 +206,7 @@ class Ipvs:
     def __init__(self, ns: Netns) -> None:
         self.dp: IpvsDataplane | None = None
 
-    async def apply(self, ss: list[Service], changes: Changes | None = None) -> None:
+    async def apply(self, ss: list[Service], changes: Changes) -> None:
         if self.dp is None:
             client = await NetlinkIpvs().open()
 
@@ -274,7 +274,7 @@ async def measure(
                 for _ in range(runs):
                     drained = edited(base)
                     for step, ss, changes in (
-                        ("full", base[:n], None),
+                        ("full", base[:n], Changes(base[:n])),
                         ("add_one", base, Changes([base[n]])),
                         ("edit_one", drained, Changes([drained[len(drained) // 2]])),
                     ):

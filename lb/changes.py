@@ -1,16 +1,19 @@
 """What changed in the desired services since the last apply, at the cost of the change.
 
-Every dataplane is handed the whole desired list (`apply(desired)`: idempotent, easy to
-test), and, from the controller down, `Changes`: which services are new or changed and
-which keys left, as kube-proxy's change trackers tell its proxiers. The controller knows
-them (it remade those services); each layer passes on what it changed in turn. A layer
-given no `Changes` finds them itself by identity: the controller keeps an unchanged
-service the very object it was, so dict and set operations in C find the others.
+The one way changes travel between layers, as kube-proxy's change trackers tell its
+proxiers: the controller is the tracker (it remakes only the services a config, a health
+check or an edit touched, and knows which keys left), and every dataplane's
+`apply(desired, changes)` is handed the whole desired list (what it must carry) and the
+`Changes` from the last apply that went through (the work to do). A layer passes on what
+it changed in turn (the offload manager hands the kernel the forms it remade). Nobody
+diffs the whole list to find them: an edit costs one service at any size. A kernel
+dataplane whose last apply failed does not trust `changes` for what it missed: it
+rebuilds or reconciles whole on the next apply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from lb.model import Service, ServiceKey
@@ -18,7 +21,7 @@ from lb.model import Service, ServiceKey
 
 @dataclass(frozen=True, slots=True)
 class Changes:
-    fresh: list[Service] = field(default_factory=list)  # new, or changed (new objects)
+    fresh: list[Service] = field(default_factory=list)  # new, or changed
     removed: list[ServiceKey] = field(default_factory=list)  # no service has these keys now
 
     def __bool__(self) -> bool:
@@ -27,42 +30,14 @@ class Changes:
     def touched(self) -> set[ServiceKey]:
         return {s.key for s in self.fresh} | set(self.removed)
 
-
-class Applied:
-    """The service objects of the last apply that went through, by identity and by key
-    (held, so that their ids stay theirs)."""
-
-    def __init__(self) -> None:
-        self._by_id: dict[int, Service] = {}
-        self._by_key: dict[ServiceKey, Service] = {}
-
-    def changes(self, desired: Sequence[Service], given: Changes | None = None) -> Changes:
-        """What changed from the last apply to `desired`: `given` (taken as true), else
-        found by identity (a few C-level dict and set operations over the list)."""
-        if given is not None:
-            return given
-        previous = self._by_id
-        now = dict(zip(map(id, desired), desired, strict=True))
-        fresh = [now[i] for i in now.keys() - previous.keys()]
-        gone = {previous[i].key for i in previous.keys() - now.keys()}
-        if gone:
-            gone.difference_update(s.key for s in fresh)
-        return Changes(fresh, sorted(gone, key=str))
-
-    def commit(self, changes: Changes) -> None:
-        """The apply of `changes` went through (the work: the change's)."""
-        by_id, by_key = self._by_id, self._by_key
-        for key in changes.removed:
-            old = by_key.pop(key, None)
-            if old is not None:
-                by_id.pop(id(old), None)
-        for s in changes.fresh:
-            old = by_key.get(s.key)
-            if old is not None:
-                by_id.pop(id(old), None)
-            by_key[s.key] = s
-            by_id[id(s)] = s
-
-    def clear(self) -> None:
-        self._by_id = {}
-        self._by_key = {}
+    @classmethod
+    def between(cls, before: Iterable[Service], after: Sequence[Service]) -> Changes:
+        """The changes from `before` to `after`, by key and equality: a whole-list diff,
+        for a caller with no tracker (a one-off apply, a test); the controller never
+        needs it."""
+        old = {s.key: s for s in before}
+        keys = {s.key for s in after}
+        return cls(
+            [s for s in after if old.get(s.key) != s],
+            sorted((k for k in old if k not in keys), key=str),
+        )

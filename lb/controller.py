@@ -30,9 +30,9 @@ BackendKey = tuple[ServiceKey, Endpoint]
 class Dataplane(Protocol):
     name: str
 
-    async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
-        """Carry exactly `desired`; `changes` says what differs from the last apply (a
-        dataplane may then do only that work), None: find out."""
+    async def apply(self, desired: list[Service], changes: Changes) -> None:
+        """Carry exactly `desired`; `changes` says what differs from the last apply that
+        went through, and is the work to do (lb.changes)."""
         ...
 
     def observe(self, only: ServiceKey | None = None) -> list[ServiceSnapshot]:
@@ -83,8 +83,8 @@ class Controller:
         # The desired services, in config order, each made from the config's service
         # (`_made_from`) with its overrides and health. Only the services of `_stale` are
         # made again: a health change or an edit costs one service, whatever the number of
-        # services, and the others stay the very objects the dataplanes applied last time
-        # (which they recognise by identity). `_stale` None: all of them (a new config).
+        # services, and the others stay the very objects they were, so that a new config
+        # finds its changes by identity. `_stale` None: all of them (a new config).
         self._desired: dict[ServiceKey, Service] = {}
         self._made_from: dict[ServiceKey, Service] = {}
         self._stale: set[ServiceKey] | None = None

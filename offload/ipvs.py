@@ -1,10 +1,10 @@
 """The IPVS dataplane: make the kernel's virtual services match a desired set.
 
 Work is that of the change, as in kube-proxy's proxiers: `apply(desired, changes)` writes
-only the services `changes` names, from what it applied last (their destinations read
-back once each), and never dumps the kernel's service table. A full reconcile (dump,
+only the services `changes` names (their destinations read before and after, one service's
+dump each), and never dumps the kernel's service table. A full reconcile (dump,
 diff, write the difference) runs on the first apply, after one that failed or surprised
-it, when no `changes` are given, and every RESYNC_PERIOD from `refresh()`: that one
+it, and every RESYNC_PERIOD from `refresh()`: that one
 repairs drift (an `ipvsadm -D` of an lb service, a destination added by hand) and says
 so (`ipvs.drift_repaired`). Destination edits come from `lb.plan` (the userspace
 reference's order, so the kernel's list order and scheduler state match it). Only
@@ -117,14 +117,14 @@ class IpvsDataplane:
     async def apply(
         self,
         desired: list[Service],
-        changes: Changes | None = None,
+        changes: Changes,
         seeds: Mapping[ServiceKey, list[Affinity]] | None = None,
     ) -> None:
         """Write the change (`changes`: the services of `desired` that are new or changed,
         and the keys that left), or reconcile everything (see the module's docstring)."""
         async with self._netlink:
             try:
-                if changes is None or not self._reconciled:
+                if not self._reconciled:
                     await self._reconcile(desired)
                 elif changes:
                     try:
@@ -158,8 +158,10 @@ class IpvsDataplane:
                 continue
             self._desired[s.key] = s
             have = self._services.get(s.key)
-            await self._apply_service(s, have, now, self._dests.get(s.key) if have else None)
-            self._dests[s.key] = await self.client.dests(s.key)  # read back: this one only
+            # its destinations read now, not as last refreshed: whether a destination that
+            # leaves is deleted or quiesced depends on the connections it has this moment
+            if await self._apply_service(s, have, now) or s.key not in self._dests:
+                self._dests[s.key] = await self.client.dests(s.key)  # read back: this one
             want = kernel_service(s)  # as written now; the counters as last read
             self._services[s.key] = want if have is None else replace(want, stats=have.stats)
         gone = {key for key in changes.removed if key not in self._desired}

@@ -40,11 +40,11 @@ class KernelDataplane(Protocol):
     async def apply(
         self,
         desired: list[Service],
-        changes: Changes | None = None,
+        changes: Changes,
         seeds: Mapping[ServiceKey, list[Affinity]] | None = None,
     ) -> None:
         """Make the kernel carry exactly these services (the others of lb's go);
-        `changes`: what differs from the last apply, if the caller knows; `seeds`: the
+        `changes`: what differs from the last apply (lb.changes); `seeds`: the
         persistence templates of services coming from userspace, in the kernel before
         it takes their new connections (if `carries_affinity`)."""
         ...

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 
-from lb.changes import Applied, Changes
+from lb.changes import Changes
 from lb.log import emit
 from lb.model import IPAddress, Mode, Service, ServiceKey
 from lb.persist import Affinity
@@ -46,7 +46,7 @@ REFRESH_DUTY = 20.0
 
 class OffloadManager:
     """Work is that of the change: an apply looks only at the services that are new,
-    changed or gone (found by identity, lb.changes), the ticker only at those a timer or a
+    changed or gone (the `Changes` handed down, lb.changes), the ticker only at those a timer or a
     demotion concerns; idle services cost nothing however many there are."""
 
     name = "offload"
@@ -64,7 +64,6 @@ class OffloadManager:
         self.drain_timeout = 300.0
         self.placements = Placements(self.policy)  # the decisions
         self._on_sync = on_sync
-        self._applied = Applied()
         self._held: set[IPAddress] | None = None  # VIPs on lb's device; None: not read yet
         self._lock = asyncio.Lock()
         self._tick: asyncio.Task[None] | None = None
@@ -105,10 +104,10 @@ class OffloadManager:
 
     # --- the Dataplane surface -------------------------------------------------------------
 
-    async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
+    async def apply(self, desired: list[Service], changes: Changes) -> None:
         loop = asyncio.get_running_loop()
         async with self._lock:
-            ch = self._applied.changes(desired, changes)
+            ch = changes
             new = [s for s in ch.fresh if self.placements.service(s.key) is None]
             try:
                 await self._add_vips(new)
@@ -119,7 +118,6 @@ class OffloadManager:
             except BaseException:
                 self.placements.unclaim(s.key for s in new)  # the next apply starts over
                 raise
-            self._applied.commit(ch)
             self._see_kernel()
             now = loop.time()
             await self._run(

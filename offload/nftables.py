@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-from lb.changes import Applied, Changes
+from lb.changes import Changes
 from lb.log import emit
 from lb.model import BackendState, Endpoint, Protocol, Service, ServiceKey
 from lb.persist import Affinity
@@ -116,7 +116,6 @@ class NftDataplane:
         self._rendered: dict[ServiceKey, Rendered] | None = None  # None: table not built
         self._pins = PathCounts()  # hairpin paths, by how many services need each
         self._desired: dict[ServiceKey, Service] = {}
-        self._applied = Applied()  # the service objects applied last
         self._counters: dict[str, tuple[int, int]] = {}
         self._flows: Counter[tuple[ServiceKey, Endpoint, bool]] = Counter()
         self._moved: set[ServiceKey] = set()  # counters or flows moved since active()
@@ -131,15 +130,15 @@ class NftDataplane:
     async def apply(
         self,
         desired: list[Service],
-        changes: Changes | None = None,
+        changes: Changes,
         seeds: Mapping[ServiceKey, list[Affinity]] | None = None,
     ) -> None:
         """One transaction with the objects of the services that changed: the work done,
-        in Python and in the kernel, is that of the change (`changes`, or found by
-        identity). A changed service is compared with the one applied (an equality
-        test). If the kernel refuses the transaction, the next apply rebuilds the tables
-        whole. `seeds`: persistence templates of services coming from userspace, put in
-        their affinity sets in the same transaction, before the kernel takes their new
+        in Python and in the kernel, is that of the change (`changes`, lb.changes). A
+        changed service is compared with the one applied (an equality test). If the
+        kernel refuses the transaction, the next apply rebuilds the tables whole.
+        `seeds`: persistence templates of services coming from userspace, put in their
+        affinity sets in the same transaction, before the kernel takes their new
         connections."""
         seeds = seeds or {}
         old = self._rendered
@@ -149,7 +148,7 @@ class NftDataplane:
             (k for k, s in fresh.items() if old is None or before.get(k) != s), key=str
         )
         for key, svc in fresh.items():
-            self._desired[key] = svc  # the objects whose ids _changes remembers
+            self._desired[key] = svc
         for key in removed:
             del self._desired[key]
         rendered = old if old is not None else {}
@@ -184,22 +183,17 @@ class NftDataplane:
                 self.writes += 1
         except BaseException:
             self._rendered = None  # the next apply rebuilds the tables whole
-            self._applied.clear()
             raise
         self._rendered = rendered
-        if old is None:
-            self._applied.clear()
-        self._applied.commit(Changes(list(fresh.values()), removed))
         await self._forget_dead(before, changed)
 
     def _changes(
-        self, desired: list[Service], given: Changes | None
+        self, desired: list[Service], given: Changes
     ) -> tuple[dict[ServiceKey, Service], list[ServiceKey]]:
         if self._rendered is None:  # the tables are built whole: every service
             fresh = {s.key: s for s in desired}
             return fresh, sorted((k for k in self._desired if k not in fresh), key=str)
-        ch = self._applied.changes(desired, given)
-        return {s.key: s for s in ch.fresh}, ch.removed
+        return {s.key: s for s in given.fresh}, given.removed
 
     async def _build(
         self, services: list[Rendered], seeds: Mapping[ServiceKey, list[Affinity]]
@@ -379,7 +373,6 @@ class NftDataplane:
         await self.nft(remove_script())
         self._rendered = None
         self._desired.clear()
-        self._applied.clear()
         self._pins.clear()
 
 

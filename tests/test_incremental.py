@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.changes import Applied, Changes
+from lb.changes import Changes
 from lb.config import parse_config
 from lb.controller import Controller
 from lb.model import Backend, Endpoint, Mode, Protocol, SchedulerName, Service, ServiceKey
@@ -66,7 +66,7 @@ async def test_a_failed_apply_leaves_the_edit_to_be_made_again() -> None:
     await c.start(parse_config(text))
     fail = True
 
-    async def flaky(desired: list[Service], changes: Changes | None = None) -> None:
+    async def flaky(desired: list[Service], changes: Changes) -> None:
         if fail:
             raise OSError("the dataplane said no")
         dp.applied.append(list(desired))
@@ -84,7 +84,7 @@ async def test_a_failed_apply_leaves_the_edit_to_be_made_again() -> None:
     await c.shutdown(0)
 
 
-def test_changes_are_found_by_identity() -> None:
+def test_changes_between_two_lists_are_by_key_and_value() -> None:
     def svc(i: int) -> Service:
         return Service(
             f"s{i}",
@@ -94,19 +94,13 @@ def test_changes_are_found_by_identity() -> None:
             backends=(Backend(Endpoint.parse("10.1.0.1:80")),),
         )
 
-    a = Applied()
     ss = [svc(i) for i in range(1, 6)]
-    first = a.changes(ss)
-    assert first == Changes(ss, [])
-    a.commit(first)
-    assert a.changes(ss) == Changes()  # the same objects: nothing to look at
+    assert Changes.between([], ss) == Changes(ss, [])
+    assert Changes.between(ss, [svc(i) for i in range(1, 6)]) == Changes()  # equal values
     edited = dataclasses.replace(ss[2], scheduler=SchedulerName.WRR)
     later = [*ss[:2], edited, *ss[3:4]]
-    ch = a.changes(later)
-    assert ch == Changes([edited], [ss[4].key])
-    assert a.changes(later) == ch  # not applied (say, it failed): still to do
-    a.commit(ch)
-    assert a.changes(later) == Changes()
+    assert Changes.between(ss, later) == Changes([edited], [ss[4].key])
+    assert not Changes.between(later, later)
 
 
 async def test_idle_services_are_not_visited_and_a_busy_one_is() -> None:
@@ -140,7 +134,7 @@ class FakeKernel:
         self.lingers = lingers
         self.foreign: set[ServiceKey] = set()
         self.applied: list[list[Service]] = []
-        self.told: list[Changes | None] = []
+        self.told: list[Changes] = []
         self.checked: list[str] = []
         self.busy: set[ServiceKey] = set()  # keys whose connections are not drained
 
@@ -151,7 +145,7 @@ class FakeKernel:
     async def apply(
         self,
         desired: list[Service],
-        changes: Changes | None = None,
+        changes: Changes,
         seeds: Mapping[ServiceKey, list[Affinity]] | None = None,
     ) -> None:
         self.applied.append(list(desired))
@@ -362,7 +356,7 @@ async def test_an_idle_nftables_dataplane_does_not_read_conntrack() -> None:
     ct = FakeConntrack()
     dp = NftDataplane(nft=nft, query=query, conntrack=ct)
     (s,) = parse_config(services_config([8001], "127.0.0.2:9000")).services
-    await dp.apply([s])
+    await dp.apply([s], Changes([s]))
     names = [c.counter for c in (dp._rendered or {})[s.key].counters]
     counters.update(dict.fromkeys(names, (0, 0)))
     await dp.refresh()

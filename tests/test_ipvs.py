@@ -11,6 +11,7 @@ from offload.ipvs import IpvsDataplane
 from offload.ipvs_model import F_PERSISTENT, F_SCHED2, KConn, KDest, KService
 from offload.ipvs_netlink import carries_data, read_conn_table, read_templates
 from offload.policy import OffloadPolicy, demoting_form, kernel_service, not_expressible
+from tests.support.doubles import apply_diff
 from tests.support.fake_ipvs import FakeIpvs
 
 VIP = ipaddress.ip_address("10.0.0.1")
@@ -59,7 +60,7 @@ def order(fake: FakeIpvs, svc: Service) -> list[str]:
 async def test_adds_in_file_order_so_the_kernel_list_matches_userspace() -> None:
     fake = FakeIpvs()
     (web,) = services(WEB)
-    await dataplane(fake).apply([web])
+    await apply_diff(dataplane(fake), [web])
     assert fake.log == [
         "hold tcp/10.0.0.1:80",  # no new connection meets a service without destinations
         "add-service tcp/10.0.0.1:80 wrr",
@@ -76,20 +77,21 @@ async def test_second_apply_writes_nothing() -> None:
     fake = FakeIpvs()
     (web,) = services(WEB)
     dp = dataplane(fake)
-    await dp.apply([web])
+    await apply_diff(dp, [web])
     writes = fake.writes
-    await dp.apply([web])
-    await dp.apply(services(WEB))  # equal values, new objects
+    await apply_diff(dp, [web])
+    await apply_diff(dp, services(WEB))  # equal values, new objects
     assert fake.writes == writes
 
 
 async def test_edits_are_minimal() -> None:
     fake = FakeIpvs()
     dp = dataplane(fake)
-    await dp.apply(services(WEB))
+    await apply_diff(dp, services(WEB))
     fake.log.clear()
-    await dp.apply(
-        services(WEB.replace("weight: 3", "weight: 5").replace("scheduler: wrr", "scheduler: rr"))
+    await apply_diff(
+        dp,
+        services(WEB.replace("weight: 3", "weight: 5").replace("scheduler: wrr", "scheduler: rr")),
     )
     assert fake.log == [
         "hold tcp/10.0.0.1:80",  # a scheduler swap leaves the service without one for a moment
@@ -109,8 +111,8 @@ async def test_foreign_services_are_never_touched() -> None:
     fake.svcs[other.key] = KService(other.key, "wlc")
     fake.lists[other.key] = []
     dp = dataplane(fake, owned=set())
-    await dp.apply([web])
-    await dp.apply([])
+    await apply_diff(dp, [web])
+    await apply_diff(dp, [])
     assert fake.writes == 0 and web.key in dp.foreign
     assert fake.svcs[web.key] is keepalived and other.key in fake.svcs
 
@@ -118,8 +120,8 @@ async def test_foreign_services_are_never_touched() -> None:
 async def test_owned_services_no_longer_wanted_are_deleted() -> None:
     fake = FakeIpvs()
     dp = dataplane(fake)
-    await dp.apply(services(WEB))
-    await dp.apply([])
+    await apply_diff(dp, services(WEB))
+    await apply_diff(dp, [])
     assert fake.svcs == {}
 
 
@@ -131,11 +133,11 @@ async def test_removed_backend_drains_then_goes_or_after_the_grace() -> None:
     clock = Clock()
     dp = dataplane(fake, clock=clock)
     (web,) = services(WEB)
-    await dp.apply([web])
+    await apply_diff(dp, [web])
     b2 = web.backends[1].address
     fake.set_conns(web.key, b2, active=2, inactive=1)
     fewer = services(WEB.replace("      - {address: 10.0.1.2:8080, weight: 1}\n", ""))
-    await dp.apply(fewer)
+    await apply_diff(dp, fewer)
     assert order(fake, web) == ["10.0.1.2:8080 w0", "10.0.1.1:8080 w3"]  # quiesced, kept
     clock.now = 30
     await dp.refresh()
@@ -147,10 +149,10 @@ async def test_removed_backend_drains_then_goes_or_after_the_grace() -> None:
     await dp.refresh()
     assert fake.writes == writes  # nothing waits: a refresh writes nothing
     # and with connections that never end: gone after drain_timeout
-    await dp.apply([web])
+    await apply_diff(dp, [web])
     fake.set_conns(web.key, b2, active=1)
     clock.now = 100
-    await dp.apply(fewer)
+    await apply_diff(dp, fewer)
     clock.now = 159
     await dp.refresh()
     assert len(fake.lists[web.key]) == 2
@@ -163,11 +165,11 @@ async def test_down_backend_is_quiesced_not_removed() -> None:
     fake = FakeIpvs()
     dp = dataplane(fake)
     (web,) = services(WEB)
-    await dp.apply([web])
+    await apply_diff(dp, [web])
     import dataclasses
 
     down = web.with_backends((web.backends[0], dataclasses.replace(web.backends[1], healthy=False)))
-    await dp.apply([down])
+    await apply_diff(dp, [down])
     assert order(fake, web) == ["10.0.1.2:8080 w0", "10.0.1.1:8080 w3"]
 
 
@@ -175,10 +177,10 @@ async def test_demoting_form_sends_new_connections_to_the_local_listener() -> No
     fake = FakeIpvs()
     dp = dataplane(fake)
     (web,) = services(WEB)
-    await dp.apply([web])
+    await apply_diff(dp, [web])
     fake.set_conns(web.key, web.backends[0].address, active=3)
     fake.log.clear()
-    await dp.apply([demoting_form(web)])
+    await apply_diff(dp, [demoting_form(web)])
     k = fake.svcs[web.key]
     assert (k.scheduler, k.flags) == ("rr", 0)
     # held while the scheduler is swapped; the local destination comes before the quiescing,
@@ -203,7 +205,7 @@ async def test_observe_reports_kernel_counts_as_ipvs() -> None:
     fake = FakeIpvs()
     dp = dataplane(fake)
     (web,) = services(WEB)
-    await dp.apply([web])
+    await apply_diff(dp, [web])
     fake.set_conns(web.key, web.backends[0].address, active=4, inactive=2)
     await dp.refresh()
     (snap,) = dp.observe()
@@ -301,7 +303,7 @@ async def test_drained_looks_at_connection_states(tmp_path: Path) -> None:
     (web,) = services(WEB)
     table: list[KConn] = []
     dp = IpvsDataplane(fake, _owned, conn_table=lambda: table)
-    await dp.apply([web])
+    await apply_diff(dp, [web])
     vip, dest = web.listen, web.backends[0].address
     table.append(
         KConn(web.protocol, Endpoint.parse("10.9.9.9:1000"), vip, dest, "ESTABLISHED", 800)

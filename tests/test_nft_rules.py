@@ -25,6 +25,7 @@ from offload.nft_rules import (
     with_affinity,
 )
 from offload.nftables import NftDataplane, NftError
+from tests.support.doubles import apply_diff
 from tests.support.vs import Harness, name_of
 
 
@@ -152,15 +153,15 @@ async def test_one_change_rewrites_one_service_whatever_the_count() -> None:
     fake = FakeNft()
     dp = NftDataplane(fake)
     many = svc("wrr", n=500)
-    await dp.apply(many)
+    await apply_diff(dp, many)
     assert dp.writes == 1 and fake.scripts[0].startswith("table ip lb\ndelete table ip lb\n")
-    await dp.apply(many)
+    await apply_diff(dp, many)
     assert dp.writes == 1  # nothing changed, nothing sent
     edited = list(many)
     edited[250] = edited[250].with_backends(
         (dataclasses.replace(edited[250].backends[0], weight=5), *edited[250].backends[1:])
     )
-    await dp.apply(edited)
+    await apply_diff(dp, edited)
     script = fake.scripts[-1]
     sid = service_id(edited[250].key)
     assert dp.writes == 2
@@ -169,9 +170,9 @@ async def test_one_change_rewrites_one_service_whatever_the_count() -> None:
     t = shard_of(edited[250].key)
     assert f"flush chain ip {t} svc_{sid}" in script and "add counter" not in script
     small = NftDataplane(FakeNft())
-    await small.apply(many[:5])
+    await apply_diff(small, many[:5])
     edited_small = [*many[:4], edited[250]]
-    await small.apply(edited_small)
+    await apply_diff(small, edited_small)
     assert small.writes == 2
 
 
@@ -179,8 +180,8 @@ async def test_a_removed_service_loses_every_object() -> None:
     fake = FakeNft()
     dp = NftDataplane(fake)
     (s,) = svc("rr", ", persistence: {timeout: 60}", weights="1,1")
-    await dp.apply([s])
-    await dp.apply([])
+    await apply_diff(dp, [s])
+    await apply_diff(dp, [])
     pins, *script = fake.scripts[-1].splitlines()
     sid = service_id(s.key)
     # no hairpin path left either
@@ -228,9 +229,9 @@ async def test_a_refused_change_makes_the_next_apply_rebuild_the_tables() -> Non
     fake = FakeNft()
     dp = NftDataplane(fake)
     many = svc("rr", n=3)
-    await dp.apply(many)
+    await apply_diff(dp, many)
     copies = [dataclasses.replace(s) for s in many]  # equal, other objects: nothing to send
-    await dp.apply(copies)
+    await apply_diff(dp, copies)
     assert dp.writes == 1
 
     async def refuse(script: str) -> str:
@@ -238,9 +239,9 @@ async def test_a_refused_change_makes_the_next_apply_rebuild_the_tables() -> Non
 
     dp.nft = refuse
     with pytest.raises(NftError):
-        await dp.apply(copies[:2])
+        await apply_diff(dp, copies[:2])
     dp.nft = fake
-    await dp.apply(copies[:2])
+    await apply_diff(dp, copies[:2])
     assert fake.scripts[-1].startswith("table ip lb\ndelete table ip lb\n")
     assert "10.0.0.3" not in fake.scripts[-1] and "10.0.0.2" in fake.scripts[-1]
 

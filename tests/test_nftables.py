@@ -19,6 +19,7 @@ from offload.netns import inside
 from offload.nft_netlink import NftNetlink
 from offload.nft_rules import cycle
 from offload.nftables import NftDataplane
+from tests.support.doubles import apply_diff
 from tests.support.netns import CLIENT_IPS, LB_SIDE, Topology
 from tests.support.traffic import (
     Backends,
@@ -73,7 +74,7 @@ def nft_in(topo: Topology, *args: str) -> str:
 
 async def apply(topo: Topology, dp: NftDataplane, services: list[Service]) -> None:
     with inside(topo.lb):  # nft runs in the balancer's namespace
-        await dp.apply(services)
+        await apply_diff(dp, services)
 
 
 async def test_forwarding_with_port_mapping_and_the_kernels_wrr_cycle(
@@ -149,9 +150,9 @@ async def test_affinity_is_seeded_before_the_kernel_takes_the_service_and_read_b
     dp = make_dp()
     with inside(topo.lb):
         if when == "built":  # the first apply builds the tables
-            await dp.apply([web], None, seeds)
+            await dp.apply([web], Changes([web]), seeds)
         else:  # the tables are there: the service comes with the change
-            await dp.apply([])
+            await dp.apply([], Changes())
             await dp.apply([web], Changes([web]), seeds)
     seen = {(await ask(topo, ip)).split()[0] for ip in CLIENT_IPS[:6] for _ in range(3)}
     assert seen == {str(target.ip)}

@@ -104,7 +104,8 @@ class Memo:
     """The last translation of each Service: one whose object and slices are the very
     objects of last time (the informers keep an unchanged object as it was) gives the
     same lb services again, not new equal ones. A sync then costs the Services that
-    changed, and the dataplanes recognise the others by identity (lb/changes.py)."""
+    changed: the controller recognises the others by identity and hands the
+    dataplanes only the changed ones (lb/changes.py)."""
 
     def __init__(self) -> None:
         self.made: dict[ObjectKey, _Made] = {}

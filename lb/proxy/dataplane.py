@@ -12,7 +12,7 @@ import logging
 import socket
 from collections.abc import Sequence
 
-from lb.changes import Applied, Changes
+from lb.changes import Changes
 from lb.log import emit
 from lb.model import Protocol, Service, ServiceKey
 from lb.persist import Affinity
@@ -42,19 +42,17 @@ class UserspaceDataplane:
         self.runtimes: dict[ServiceKey, ServiceRuntime] = {}
         self.retired: list[TcpService] = []  # removed services whose connections live on
         self._tick: asyncio.TimerHandle | None = None
-        self._applied: dict[ServiceKey, Service] = {}
-        self._seen = Applied()  # the service objects of the last apply
         # Housekeeping and rate sampling visit only the services something happened to:
         # `_due` (woken: a connection, an error, a change; until a tick finds it idle) and
         # `_quieted` (went idle since the last sampling round). Idle services cost nothing.
         self._due: set[ServiceRuntime] = set()
         self._quieted: set[ServiceRuntime] = set()
 
-    async def apply(self, desired: Sequence[Service], changes: Changes | None = None) -> None:
+    async def apply(self, desired: Sequence[Service], changes: Changes) -> None:
         """Make the listeners and services match `desired`; all or nothing for new
-        listeners. The work is that of `changes` (found by identity if not given)."""
+        listeners. The work is that of `changes` (lb.changes)."""
         loop = asyncio.get_running_loop()
-        ch = self._seen.changes(desired, changes)
+        ch = changes
         new = [s for s in ch.fresh if s.key not in self.runtimes]
         socks: dict[ServiceKey, socket.socket] = {}
         errors: list[BindError] = []
@@ -71,7 +69,6 @@ class UserspaceDataplane:
             rt = self.runtimes.pop(key, None)
             if rt is None:
                 continue
-            self._applied.pop(key, None)
             self._due.discard(rt)
             self._quieted.discard(rt)
             rt.stop_listening()
@@ -87,18 +84,14 @@ class UserspaceDataplane:
                 self.retired.append(rt)
         for service in ch.fresh:
             existing = self.runtimes.get(service.key)
-            if existing is None:
-                continue
-            if self._applied.get(service.key) != service:
+            if existing is not None and existing.service != service:
                 existing.update(service)
-            self._applied[service.key] = service
         for s in new:
             rt = self._make(loop, s, socks[s.key])
             rt.wake = self._wake
             rt.update(s)
             await rt.start()
             self.runtimes[s.key] = rt
-            self._applied[s.key] = s
             emit(
                 log,
                 logging.INFO,
@@ -107,7 +100,6 @@ class UserspaceDataplane:
                 service=s.name,
                 listen=str(s.key),
             )
-        self._seen.commit(ch)
         if self._tick is None:
             self._tick = loop.call_later(TICK, self._on_tick)
 
@@ -202,7 +194,5 @@ class UserspaceDataplane:
             await asyncio.sleep(0)
         self.runtimes.clear()
         self.retired.clear()
-        self._applied.clear()
-        self._seen.clear()
         self._due.clear()
         self._quieted.clear()

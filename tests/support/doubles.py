@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
+from typing import Protocol
+
 from lb.changes import Changes
 from lb.model import Service, ServiceKey
 from lb.stats import Offload, ServiceSnapshot
+
+
+class Applies(Protocol):
+    async def apply(self, desired: list[Service], changes: Changes) -> None: ...
+
+
+_given: weakref.WeakKeyDictionary[Applies, list[Service]] = weakref.WeakKeyDictionary()
+
+
+async def apply_diff(dp: Applies, desired: Sequence[Service]) -> None:
+    """`dp.apply(desired, changes)` with the changes from what this helper gave `dp`
+    last (a whole-list diff: a test's change tracker, where lb's is the controller)."""
+    now = list(desired)
+    await dp.apply(now, Changes.between(_given.get(dp, []), now))
+    _given[dp] = now
 
 
 class RecordingDataplane:
@@ -14,9 +33,9 @@ class RecordingDataplane:
 
     def __init__(self) -> None:
         self.applied: list[list[Service]] = []
-        self.changes: list[Changes | None] = []
+        self.changes: list[Changes] = []
 
-    async def apply(self, desired: list[Service], changes: Changes | None = None) -> None:
+    async def apply(self, desired: list[Service], changes: Changes) -> None:
         self.applied.append(list(desired))
         self.changes.append(changes)
 

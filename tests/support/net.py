@@ -14,7 +14,6 @@ from lb.model import Config
 from lb.proxy.dataplane import UserspaceDataplane
 from lb.proxy.runtime import ServiceRuntime
 
-
 _issued: set[tuple[str, int, int]] = set()
 
 
