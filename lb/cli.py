@@ -114,7 +114,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps({"services": services}, indent=2))
         return 0
     mode = "stats" if args.stats else "rate" if args.rate else ""
-    print(render(services, numeric=args.numeric, mode=mode, exact=args.exact))
+    print(
+        render(
+            services,
+            numeric=args.numeric,
+            mode=mode,
+            exact=args.exact,
+            persistent=args.persistent_conn,
+        )
+    )
     return 0
 
 
@@ -289,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--stats", action="store_true", help="connection, packet and byte counters")
     group.add_argument(
         "--rate", action="store_true", help="rates: connections, packets, bytes per second"
+    )
+    group.add_argument(
+        "--persistent-conn",
+        action="store_true",
+        help="persistence templates per backend (PersistConn), on whichever path holds them",
     )
     ls.add_argument("--exact", action="store_true", help="exact numbers (no K/M/G)")
     ls.add_argument("--json", action="store_true", help="the admin API's JSON")

@@ -426,3 +426,26 @@ async def test_access_log_and_throttled_connection_errors(tmp_path: Path) -> Non
         assert errors[0]["reason"] == "refused" and errors[0]["backend"] == f"127.0.0.1:{dead}"
     finally:
         await lb.stop()
+
+
+def test_list_persistent_conn_shows_the_templates_per_backend() -> None:
+    """`lb list --persistent-conn`: ipvsadm's PersistConn column, from the admin API's
+    `persistent` count of each backend (whichever dataplane holds the templates)."""
+    from lb.admin.listing import render
+
+    backend = {"address": "10.0.1.1:80", "effective_weight": 1, "active": 2, "inactive": 0}
+    service = {
+        "name": "web",
+        "protocol": "tcp",
+        "listen": "10.0.0.1:80",
+        "scheduler": "rr",
+        "flags": [],
+        "persistence": {"timeout": 300, "netmask": "255.255.255.255"},
+        "dataplane": "ipvs",
+        "backends": [{**backend, "persistent": 7, "state": "UP"}],
+    }
+    lines = render([service], numeric=True, persistent=True).splitlines()
+    assert lines[2].split()[3:6] == ["Weight", "PersistConn", "ActiveConn"]
+    assert lines[4].split() == ["->", "10.0.1.1:80", "Masq", "1", "7", "2", "0", "UP"]
+    plain = render([service], numeric=True).splitlines()
+    assert plain[4].split() == ["->", "10.0.1.1:80", "Masq", "1", "2", "0", "UP"]

@@ -64,7 +64,16 @@ def _service_head(s: Service, show: Callable[[str], str]) -> str:
     return head
 
 
-def render(services: list[Service], *, numeric: bool, mode: str = "", exact: bool = False) -> str:
+def render(
+    services: list[Service],
+    *,
+    numeric: bool,
+    mode: str = "",
+    exact: bool = False,
+    persistent: bool = False,
+) -> str:
+    """As ipvsadm -Ln prints them; `mode` "stats" or "rate": its --stats or --rate
+    columns; `persistent`: its --persistent-conn column (templates per backend)."""
     show = resolver(numeric)
     services = sorted(services, key=lambda s: (s["protocol"], s["listen"]))
     lines = [f"IP Virtual Server version 1.2.1 (lb {__version__})"]
@@ -75,9 +84,11 @@ def render(services: list[Service], *, numeric: bool, mode: str = "", exact: boo
             f"{'  -> RemoteAddress:Port':<78} State",
         ]
     else:
+        persist_head = "PersistConn " if persistent else ""
         lines += [
             "Prot LocalAddress:Port Scheduler Flags                      Dataplane",
-            "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn State",
+            f"  -> RemoteAddress:Port           Forward Weight {persist_head}"
+            "ActiveConn InActConn State",
         ]
     for s in services:
         if mode:
@@ -93,8 +104,10 @@ def render(services: list[Service], *, numeric: bool, mode: str = "", exact: boo
             else:
                 fwd = FORWARD.get(s["dataplane"], "Masq")
                 weight, active, inactive = b["effective_weight"], b["active"], b["inactive"]
+                persist = f"{b['persistent']:<11} " if persistent else ""
                 lines.append(
-                    f"{name:<33} {fwd:<7} {weight:<6} {active:<10} {inactive:<10} {b['state']}"
+                    f"{name:<33} {fwd:<7} {weight:<6} {persist}{active:<10} {inactive:<10} "
+                    f"{b['state']}"
                 )
     stays = [
         f"  {s['name']} ({s['protocol']} {s['listen']}): {s['offload']['reason']}"
