@@ -26,6 +26,7 @@ from pydantic_core import ErrorDetails
 
 from lb.model import (
     ADMIN_DEFAULT,
+    HEALTHZ_DEFAULT,
     TCP_IDLE_TIMEOUT,
     UDP_IDLE_TIMEOUT,
     UDP_MAX_FLOWS,
@@ -263,6 +264,7 @@ class KubernetesIn(_Model):
     nodeport_addresses: list[Annotated[str, Strict()]] = []
     kubeconfig: Annotated[str, Strict(), Field(min_length=1)] | None = None
     node_name: Annotated[str, Strict(), Field(min_length=1, max_length=253)] | None = None
+    healthz_address: Addr | None = HEALTHZ_DEFAULT
 
 
 class RootIn(_Model):
@@ -763,6 +765,7 @@ def _parse_config(text: str, source: str) -> Config:
             tuple(ipaddress.ip_address(a) for a in k.nodeport_addresses),
             k.kubeconfig,
             k.node_name,
+            k.healthz_address,
         ),
         path=source,
     )

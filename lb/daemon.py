@@ -19,6 +19,8 @@ from lb.admin.server import AdminServer, AdminSetupError, Readiness, bind_admin,
 from lb.config import ConfigError, load_config
 from lb.controller import Controller
 from lb.k8s.api import Api, ApiError
+from lb.k8s.health import ProxyHealth
+from lb.k8s.health_server import HealthServers
 from lb.k8s.source import KubernetesSource, SourceMetrics
 from lb.loader import load_isolated
 from lb.log import emit
@@ -207,8 +209,24 @@ class Daemon:
         except ApiError as e:
             raise StartError([f"kubernetes: {e}"]) from None
         self._api = api
+        health = HealthServers(ProxyHealth(2 * k.sync_period))  # kube-proxy's timeout
+        if k.healthz_address is not None:
+            try:
+                await health.start_proxy(k.healthz_address)
+            except OSError as e:  # as kube-proxy: said, and lb serves on without it
+                emit(
+                    log,
+                    logging.ERROR,
+                    "k8s.healthz_failed",
+                    f"cannot serve /healthz and /livez on {k.healthz_address}: {e.strerror or e}",
+                )
         self.kubernetes = KubernetesSource.from_api(
-            api, node_name, k, self._apply_kubernetes, SourceMetrics(self.metrics.registry)
+            api,
+            node_name,
+            k,
+            self._apply_kubernetes,
+            metrics=SourceMetrics(self.metrics.registry),
+            health=health,
         )
         self.readiness.set_not_ready("waiting for the first sync from the Kubernetes API")
         self.kubernetes.start()
@@ -282,6 +300,7 @@ class Daemon:
         )
         if self.kubernetes is not None:
             await self.kubernetes.stop()
+            await self.kubernetes.health.close()
         if self._api is not None:
             await self._api.close()
         await self.controller.shutdown(grace)

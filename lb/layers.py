@@ -34,6 +34,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "lb.stats",
         "lb.k8s",  # the package only
         "lb.k8s.translate",
+        "lb.k8s.health",
         "lb.layers",
         "offload",  # the package only
         "offload.policy",
@@ -70,6 +71,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "lb.daemon",
         "lb.demo",
         "lb.k8s.api",
+        "lb.k8s.health_server",
         "lb.k8s.informer",
         "lb.k8s.source",
         "lb.loader",

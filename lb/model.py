@@ -250,6 +250,7 @@ class ServiceKey:
 
 #: Where the admin API listens unless the config says otherwise.
 ADMIN_DEFAULT = Endpoint(ipaddress.ip_address("127.0.0.1"), 9090)
+HEALTHZ_DEFAULT = Endpoint(ipaddress.ip_address("0.0.0.0"), 10256)  # kube-proxy's
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +286,8 @@ class KubernetesSettings:
     nodeport_addresses: tuple[IPAddress, ...] = ()  # empty: the Node's InternalIP/ExternalIP
     kubeconfig: str | None = None  # None: $KUBECONFIG, else the in-cluster service account
     node_name: str | None = None  # None: $NODE_NAME, else the host name
+    #: /healthz and /livez as kube-proxy serves them (lb/k8s/health.py); None: not served
+    healthz_address: Endpoint | None = HEALTHZ_DEFAULT
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,11 +105,11 @@ async def backends(cluster: Cluster) -> AsyncIterator[list[TcpBackend]]:
         await b.stop()
 
 
-def write_config(tmp_path: Path, admin_port: int, extra: str = "") -> Path:
+def write_config(tmp_path: Path, admin_port: int, extra: str = "", kubernetes: str = "") -> Path:
     cfg = tmp_path / "lb.yaml"
     cfg.write_text(
         f"dataplane: userspace\nshutdown_grace: 1s\nadmin: {{listen: 127.0.0.1:{admin_port}}}\n"
-        "kubernetes: {min_sync_period: 100ms, sync_period: 5s}\n" + extra
+        f"kubernetes: {{min_sync_period: 100ms, sync_period: 5s{kubernetes}}}\n" + extra
     )
     return cfg
 
@@ -298,3 +298,92 @@ async def test_in_cluster_the_service_account_is_used_without_a_kubeconfig(
         for p in made:  # the empty directories this test made, deepest first
             with contextlib.suppress(OSError):
                 p.rmdir()
+
+
+async def test_health_check_node_port_and_proxy_health(
+    cluster: Cluster, backends: list[TcpBackend], tmp_path: Path
+) -> None:
+    """kube-proxy's health servers: a Local Service's healthCheckNodePort answers 200 while
+    this node has a ready endpoint of it and 503 once it has none; /healthz turns 503 when
+    the node is tainted for deletion (/livez does not)."""
+    admin, healthz, hc_port = free_port(), free_port(NODE_IP), free_port(NODE_IP)
+    edge = service(
+        "edge",
+        cluster_ip="127.0.2.7",
+        type="LoadBalancer",
+        ports=[{"name": "http", "port": cluster.port, "targetPort": 8080, "protocol": "TCP"}],
+    )
+    edge["spec"] |= {"externalTrafficPolicy": "Local", "healthCheckNodePort": hc_port}
+    cluster.api.put(edge)
+    slice_ports = [{"name": "http", "port": cluster.target, "protocol": "TCP"}]
+
+    def place(node_name: str) -> None:
+        cluster.api.put(
+            endpoint_slice(
+                "edge-1",
+                "edge",
+                endpoints=[endpoint(BACKENDS[0], node_name=node_name)],
+                ports=slice_ports,
+            )
+        )
+
+    place("node-1")
+    kubeconfig = tmp_path / "kubeconfig"
+    cluster.api.write_kubeconfig(kubeconfig)
+    cfg = write_config(tmp_path, admin, kubernetes=f", healthz_address: '{NODE_IP}:{healthz}'")
+    args = ["--source", "kubernetes", "--kubeconfig", str(kubeconfig)]
+    lb = await LbProcess.start(cfg, args=[*args, "--hostname-override", "node-1"])
+
+    async def probe(port: int, path: str = "/") -> tuple[int, dict[str, Any]]:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"http://{NODE_IP}:{port}{path}") as r,
+        ):
+            assert r.headers["Content-Type"].startswith("application/json")
+            return r.status, await r.json()
+
+    async def until(port: int, status: int, path: str = "/") -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                got, body = await probe(port, path)
+                if got == status:
+                    return body
+            assert asyncio.get_running_loop().time() < deadline, lb.lines[-5:]
+            await asyncio.sleep(0.2)
+
+    try:
+        await lb.wait_event("k8s.first_sync", timeout=30)
+        body = await until(hc_port, 200)
+        assert body == {
+            "service": {"namespace": "default", "name": "edge"},
+            "localEndpoints": 1,
+            "serviceProxyHealthy": True,
+        }
+        place("node-2")  # the node's last local endpoint goes elsewhere
+        assert (await until(hc_port, 503))["localEndpoints"] == 0
+        place("node-1")
+        assert (await until(hc_port, 200))["localEndpoints"] == 1
+
+        assert (await until(healthz, 200, "/healthz"))["nodeEligible"] is True
+        tainted = node("node-1", NODE_IP)
+        tainted["spec"]["taints"] = [
+            {"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}
+        ]
+        cluster.api.put(tainted)
+        assert (await until(healthz, 503, "/healthz"))["nodeEligible"] is False
+        assert (await probe(healthz, "/livez"))[0] == 200  # alive all the same
+
+        cluster.api.delete("Service", "default", "edge")  # its port closes with it
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            try:
+                await probe(hc_port)
+            except aiohttp.ClientConnectionError:
+                break
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.2)
+    finally:
+        lb.signal(signal.SIGTERM)
+        assert await lb.wait() == 0
+        await lb.stop()

@@ -5,6 +5,7 @@ The real kubernetes-asyncio client talks HTTP to it through a kubeconfig."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from lb.k8s.api import Api, Resource
+from lb.k8s.health import ProxyHealth, node_eligible
 from lb.k8s.informer import Backoff, Informer
 from lb.k8s.source import KubernetesSource, SourceMetrics
 from lb.model import KubernetesSettings, Service
@@ -317,3 +319,58 @@ async def test_lists_are_read_in_pages_and_an_expired_continue_token_relists(
         assert sorted(fresh.store) == [("default", f"web{i}") for i in range(5)]
     finally:
         task.cancel()
+
+
+async def test_proxy_health_turns_unhealthy_when_syncs_stop_and_back_when_they_resume(
+    server: FakeApiServer, api: Api
+) -> None:
+    """kube-proxy's rule: a change queued longer than twice the sync period without a sync
+    applying it makes /healthz and /livez 503."""
+    rec = ApplyRecorder()
+    src = source(api, api, rec, replace(FAST, sync_period=0.2))  # unhealthy after 0.4 s
+    src.start()
+    health = src.health.health
+    try:
+        await asyncio.wait_for(src.first_sync(), 5)
+        assert health.healthz(time.time())[0] == 200
+        rec.fail = True  # the dataplane refuses every sync from now on
+        server.put(web())
+        await asyncio.sleep(0.1)
+        assert health.livez(time.time())[0] == 200  # queued, not late yet
+        await eventually(lambda: health.livez(time.time())[0] == 503, 5)
+        status, body = health.healthz(time.time())
+        assert status == 503 and body["nodeEligible"] is True
+        rec.fail = False
+        await eventually(lambda: health.healthz(time.time())[0] == 200, 5)
+    finally:
+        await src.stop()
+
+
+def test_proxy_health_over_time() -> None:
+    h = ProxyHealth(timeout=60)
+    assert h.healthz(0)[0] == 200  # starting up: healthy
+    h.queued(100)
+    h.syncing()
+    h.queued(130)  # arrives while the sync runs: waits for the next one
+    h.failed()
+    assert h.livez(159)[0] == 200 and h.livez(160)[0] == 503  # the oldest, from 100
+    h.syncing()
+    h.updated(165)
+    assert h.livez(165)[0] == 200
+    h.queued(170)
+    h.syncing()
+    h.updated(171)
+    status, body = h.healthz(500)
+    assert status == 200 and body["lastUpdated"] == body["currentTime"]  # as kube-proxy
+    h.queued(500)
+    status, body = h.livez(600)
+    assert status == 503 and body["lastUpdated"].startswith("1970-01-01T00:02:51")
+
+
+def test_node_eligibility() -> None:
+    n = node("node-1", "192.168.0.10")
+    assert node_eligible(n) and node_eligible(None)
+    assert not node_eligible({**n, "metadata": {**n["metadata"], "deletionTimestamp": "x"}})
+    taint = {"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}
+    assert not node_eligible({**n, "spec": {"taints": [taint]}})
+    assert node_eligible({**n, "spec": {"taints": [{**taint, "key": "other"}]}})

@@ -216,3 +216,26 @@ def test_translated_services_are_ones_a_kernel_dataplane_can_carry() -> None:
     assert len(out) == 2
     for s in out:
         assert NftDataplane().not_expressible(s) is None, s.name
+
+
+def test_health_check_node_port_counts_this_nodes_ready_endpoints() -> None:
+    lb_svc = service("edge", type="LoadBalancer")
+    lb_svc["spec"] |= {"externalTrafficPolicy": "Local", "healthCheckNodePort": 32000}
+    slices = [
+        endpoint_slice(
+            "edge-a",
+            "edge",
+            endpoints=[
+                endpoint("10.244.1.5"),
+                endpoint("10.244.1.6", ready=False),  # not ready: not counted
+                endpoint("10.244.2.7", node_name="node-2"),  # another node's
+            ],
+        ),
+        endpoint_slice("edge-b", "edge", endpoints=[endpoint("10.244.1.8")]),
+    ]
+    t = translate([lb_svc], slices, Node("node-1", (ipaddress.ip_address("192.168.0.10"),)))
+    (check,) = t.health_checks
+    assert (check.service, check.port, check.local_endpoints) == (("default", "edge"), 32000, 2)
+    cluster = service("edge", type="LoadBalancer")  # externalTrafficPolicy: Cluster
+    cluster["spec"]["healthCheckNodePort"] = 32000
+    assert translate([cluster], slices, Node("node-1")).health_checks == ()

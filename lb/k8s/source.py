@@ -24,6 +24,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from lb.k8s.api import Api
+from lb.k8s.health import ProxyHealth, node_eligible
+from lb.k8s.health_server import HealthServers
 from lb.k8s.informer import Backoff, Informer, Object, Reader
 from lb.k8s.translate import Memo, Node, ObjectKey, Translation, node_addresses, translate
 from lb.log import emit
@@ -97,12 +99,14 @@ class KubernetesSource:
         settings: KubernetesSettings,
         apply: Apply,
         metrics: SourceMetrics | None = None,
+        health: HealthServers | None = None,
         backoff: Callable[[], Backoff] = Backoff,
     ) -> None:
         self.node_name = node_name
         self.settings = settings
         self.apply = apply
         self.metrics = metrics or SourceMetrics()
+        self.health = health or HealthServers(ProxyHealth(2 * settings.sync_period))
         self.informers = [
             Informer(reader, r, self._changed, backoff=backoff(), on_error=self._api_error)
             for r in (services, endpoint_slices, node)
@@ -125,7 +129,9 @@ class KubernetesSource:
         node_name: str,
         settings: KubernetesSettings,
         apply: Apply,
+        *,
         metrics: SourceMetrics | None = None,
+        health: HealthServers | None = None,
     ) -> KubernetesSource:
         return cls(
             api,
@@ -136,6 +142,7 @@ class KubernetesSource:
             settings=settings,
             apply=apply,
             metrics=metrics,
+            health=health,
         )
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -162,6 +169,9 @@ class KubernetesSource:
     # --- changes ------------------------------------------------------------------------
 
     def _changed(self, kind: str, key: ObjectKey, obj: Object | None) -> None:
+        self.health.health.queued(time.time())
+        if kind == "Node":
+            self.health.health.node_eligible = node_eligible(obj)
         self._pending += 1
         self.metrics.changes.labels(kind).inc()
         self.metrics.pending.set(self._pending)
@@ -212,6 +222,7 @@ class KubernetesSource:
         pending, self._pending = self._pending, 0
         waiting, self._waiting = self._waiting, []
         start = time.perf_counter()
+        self.health.health.syncing()
         nodes = list(self.node.store.values())
         addresses = self.settings.nodeport_addresses or node_addresses(nodes[0] if nodes else None)
         translation = translate(
@@ -226,6 +237,7 @@ class KubernetesSource:
         try:
             await self.apply(translation.services)
         except Exception as e:
+            self.health.health.failed()
             self._pending += pending  # applied by a later sync (sync_period at the latest)
             self._waiting = waiting + self._waiting
             self.metrics.pending.set(self._pending)
@@ -238,6 +250,8 @@ class KubernetesSource:
             )
             return
         done = time.time()
+        self.health.health.updated(done)
+        await self.health.sync(translation.health_checks, addresses)
         self.translation = translation
         self.syncs += 1
         self.metrics.sync_seconds.observe(time.perf_counter() - start)

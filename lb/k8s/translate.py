@@ -69,10 +69,21 @@ class Node:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """A Service's health-check node port (`externalTrafficPolicy: Local`) and how many
+    ready endpoints it has on this node (lb/k8s/health.py answers on it)."""
+
+    service: ObjectKey
+    port: int
+    local_endpoints: int
+
+
+@dataclass(frozen=True, slots=True)
 class Translation:
     services: tuple[Service, ...]
     skipped: tuple[str, ...] = ()  # one line per object or port not proxied, and why
     sources: dict[ServiceKey, ObjectKey] = field(default_factory=dict, compare=False)
+    health_checks: tuple[HealthCheck, ...] = ()
 
 
 def node_addresses(node: Object | None) -> tuple[IPAddress, ...]:
@@ -98,6 +109,7 @@ class _Made:
     scheduler: SchedulerName
     services: list[Service]
     skipped: list[str]
+    check: HealthCheck | None
 
 
 class Memo:
@@ -127,6 +139,7 @@ def translate(
     out: list[Service] = []
     skipped: list[str] = []
     sources: dict[ServiceKey, ObjectKey] = {}
+    checks: list[HealthCheck] = []
     previous = memo.made if memo is not None else {}
     made: dict[ObjectKey, _Made] = {}
     for svc in sorted(services, key=object_key):
@@ -143,9 +156,11 @@ def translate(
         ):
             notes: list[str] = []
             one = _translate_one(svc, list(own), node, default_scheduler, notes)
-            m = _Made(svc, own, node, default_scheduler, one, notes)
+            m = _Made(svc, own, node, default_scheduler, one, notes, _health_check(svc, own, node))
         made[key] = m
         skipped += m.skipped
+        if m.check is not None:
+            checks.append(m.check)
         for lb_service in m.services:
             other = sources.get(lb_service.key)
             if other is not None:
@@ -158,7 +173,27 @@ def translate(
             out.append(lb_service)
     if memo is not None:
         memo.made = made
-    return Translation(tuple(out), tuple(skipped), sources)
+    return Translation(tuple(out), tuple(skipped), sources, tuple(checks))
+
+
+def _health_check(svc: Object, slices: Iterable[Object], node: Node) -> HealthCheck | None:
+    """kube-proxy's: a Service with `externalTrafficPolicy: Local` and a
+    `healthCheckNodePort` (the API sets one for LoadBalancer Services) has one; it
+    counts this node's ready endpoints, by address, over the Service's slices."""
+    spec = svc.get("spec") or {}
+    port = spec.get("healthCheckNodePort")
+    if spec.get("externalTrafficPolicy") != "Local" or not isinstance(port, int):
+        return None
+    if not 1 <= port <= 65535 or spec.get("type") not in ("NodePort", "LoadBalancer"):
+        return None
+    local = {
+        address
+        for s in slices
+        for e in s.get("endpoints") or []
+        if e.get("nodeName") == node.name and (e.get("conditions") or {}).get("ready") is not False
+        for address in (e.get("addresses") or [])[:1]
+    }
+    return HealthCheck(object_key(svc), port, len(local))
 
 
 def _translate_one(
