@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from lb.k8s.translate import Node, node_addresses, translate
+from lb.k8s.translate import Node, node_addresses, node_zone, translate
 from lb.model import Endpoint, Persistence, Protocol, SchedulerName, Service
 from tests.support.kube_double import endpoint, endpoint_slice, node, service
 
@@ -239,3 +239,52 @@ def test_health_check_node_port_counts_this_nodes_ready_endpoints() -> None:
     cluster = service("edge", type="LoadBalancer")  # externalTrafficPolicy: Cluster
     cluster["spec"]["healthCheckNodePort"] = 32000
     assert translate([cluster], slices, Node("node-1")).health_checks == ()
+
+
+def hinted(ip: str, zones: tuple[str, ...] = (), nodes: tuple[str, ...] = ()) -> dict[str, Any]:
+    e = endpoint(ip, node_name="elsewhere")
+    hints: dict[str, Any] = {}
+    if zones:
+        hints["forZones"] = [{"name": z} for z in zones]
+    if nodes:
+        hints["forNodes"] = [{"name": n} for n in nodes]
+    if hints:
+        e["hints"] = hints
+    return e
+
+
+def test_topology_hints_and_kube_proxys_fall_backs() -> None:
+    here = Node("node-1", (ipaddress.ip_address("192.168.0.10"),), zone="zone-a")
+
+    def picked(*eps: dict[str, Any], node: Node = here) -> list[str]:
+        (s,) = translate([web()], [web_slice(*eps)], node).services
+        return addresses(s)
+
+    a1, a2 = hinted("10.244.1.1", ("zone-a",)), hinted("10.244.1.2", ("zone-a",))
+    b = hinted("10.244.2.1", ("zone-b",))
+    assert picked(a1, a2, b) == ["10.244.1.1:8080", "10.244.1.2:8080"]  # same zone
+    everyone = ["10.244.1.1:8080", "10.244.2.1:8080", "10.244.3.1:8080"]
+    # one ready endpoint without a hint: hints are ignored
+    assert picked(a1, b, hinted("10.244.3.1")) == everyone
+    # no endpoint for this zone: the whole cluster
+    assert picked(b, hinted("10.244.2.2", ("zone-b",))) == ["10.244.2.1:8080", "10.244.2.2:8080"]
+    # a node without a zone label ignores zone hints
+    assert picked(a1, b, node=Node("node-1")) == ["10.244.1.1:8080", "10.244.2.1:8080"]
+    # node hints (PreferSameNode) win when every endpoint has one and one is for this node
+    n1 = hinted("10.244.1.1", ("zone-a",), ("node-1",))
+    n2 = hinted("10.244.1.2", ("zone-a",), ("node-2",))
+    assert picked(n1, n2) == ["10.244.1.1:8080"]
+    assert picked(hinted("10.244.1.1", ("zone-a",), ("node-3",)), n2) == [
+        "10.244.1.1:8080",
+        "10.244.1.2:8080",
+    ]  # no node hint for this node: the zone's
+    # hints never narrow a Local policy, nor the terminating fall-back
+    term = {**b, "conditions": {"ready": False, "serving": True, "terminating": True}}
+    assert picked(term) == ["10.244.2.1:8080"]
+
+
+def test_the_nodes_zone_comes_from_its_label() -> None:
+    n = node("node-1", "192.168.0.10")
+    assert node_zone(n) == "" and node_zone(None) == ""
+    n["metadata"]["labels"]["topology.kubernetes.io/zone"] = "zone-a"
+    assert node_zone(n) == "zone-a"

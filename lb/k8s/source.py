@@ -27,7 +27,15 @@ from lb.k8s.api import Api
 from lb.k8s.health import ProxyHealth, node_eligible
 from lb.k8s.health_server import HealthServers
 from lb.k8s.informer import Backoff, Informer, Object, Reader
-from lb.k8s.translate import Memo, Node, ObjectKey, Translation, node_addresses, translate
+from lb.k8s.translate import (
+    Memo,
+    Node,
+    ObjectKey,
+    Translation,
+    node_addresses,
+    node_zone,
+    translate,
+)
 from lb.log import emit
 from lb.model import KubernetesSettings, Service
 
@@ -228,7 +236,7 @@ class KubernetesSource:
         translation = translate(
             self.services.store.values(),
             self.slices.store.values(),
-            Node(self.node_name, addresses),
+            Node(self.node_name, addresses, node_zone(nodes[0] if nodes else None)),
             self.settings.default_scheduler,
             self._memo,
         )

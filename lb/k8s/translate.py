@@ -18,6 +18,11 @@ shows them) and returns lb `Service` values plus a note for each thing it had to
 - `internalTrafficPolicy: Local` keeps the cluster IP's endpoints to this node's;
   `externalTrafficPolicy: Local` does the same for node ports, external and
   load-balancer IPs.
+- Topology, as kube-proxy: the EndpointSlice controller writes hints (for
+  `trafficDistribution` and topology-aware routing); the Cluster-policy endpoints are
+  those hinted for this node (every ready endpoint with node hints, one for this node),
+  else for this node's zone (`topology.kubernetes.io/zone` label; every ready endpoint
+  with zone hints, one for the zone), else all of them.
 - `sessionAffinity: ClientIP` -> persistence per client address (/32, /128), for
   `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800 s).
 - The scheduler is the annotation `lb.io/scheduler` (rr, wrr, lc, ... as ipvsadm
@@ -48,6 +53,7 @@ from lb.model import (
 SCHEDULER_ANNOTATION = "lb.io/scheduler"
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+ZONE_LABEL = "topology.kubernetes.io/zone"
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, the API's default for ClientIP affinity
 
 Object = Mapping[str, Any]
@@ -66,6 +72,7 @@ class Node:
 
     name: str
     addresses: tuple[IPAddress, ...] = ()
+    zone: str = ""  # its topology.kubernetes.io/zone label: for zone hints
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +91,12 @@ class Translation:
     skipped: tuple[str, ...] = ()  # one line per object or port not proxied, and why
     sources: dict[ServiceKey, ObjectKey] = field(default_factory=dict, compare=False)
     health_checks: tuple[HealthCheck, ...] = ()
+
+
+def node_zone(node: Object | None) -> str:
+    """A Node's zone (its topology.kubernetes.io/zone label), or ""."""
+    labels = ((node or {}).get("metadata") or {}).get("labels") or {}
+    return str(labels.get(ZONE_LABEL) or "")
 
 
 def node_addresses(node: Object | None) -> tuple[IPAddress, ...]:
@@ -306,9 +319,11 @@ def _backends(
     node: Node,
     local_only: bool,
 ) -> tuple[Backend, ...]:
-    """Ready endpoints; if there is none, the serving-and-terminating ones."""
+    """Ready endpoints; if there is none, the serving-and-terminating ones. Without
+    `local_only`, topology hints narrow the ready ones as kube-proxy's do (`_topology`)."""
     ready: list[Endpoint] = []
     terminating: list[Endpoint] = []
+    hints: list[tuple[Endpoint, set[str], set[str]]] = []  # ready: (zones, nodes) hinted
     address_type = "IPv4" if family == 4 else "IPv6"
     for s in sorted(slices, key=object_key):
         if s.get("addressType", "IPv4") != address_type:
@@ -337,10 +352,39 @@ def _backends(
                     continue
                 if is_ready and not is_terminating:
                     ready.append(Endpoint(ip, target))
+                    if not local_only:
+                        hints.append((ready[-1], *_hinted(e)))
                 elif serving and is_terminating:
                     terminating.append(Endpoint(ip, target))
+    if hints:
+        ready = _topology(hints, node)
     chosen = ready or terminating
     return tuple(Backend(e) for e in dict.fromkeys(chosen))
+
+
+def _hinted(endpoint: Object) -> tuple[set[str], set[str]]:
+    """The zones and the nodes an endpoint's hints are for."""
+    h = endpoint.get("hints") or {}
+    return (
+        {str(z.get("name")) for z in h.get("forZones") or [] if isinstance(z, dict)},
+        {str(n.get("name")) for n in h.get("forNodes") or [] if isinstance(n, dict)},
+    )
+
+
+def _topology(ready: list[tuple[Endpoint, set[str], set[str]]], node: Node) -> list[Endpoint]:
+    """kube-proxy's topology (pkg/proxy/topology.go): the ready endpoints hinted for this
+    node if every ready one has node hints and one is for this node (PreferSameNode);
+    else those hinted for this node's zone if every one has zone hints and one is for the
+    zone (PreferSameZone, `trafficDistribution: PreferClose` and topology-aware routing);
+    else all of them: missing hints, or hints that would leave this node or zone without
+    an endpoint, fall back to the whole cluster."""
+    if all(nodes for _, _, nodes in ready) and any(node.name in n for _, _, n in ready):
+        return [e for e, _, nodes in ready if node.name in nodes]
+    if node.zone and all(zones for _, zones, _ in ready):
+        mine = [e for e, zones, _ in ready if node.zone in zones]
+        if mine:
+            return mine
+    return [e for e, _, _ in ready]
 
 
 def _ip(text: object) -> IPAddress | None:
