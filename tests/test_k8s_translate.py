@@ -288,3 +288,14 @@ def test_the_nodes_zone_comes_from_its_label() -> None:
     assert node_zone(n) == "" and node_zone(None) == ""
     n["metadata"]["labels"]["topology.kubernetes.io/zone"] = "zone-a"
     assert node_zone(n) == "zone-a"
+
+
+def test_node_ports_open_only_on_node_addresses_of_the_services_families() -> None:
+    """An IPv4-only Service's node port is not opened on the node's IPv6 address, where it
+    could only reset connections (no IPv6 endpoints): each family on its own."""
+    ports = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30080}]
+    dual = Node("node-1", (ipaddress.ip_address("192.168.0.10"), ipaddress.ip_address("fd00::10")))
+    out = translate(
+        [web(type="NodePort", ports=ports)], [web_slice(endpoint("10.244.1.5"))], dual
+    ).services
+    assert sorted(str(s.listen) for s in out) == ["10.96.0.10:80", "192.168.0.10:30080"]

@@ -246,6 +246,8 @@ def _translate_one(
         )
     internal_local = spec.get("internalTrafficPolicy") == "Local"
     external_local = spec.get("externalTrafficPolicy") == "Local"
+    # the Service's address families: its cluster IPs' (spec.ipFamilies says the same)
+    families = {ip.version for ip in map(_ip, cluster_ips) if ip is not None}
     external_ips = [*(spec.get("externalIPs") or [])]
     external_ips += [
         i["ip"]
@@ -279,7 +281,11 @@ def _translate_one(
             vips.append((f"@{ip}", ip, number, external_local))
         node_port = port.get("nodePort")
         if kind in ("NodePort", "LoadBalancer") and isinstance(node_port, int) and node_port:
-            vips += [(f"@{ip}:{node_port}", ip, node_port, external_local) for ip in node.addresses]
+            vips += [
+                (f"@{ip}:{node_port}", ip, node_port, external_local)
+                for ip in node.addresses
+                if ip.version in families  # each family on its own, as kube-proxy
+            ]
         for suffix, ip, listen_port, local_only in vips:
             backends = _backends(
                 slices,
