@@ -29,6 +29,7 @@ from offload.nft_rules import NatPath, key_element, masq_elements
 from offload.nlthread import NetlinkThread
 
 log = logging.getLogger("lb.offload")
+IFA_F_NODAD = 0x02  # linux/if_addr.h
 
 NFT_SYSCTLS = {"net/ipv4/ip_forward": "1"}
 IPVS_SYSCTLS = {
@@ -198,7 +199,12 @@ class Host:
         async with AsyncIPRoute() as ipr:
             index = await self._index(ipr)
             for ip in sorted(add, key=str):
-                await ipr.addr("add", index=index, address=str(ip), prefixlen=ip.max_prefixlen)
+                # IPv6: no duplicate address detection (IFA_F_NODAD), which would keep the
+                # VIP "tentative" and its listener unbindable for a second or more
+                flags = {"flags": IFA_F_NODAD} if ip.version == 6 else {}
+                await ipr.addr(
+                    "add", index=index, address=str(ip), prefixlen=ip.max_prefixlen, **flags
+                )
             for ip in sorted(remove, key=str):
                 await ipr.addr("del", index=index, address=str(ip), prefixlen=ip.max_prefixlen)
 

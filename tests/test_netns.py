@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,33 @@ async def test_host_masquerades_only_the_paths_to_backends(
         finally:
             for table in (NFT_TABLE, "lbt_dnat"):
                 subprocess.run(["nft", "delete", "table", "ip", table], capture_output=True)
+
+
+def test_an_ipv6_vip_is_usable_at_once(topo: Topology) -> None:
+    """lb's device takes an IPv6 VIP without duplicate address detection: a listener binds
+    it at once (with DAD the address stays "tentative" and the bind fails for a second or
+    more, so a Service waited for a later sync)."""
+    subprocess.run(["ip", "-n", topo.lb, "link", "add", "lbt6", "type", "bridge"], check=True)
+    subprocess.run(["ip", "-n", topo.lb, "link", "set", "lbt6", "up"], check=True)
+    script = (
+        "import asyncio, ipaddress, socket\n"
+        "from offload.host import Host\n"
+        "vip = ipaddress.ip_address('fd00:99::10')\n"
+        "asyncio.run(Host('lbt6').change_vips([vip], []))\n"
+        "s = socket.socket(socket.AF_INET6)\n"
+        "s.bind((str(vip), 80))\n"
+        "print('bound')\n"
+    )
+    out = subprocess.run(
+        ["ip", "netns", "exec", topo.lb, sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and "bound" in out.stdout, out.stderr
+    shown = subprocess.run(
+        ["ip", "-n", topo.lb, "-6", "addr", "show", "dev", "lbt6"], capture_output=True, text=True
+    ).stdout
+    assert (
+        "fd00:99::10/128 scope global nodad" in shown
+        and "tentative" not in shown.split("fd00:99::10")[1].split("\n")[0]
+    )
