@@ -38,6 +38,7 @@ from lb.model import (
     Endpoint,
     HealthCheck,
     IPAddress,
+    IPNetwork,
     KubernetesSettings,
     Mode,
     OffloadSettings,
@@ -161,6 +162,20 @@ def _parse_endpoint(text: str) -> Endpoint:
     return Endpoint.parse(text)
 
 
+def parse_network(value: object) -> IPNetwork:
+    """A network in CIDR notation: `10.0.0.0/8`, `2001:db8::/32`, or one address."""
+    if not isinstance(value, str):
+        raise ValueError("must be a network in CIDR notation, e.g. 10.0.0.0/8")
+    try:
+        return ipaddress.ip_network(value.strip(), strict=True)
+    except ValueError as e:
+        raise ValueError(f"{value!r} is not a network in CIDR notation ({e})") from None
+
+
+MAX_SOURCES = 1000  # allowed_sources entries per service
+Network = Annotated[IPNetwork, BeforeValidator(parse_network)]
+
+
 def parse_prefix(value: object, family: int) -> int:
     """A netmask as a prefix length: `255.255.255.0`, `/24` or `24` (IPv6: a prefix length)."""
     bits = 32 if family == 4 else 128
@@ -237,6 +252,7 @@ class ServiceIn(_Model):
     retries: Annotated[int, Strict(), Field(ge=0, le=10)] = 1
     max_connections: Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)] | None = None
     access_log: Annotated[bool, Strict()] = False
+    allowed_sources: Annotated[list[Network], Field(max_length=MAX_SOURCES)] = []
     backends: list[BackendIn] = []
 
 
@@ -630,6 +646,7 @@ def _build_service(s: ServiceIn) -> Service:
         if s.max_connections is not None
         else (UDP_MAX_FLOWS if udp else 0),
         access_log=s.access_log,
+        allowed_sources=tuple(s.allowed_sources),
     )
 
 

@@ -13,6 +13,7 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Protocol(enum.StrEnum):
@@ -216,6 +217,9 @@ class Service:
     retries: int = 1
     max_connections: int = 0  # 0 = unlimited (TCP); UDP: the flow-table bound
     access_log: bool = False  # log one line per connection / flow
+    #: clients allowed to connect (empty: everyone); others are refused (TCP) or their
+    #: datagrams dropped (UDP). Kubernetes: loadBalancerSourceRanges.
+    allowed_sources: tuple[IPNetwork, ...] = ()
     #: protocol + listen, made once: every table of services is keyed by it
     key: ServiceKey = field(init=False, repr=False, compare=False)
 

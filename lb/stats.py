@@ -36,6 +36,7 @@ class ErrorReason(enum.StrEnum):
     LIMIT = "limit"  # a connection or flow limit was reached (service, or every backend's)
     NO_BACKEND = "no_backend"  # the scheduler had no usable backend
     EXHAUSTED = "exhausted"  # lb was out of descriptors or memory (lb.exhaustion)
+    SOURCE = "source"  # the client's address is not in the service's allowed_sources
 
     def describe(self) -> str:
         return _DESCRIBE[self]
@@ -48,6 +49,7 @@ _DESCRIBE = {
     ErrorReason.LIMIT: "over a connection limit",
     ErrorReason.NO_BACKEND: "with no usable backend",
     ErrorReason.EXHAUSTED: "refused: lb was out of descriptors or memory",
+    ErrorReason.SOURCE: "refused: the client is not in allowed_sources",
 }
 
 

@@ -75,6 +75,8 @@ def not_expressible(s: Service) -> str | None:
         )
     if s.access_log:
         return "the access log is userspace-only"
+    if s.allowed_sources:
+        return "allowed_sources are enforced in userspace only so far"
     return None
 
 

@@ -333,3 +333,16 @@ def test_bundled_examples_are_valid() -> None:
     root = Path(__file__).resolve().parent.parent
     for path in [*root.glob("examples/*.yaml"), root / "lb" / "examples" / "demo.yaml"]:
         assert load_config(path).services, path
+
+
+def test_allowed_sources_are_networks() -> None:
+    base = "services:\n  - {name: a, listen: 10.0.0.1:80, backends: [], allowed_sources: %s}\n"
+    (s,) = parse_config(base % "[10.1.0.0/16, 192.168.1.7, '2001:db8::/32']").services
+    assert [str(n) for n in s.allowed_sources] == ["10.1.0.0/16", "192.168.1.7/32", "2001:db8::/32"]
+    assert problems(base % "[10.1.0.1/16]") == [
+        "services[0].allowed_sources[0]: '10.1.0.1/16' is not a network in CIDR notation "
+        "(10.1.0.1/16 has host bits set)"
+    ]
+    assert problems(base % "10.0.0.0/8") == [
+        "services[0].allowed_sources: must be a list (got '10.0.0.0/8')"
+    ]

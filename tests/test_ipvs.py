@@ -235,6 +235,7 @@ def test_what_cannot_be_offloaded_says_why() -> None:
     assert "loopback" in str(why("   retries: 0\n", backend="127.0.0.1:80"))
     assert "idle timeout" in str(why("   retries: 0\n   idle_timeout: 1m\n"))
     assert "access log" in str(why("   retries: 0\n   access_log: true\n"))
+    assert "allowed_sources" in str(why("   retries: 0\n   allowed_sources: [10.9.0.0/16]\n"))
     assert "IPv6" in str(
         why("   retries: 0\n", listen="[2001:db8::1]:80", backend="[2001:db8::2]:80")
     )

@@ -299,3 +299,25 @@ def test_node_ports_open_only_on_node_addresses_of_the_services_families() -> No
         [web(type="NodePort", ports=ports)], [web_slice(endpoint("10.244.1.5"))], dual
     ).services
     assert sorted(str(s.listen) for s in out) == ["10.96.0.10:80", "192.168.0.10:30080"]
+
+
+def test_load_balancer_source_ranges_restrict_the_ingress_addresses_only() -> None:
+    """kube-proxy's semantics: the ranges apply to the load-balancer ingress IPs; the
+    cluster IP, external IPs and node ports stay open."""
+    ports = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30080}]
+    svc = web(type="LoadBalancer", ports=ports)
+    svc["spec"] |= {
+        "externalIPs": ["203.0.113.9"],
+        "loadBalancerSourceRanges": [" 198.51.100.0/24", "2001:db8::/32", "10.1.2.3/8", "x"],
+    }
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}}
+    t = translate([svc], [web_slice(endpoint("10.244.1.5"))], NODE)
+    by_listen = {str(s.listen): s.allowed_sources for s in t.services}
+    allowed = tuple(map(ipaddress.ip_network, ["198.51.100.0/24", "2001:db8::/32", "10.0.0.0/8"]))
+    assert by_listen == {
+        "10.96.0.10:80": (),
+        "203.0.113.9:80": (),
+        "203.0.113.7:80": allowed,
+        "192.168.0.10:30080": (),
+    }
+    assert "default/web: loadBalancerSourceRanges entry 'x' is not a CIDR" in t.skipped

@@ -409,3 +409,20 @@ async def test_clients_vanishing_during_connect_leak_nothing() -> None:
         (dest,) = rt.core.dests
         assert dest.active == 0  # every scheduled connection was accounted for
         assert await read_line("127.0.0.1", port) == "A"
+
+
+async def test_clients_outside_allowed_sources_are_refused() -> None:
+    backend = await TcpBackend("A").start()
+    port = free_port()
+    extra = "    allowed_sources: [127.0.0.2/32, 10.0.0.0/8]\n"
+    async with balancer(svc(port, [backend.address], extra)) as b:
+        assert await read_line("127.0.0.1", port, source="127.0.0.2") == "A"
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await read_line("127.0.0.1", port, source="127.0.0.3")  # reset, never connected
+        rt = b.runtime("web")
+        assert rt.counters.errors[ErrorReason.SOURCE] == 1
+        assert backend.accepted == 1  # the refused client never reached the backend
+        # the ranges change with a reload: now everyone on 127/8
+        await b.reload(svc(port, [backend.address], "    allowed_sources: [127.0.0.0/8]\n"))
+        assert await read_line("127.0.0.1", port, source="127.0.0.3") == "A"
+    await backend.stop()

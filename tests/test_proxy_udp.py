@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
 from lb.proxy.udp import UdpService
 from lb.stats import ErrorReason
 from tests.support.net import UdpBackend, balancer, eventually, free_port
@@ -135,3 +137,18 @@ async def test_persistence_over_udp_and_many_clients() -> None:
         assert isinstance(rt, UdpService) and len(rt.flows) == 6
         for c in clients:
             c.close()
+
+
+async def test_datagrams_from_outside_allowed_sources_are_dropped() -> None:
+    backend = await UdpBackend("A").start()
+    port = free_port(kind=socket.SOCK_DGRAM)
+    extra = "    allowed_sources: [127.0.0.2/32]\n"
+    async with balancer(udp_svc(port, [backend.address], extra)) as lb:
+        inside, outside = await Client.open("127.0.0.2"), await Client.open("127.0.0.3")
+        assert (await inside.ask(port, b"hi"))[0] == b"A:hi"
+        with pytest.raises(TimeoutError):
+            await outside.ask(port, b"hi", timeout=0.5)
+        rt = lb.runtime("dns")
+        assert rt.counters.errors[ErrorReason.SOURCE] == 1 and rt.open == 1
+        inside.close()
+        outside.close()

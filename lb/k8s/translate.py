@@ -43,6 +43,7 @@ from lb.model import (
     Backend,
     Endpoint,
     IPAddress,
+    IPNetwork,
     Persistence,
     Protocol,
     SchedulerName,
@@ -248,9 +249,12 @@ def _translate_one(
     external_local = spec.get("externalTrafficPolicy") == "Local"
     # the Service's address families: its cluster IPs' (spec.ipFamilies says the same)
     families = {ip.version for ip in map(_ip, cluster_ips) if ip is not None}
-    external_ips = [*(spec.get("externalIPs") or [])]
+    # external IPs are open to all; load-balancer ingress IPs to loadBalancerSourceRanges
+    ranges = _source_ranges(spec, f"{ns}/{name}", skipped)
+    external_ips: list[tuple[object, tuple[IPNetwork, ...]]]
+    external_ips = [(text, ()) for text in spec.get("externalIPs") or []]
     external_ips += [
-        i["ip"]
+        (i["ip"], ranges)
         for i in ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
         if i.get("ip")
     ]
@@ -266,27 +270,28 @@ def _translate_one(
         if not isinstance(number, int) or not 1 <= number <= 65535:
             skipped.append(f"{base}: port {number!r} is not a port number")
             continue
-        vips: list[tuple[str, IPAddress, int, bool]] = []  # suffix, address, port, local only
+        # suffix, address, port, local only, allowed sources
+        vips: list[tuple[str, IPAddress, int, bool, tuple[IPNetwork, ...]]] = []
         for i, text in enumerate(cluster_ips):
             ip = _ip(text)
             if ip is None:
                 skipped.append(f"{base}: cluster IP {text!r} is not an IP address")
                 continue
-            vips.append(("" if i == 0 else f"@{ip}", ip, number, internal_local))
-        for text in external_ips:
+            vips.append(("" if i == 0 else f"@{ip}", ip, number, internal_local, ()))
+        for text, sources in external_ips:
             ip = _ip(text)
             if ip is None:
                 skipped.append(f"{base}: external IP {text!r} is not an IP address")
                 continue
-            vips.append((f"@{ip}", ip, number, external_local))
+            vips.append((f"@{ip}", ip, number, external_local, sources))
         node_port = port.get("nodePort")
         if kind in ("NodePort", "LoadBalancer") and isinstance(node_port, int) and node_port:
             vips += [
-                (f"@{ip}:{node_port}", ip, node_port, external_local)
+                (f"@{ip}:{node_port}", ip, node_port, external_local, ())
                 for ip in node.addresses
                 if ip.version in families  # each family on its own, as kube-proxy
             ]
-        for suffix, ip, listen_port, local_only in vips:
+        for suffix, ip, listen_port, local_only, sources in vips:
             backends = _backends(
                 slices,
                 port_name=port.get("name") or "",
@@ -311,9 +316,23 @@ def _translate_one(
                     # with one could not go to the kernel (retries are userspace-only)
                     retries=0,
                     max_connections=UDP_MAX_FLOWS if udp else 0,
+                    allowed_sources=sources,
                 )
             )
     return out
+
+
+def _source_ranges(spec: Object, name: str, skipped: list[str]) -> tuple[IPNetwork, ...]:
+    """`loadBalancerSourceRanges`, read as kube-proxy reads them (spaces trimmed, host bits
+    allowed). Every range of either family is kept: a range list with none of a VIP's
+    family lets no client of that family in, as in kube-proxy."""
+    out: list[IPNetwork] = []
+    for text in spec.get("loadBalancerSourceRanges") or []:
+        try:
+            out.append(ipaddress.ip_network(str(text).strip(), strict=False))
+        except ValueError:
+            skipped.append(f"{name}: loadBalancerSourceRanges entry {text!r} is not a CIDR")
+    return tuple(out)
 
 
 def _backends(

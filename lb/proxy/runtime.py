@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 from collections.abc import Callable
@@ -92,6 +93,17 @@ class ServiceRuntime:
         self.wake: Callable[[ServiceRuntime], None] = _asleep
 
     # --- reporting ----------------------------------------------------------------------
+
+    def allows(self, host: str) -> bool:
+        """Whether a client at `host` may use the service (`allowed_sources`)."""
+        nets = self.service.allowed_sources
+        if not nets:
+            return True
+        try:
+            ip = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return False
+        return any(ip in net for net in nets)
 
     def refused(self, reason: ErrorReason) -> None:
         """A client was refused or a datagram dropped (counted for the service)."""

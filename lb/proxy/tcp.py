@@ -76,6 +76,12 @@ class TcpService(ServiceRuntime):
     def admit(self, client: ClientSide, transport: asyncio.Transport) -> None:
         """A client connected: refuse it over the limit, else start its relay."""
         self.wake(self)
+        if self.service.allowed_sources:
+            peer = transport.get_extra_info("peername")
+            if not peer or not self.allows(peer[0]):
+                self.refused(ErrorReason.SOURCE)
+                sockets.reset(transport)
+                return
         limit = self.service.max_connections
         if limit and len(self.relays) >= limit:
             self.refused(ErrorReason.LIMIT)

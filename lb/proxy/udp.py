@@ -121,6 +121,9 @@ class UdpService(ServiceRuntime):
 
     def _new_flow(self, client: Any, now: float) -> Flow | None:
         self.wake(self)
+        if self.service.allowed_sources and not self.allows(client[0]):
+            self.refused(ErrorReason.SOURCE)  # the datagram is dropped
+            return None
         if len(self.flows) >= self.service.max_connections:
             self.refused(ErrorReason.LIMIT)
             return None
