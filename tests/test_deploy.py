@@ -165,7 +165,8 @@ def test_daemonset_runs_on_every_node_in_the_host_network() -> None:
     ds = by_kind("daemonset.yaml", "DaemonSet")
     pod = daemonset_pod()
     assert pod["hostNetwork"] is True
-    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    # the node's resolver: the cluster DNS is a Service, which lb itself serves once synced
+    assert pod["dnsPolicy"] == "Default"
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["tolerations"] == [{"operator": "Exists"}]
     assert ds["spec"]["updateStrategy"] == {
@@ -192,6 +193,16 @@ def test_lb_runs_the_node_proxy_command_its_parser_accepts() -> None:
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in lb[
         "env"
     ]
+
+
+def test_lb_reaches_the_api_server_itself_not_the_service_it_would_serve() -> None:
+    """In-cluster, kubernetes-asyncio connects to $KUBERNETES_SERVICE_HOST:PORT, which the
+    kubelet sets to the `kubernetes` Service's cluster IP: with kube-proxy gone nothing
+    serves it before lb's own first sync. The manifest sets both, for the user to fill in
+    (tests/test_image.py sets them to the API double's address)."""
+    env = {e["name"]: e for e in lb_container()["env"]}
+    assert env["KUBERNETES_SERVICE_HOST"]["value"].startswith("SET-ME")
+    assert int(env["KUBERNETES_SERVICE_PORT"]["value"]) == 6443  # a string, as env values are
 
 
 def test_lb_is_unprivileged_with_only_the_capabilities_it_needs() -> None:
@@ -297,7 +308,9 @@ def test_lbs_loader_accepts_the_config_map() -> None:
     assert (k.min_sync_period, k.sync_period, k.default_scheduler) == (1.0, 30.0, "rr")
 
 
-def test_the_probes_ask_the_admin_api_on_paths_it_serves() -> None:
+def test_the_probes_ask_lb_on_paths_it_serves() -> None:
+    """Readiness: the admin API's /readyz (after the first sync). Liveness: kube-proxy's
+    /livez on the health server (`kubernetes.healthz_address`)."""
     config = configmap_config()
     admin = AdminServer(
         settings=AdminSettings(),
@@ -313,14 +326,14 @@ def test_the_probes_ask_the_admin_api_on_paths_it_serves() -> None:
         if r.resource and r.method == "GET"
     }
     lb = lb_container()
-    paths = {}
-    for probe in ("readinessProbe", "livenessProbe"):
-        get = lb[probe]["httpGet"]
-        assert get["path"] in served, probe
-        # host network: the kubelet reaches lb's loopback listener on the node
-        assert (get["host"], get["port"]) == (str(config.admin.listen.ip), config.admin.listen.port)
-        paths[probe] = get["path"]
-    assert paths == {"readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+    ready = lb["readinessProbe"]["httpGet"]
+    # host network: the kubelet reaches lb's loopback listener on the node
+    assert ready["path"] == "/readyz" and ready["path"] in served
+    assert (ready["host"], ready["port"]) == (str(config.admin.listen.ip), config.admin.listen.port)
+    live = lb["livenessProbe"]["httpGet"]
+    healthz = config.kubernetes.healthz_address
+    assert healthz is not None and healthz.ip.is_unspecified  # reachable on 127.0.0.1 too
+    assert (live["path"], live["port"]) == ("/livez", healthz.port)
 
 
 # --- the image --------------------------------------------------------------------------
@@ -334,6 +347,17 @@ def test_the_image_has_the_tools_the_node_proxy_calls() -> None:
     assert "--no-install-recommends" in installs
     assert "rm -rf /var/lib/apt/lists/*" in runtime
     assert re.search(r"^USER 65532", runtime, re.M)  # the default stays unprivileged
-    # the build stage copies what `pip wheel .` reads and the packages lb runs
+    # the build stage copies what `pip install` reads and the packages lb runs
     copied = {w for line in re.findall(r"^COPY (.+)$", build, re.M) for w in line.split()}
     assert {"pyproject.toml", "README.md", "lb", "offload"} <= copied
+    # the base is an argument whose default is the public image (tests/test_image.py builds
+    # on a local one); the version label is an argument too, checked against `lb --version`
+    assert re.search(
+        r"^ARG BASE=docker\.io/library/python:3\.11-slim-bookworm$",
+        ROOT.joinpath("Containerfile").read_text(),
+        re.M,
+    )
+    assert 'org.opencontainers.image.version="${VERSION}"' in runtime
+    assert re.search(
+        r'^RUN test "\$\(/opt/lb/bin/lb --version\)" = "lb \$\{VERSION\}"', build, re.M
+    )
