@@ -33,7 +33,14 @@ from tests.support.image import (
     running,
     volume_sources,
 )
-from tests.support.kube_double import FakeApiServer, endpoint, endpoint_slice, node, service
+from tests.support.kube_double import (
+    FakeApiServer,
+    endpoint,
+    endpoint_slice,
+    node,
+    self_signed_cert,
+    service,
+)
 from tests.support.netns import BACKEND_IPS, CLIENT_IPS, LB_SIDE, Topology, run_in, socket_in
 from tests.support.traffic import Backends, ask
 
@@ -167,12 +174,7 @@ async def api(topo: Topology, tmp_path: Path) -> AsyncIterator[tuple[FakeApiServ
     account = tmp_path / "serviceaccount"
     account.mkdir(mode=0o755)
     key = tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(account / "ca.crt"), "-subj", "/CN=kubernetes",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    self_signed_cert(account / "ca.crt", key)
     server = FakeApiServer()
     (account / "token").write_text(server.token or "")
     (account / "namespace").write_text("kube-system")

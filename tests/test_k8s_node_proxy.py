@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import ssl
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.kube_double import FakeApiServer, endpoint, endpoint_slice, node, service
+from tests.support.kube_double import (
+    FakeApiServer,
+    endpoint,
+    endpoint_slice,
+    node,
+    self_signed_cert,
+    service,
+)
 from tests.support.net import TcpBackend, free_port, read_line
 from tests.support.proc import LbProcess, run_cli
 from tests.support.root import require_root
@@ -263,12 +269,7 @@ async def test_in_cluster_the_service_account_is_used_without_a_kubeconfig(
     account.mkdir()
     (account / "token").write_text(cluster.api.token or "")
     key = tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(account / "ca.crt"), "-subj", "/CN=kubernetes",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    self_signed_cert(account / "ca.crt", key)
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(account / "ca.crt", key)
     port = int(cluster.api.url.rsplit(":", 1)[1])

@@ -16,6 +16,7 @@ import itertools
 import json
 import socket
 import ssl
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -417,3 +418,14 @@ def node(name: str, internal_ip: str, external_ip: str | None = None) -> Obj:
         "spec": {"podCIDR": "10.244.0.0/24"},
         "status": {"addresses": addresses},
     }
+
+
+def self_signed_cert(cert: Path, key: Path) -> None:
+    """A certificate for the API double on 127.0.0.1 (also its own CA, as a service
+    account's ca.crt), with openssl."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=kubernetes",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
