@@ -44,6 +44,7 @@ from lb.model import (
     OffloadSettings,
     Persistence,
     Protocol,
+    ProxyProtocol,
     SchedulerName,
     Service,
 )
@@ -253,6 +254,8 @@ class ServiceIn(_Model):
     max_connections: Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)] | None = None
     access_log: Annotated[bool, Strict()] = False
     allowed_sources: Annotated[list[Network], Field(max_length=MAX_SOURCES)] = []
+    proxy_protocol: Literal["v1", "v2"] | None = None
+    accept_proxy_protocol: Annotated[bool, Strict()] = False
     backends: list[BackendIn] = []
 
 
@@ -443,6 +446,11 @@ def _semantic_problems(raw_services: list[Any]) -> Iterator[Problem]:
                 yield Problem(
                     (*at, "max_connections"), "a udp service needs a bounded flow table (>= 1)"
                 )
+            for key in ("proxy_protocol", "accept_proxy_protocol"):
+                if svc.get(key) not in (None, False):
+                    yield Problem(
+                        (*at, key), "the PROXY protocol is for tcp services only (not udp)"
+                    )
         yield from _check_backends(svc, at)
 
 
@@ -647,6 +655,8 @@ def _build_service(s: ServiceIn) -> Service:
         else (UDP_MAX_FLOWS if udp else 0),
         access_log=s.access_log,
         allowed_sources=tuple(s.allowed_sources),
+        proxy_protocol=ProxyProtocol(s.proxy_protocol) if s.proxy_protocol else None,
+        accept_proxy_protocol=s.accept_proxy_protocol,
     )
 
 

@@ -32,6 +32,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "lb.health.state",
         "lb.rates",
         "lb.stats",
+        "lb.proxy_header",
         "lb.k8s",  # the package only
         "lb.k8s.translate",
         "lb.k8s.health",

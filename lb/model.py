@@ -43,6 +43,13 @@ class SchedFlag(enum.StrEnum):
     PORT = "port"  # IP_VS_SVC_F_SCHED2: hash the client's source port too
 
 
+class ProxyProtocol(enum.StrEnum):
+    """The PROXY protocol version lb sends to a service's backends (`proxy_protocol`)."""
+
+    V1 = "v1"  # the text line, as HAProxy's send-proxy
+    V2 = "v2"  # the binary header, as HAProxy's send-proxy-v2
+
+
 class Mode(enum.StrEnum):
     """Which dataplane carries the services (`dataplane:` in the config, `--dataplane`)."""
 
@@ -220,6 +227,11 @@ class Service:
     #: clients allowed to connect (empty: everyone); others are refused (TCP) or their
     #: datagrams dropped (UDP). Kubernetes: loadBalancerSourceRanges.
     allowed_sources: tuple[IPNetwork, ...] = ()
+    #: TCP: send a PROXY protocol header to each backend first (the client's address)
+    proxy_protocol: ProxyProtocol | None = None
+    #: TCP: each client first sends a PROXY protocol header (v1 or v2), whose address is
+    #: the client's for scheduling and for proxy_protocol; without one it is refused
+    accept_proxy_protocol: bool = False
     #: protocol + listen, made once: every table of services is keyed by it
     key: ServiceKey = field(init=False, repr=False, compare=False)
 

@@ -37,6 +37,7 @@ class ErrorReason(enum.StrEnum):
     NO_BACKEND = "no_backend"  # the scheduler had no usable backend
     EXHAUSTED = "exhausted"  # lb was out of descriptors or memory (lb.exhaustion)
     SOURCE = "source"  # the client's address is not in the service's allowed_sources
+    PROXY = "proxy_header"  # accept_proxy_protocol: no valid PROXY header (in time)
 
     def describe(self) -> str:
         return _DESCRIBE[self]
@@ -50,6 +51,7 @@ _DESCRIBE = {
     ErrorReason.NO_BACKEND: "with no usable backend",
     ErrorReason.EXHAUSTED: "refused: lb was out of descriptors or memory",
     ErrorReason.SOURCE: "refused: the client is not in allowed_sources",
+    ErrorReason.PROXY: "refused: no valid PROXY protocol header (missing, malformed or late)",
 }
 
 

@@ -77,6 +77,11 @@ def not_expressible(s: Service) -> str | None:
         return "the access log is userspace-only"
     if s.allowed_sources:
         return "allowed_sources are enforced in userspace only so far"
+    if s.proxy_protocol is not None or s.accept_proxy_protocol:
+        return (
+            "the PROXY protocol (proxy_protocol, accept_proxy_protocol) is userspace-only:"
+            " kernel NAT has no header to send or read"
+        )
     return None
 
 

@@ -10,6 +10,10 @@ Built on asyncio protocols (no streams) for speed under uvloop:
 - the client is not read while its backend is being connected (at most one read is held,
   as uvloop starts reading after connection_made whatever it was told), and a backend that
   speaks first is relayed as soon as it does.
+
+The PROXY protocol (`proxy_protocol`, `accept_proxy_protocol`; lb/proxy_header.py) is
+carried by `ProxiedRelay`, made only for the services that use it: a plain relay does not
+pay for it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import socket
 from collections.abc import Callable
 from typing import cast
 
-from lb.model import Endpoint, Service
+from lb import proxy_header
+from lb.model import Endpoint, ProxyProtocol, Service
 from lb.proxy import sockets
 from lb.proxy.runtime import ServiceRuntime
 from lb.sched import Dest
@@ -87,11 +92,25 @@ class TcpService(ServiceRuntime):
             self.refused(ErrorReason.LIMIT)
             sockets.reset(transport)
             return
+        service = self.service
+        if service.accept_proxy_protocol or service.proxy_protocol is not None:
+            self._admit_proxied(client, transport)
+            return
         transport.pause_reading()
         relay = Relay(self, client, transport)
         self.relays.add(relay)
         self.idle.clear()
         relay.task = self.loop.create_task(relay.connect())
+
+    def _admit_proxied(self, client: ClientSide, transport: asyncio.Transport) -> None:
+        relay = ProxiedRelay(self, client, transport)
+        self.relays.add(relay)
+        self.idle.clear()
+        if self.service.accept_proxy_protocol:  # read the header first, then connect
+            relay.await_header(self.service.connect_timeout)
+        else:
+            transport.pause_reading()
+            relay.task = self.loop.create_task(relay.connect())
 
     def forget(self, relay: Relay) -> None:
         self.relays.discard(relay)
@@ -155,6 +174,8 @@ class ClientSide(_Side):
         assert relay is not None
         backend = relay.backend
         if backend is None:  # still connecting: hold this one read and stop reading
+            if relay.proxied and relay.take_header(data):
+                return
             relay.early.append(data)
             relay.client_transport.pause_reading()
             return
@@ -183,6 +204,9 @@ class BackendSide(_Side):
 
 class Relay:
     """One proxied connection: client side, backend side, and its scheduling record."""
+
+    #: a ProxiedRelay (a class attribute: nothing to set per connection)
+    proxied = False
 
     __slots__ = (
         "backend",
@@ -232,7 +256,9 @@ class Relay:
         svc = self.svc
         core = svc.core
         client_ip, client_port = _ANY_V4, 0
-        if core.needs_client_address:  # else not asked for: uvloop formats it each time
+        if self.proxied:
+            client_ip, client_port = self.client_address()
+        elif core.needs_client_address:  # else not asked for: uvloop formats it each time
             peer = self.client_transport.get_extra_info("peername")
             if peer:
                 family = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET
@@ -296,6 +322,14 @@ class Relay:
             sockets.reset(self.client_transport)
         self._finish(refused=reason)
 
+    def client_address(self) -> tuple[bytes, int]:
+        """The client's packed address and port, for scheduling (a ProxiedRelay's)."""
+        raise NotImplementedError
+
+    def take_header(self, data: bytes) -> bool:
+        """A ProxiedRelay's: whether `data` went to the PROXY header being read."""
+        return False
+
     def _connect_timed_out(self) -> None:
         if self.task is not None and not self.task.done():
             self.timed_out = True
@@ -328,6 +362,8 @@ class Relay:
     def on_eof(self, side: _Side) -> bool:
         side.eof = True
         if not self.established:
+            if self.task is None:  # a ProxiedRelay: the client ended before its header
+                self._header_failed()
             return True  # the client finished early: passed on once the backend is there
         peer = side.peer
         if peer is None or peer.transport is None or peer.lost:
@@ -354,7 +390,9 @@ class Relay:
             else:
                 peer.transport.close()
         if side is self.client and not self.established:
-            if self.task is not None and not self.task.done():
+            if self.task is None:  # a ProxiedRelay still reading the client's header
+                self._header_failed()
+            elif not self.task.done():
                 self.task.cancel()
             return
         if self.client.lost and (self.backend is None or self.backend.lost):
@@ -418,6 +456,9 @@ class Relay:
         if self.svc.service.access_log:
             self._log_access(now, backend, refused)
 
+    def _header_failed(self) -> None:
+        """A ProxiedRelay's: no valid PROXY header from the client."""
+
     def _log_access(
         self, now: float, backend: Endpoint | None, refused: ErrorReason | None
     ) -> None:
@@ -430,6 +471,145 @@ class Relay:
         peer = self.client_transport.get_extra_info("peername")
         self.svc.access(
             peer,
+            backend,
+            end,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            seconds=now - self.started,
+        )
+
+
+def _packed(address: object) -> tuple[bytes, int] | None:
+    """A socket address from uvloop (`peername`, `sockname`) packed, or None."""
+    if not isinstance(address, tuple) or len(address) < 2:
+        return None
+    host = str(address[0]).partition("%")[0]  # no scope id: the header has none
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.inet_pton(family, host), int(address[1])
+    except (OSError, ValueError):
+        return None
+
+
+class ProxiedRelay(Relay):
+    """A relay of a service with the PROXY protocol: it may read a header from the client
+    before connecting (`accept_proxy_protocol`), takes the client's address from it, and
+    may send one to the backend before the client's first byte (`proxy_protocol`)."""
+
+    __slots__ = ("dest", "header", "header_timer", "send", "source")
+
+    proxied = True
+
+    def __init__(self, svc: TcpService, client: ClientSide, transport: asyncio.Transport) -> None:
+        super().__init__(svc, client, transport)
+        self.send: ProxyProtocol | None = svc.service.proxy_protocol  # as admitted
+        self.header: bytes | None = None  # the client's header so far, while it is read
+        self.header_timer: asyncio.TimerHandle | None = None
+        #: the connection as the header said (else None: the socket's own addresses)
+        self.source: tuple[bytes, int] | None = None
+        self.dest: tuple[bytes, int] | None = None
+
+    # --- accepting a header --------------------------------------------------------------
+
+    def await_header(self, timeout: float) -> None:
+        """Read the client's header (within `timeout`: the service's connect_timeout)
+        before connecting; the client stays readable until then."""
+        self.header = b""
+        self.header_timer = self.loop.call_later(timeout, self._header_failed)
+
+    def take_header(self, data: bytes) -> bool:
+        if self.header is None:
+            return False
+        data = self.header + data
+        try:
+            parsed = proxy_header.parse(data)
+        except proxy_header.ProxyHeaderError as e:
+            self._header_failed(str(e))
+            return True
+        if parsed is None:
+            self.header = data
+            return True
+        self.header = None
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+        if parsed.source is not None:
+            self.source, self.dest = parsed.source, parsed.dest
+        rest = data[parsed.length :]
+        if rest:  # the client's first bytes: the backend gets them once connected
+            self.early.append(rest)
+        self.client_transport.pause_reading()
+        self.task = self.loop.create_task(self.connect())
+        return True
+
+    def _header_failed(self, why: str = "") -> None:
+        """No valid header (malformed, the client left or went quiet): reset, count."""
+        if self.finished or self.header is None:
+            return
+        self.header = None
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+        log.debug("service %s: PROXY header refused: %s", self.svc.service.name, why or "none")
+        self.svc.refused(ErrorReason.PROXY)
+        if not self.client.lost:
+            sockets.reset(self.client_transport)
+        self._finish(refused=ErrorReason.PROXY)
+
+    # --- the addresses -------------------------------------------------------------------
+
+    def client_address(self) -> tuple[bytes, int]:
+        if self.source is None:
+            peer = _packed(self.client_transport.get_extra_info("peername"))
+            if peer is None:
+                return _ANY_V4, 0
+            self.source = peer
+            self.dest = _packed(self.client_transport.get_extra_info("sockname"))
+        return self.source
+
+    def _established(self, backend: BackendSide, counters: Counters) -> None:
+        if self.send is not None:  # the header first, in one write with any early data
+            version = 1 if self.send is ProxyProtocol.V1 else 2
+            header = proxy_header.encode(version, self.source, self.dest)
+            assert backend.transport is not None
+            if self.early:
+                n = sum(map(len, self.early))
+                backend.transport.writelines([header, *self.early])
+                self.early.clear()
+                self.svc_counters.bytes_in += n
+                counters.bytes_in += n
+                self.bytes_in += n
+            else:
+                backend.transport.write(header)
+        super()._established(backend, counters)
+
+    # --- ending --------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        if self.header is not None:  # shutting down while a header is read: not an error
+            self.header = None
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+            super().reset()
+            self._finish()
+            return
+        super().reset()
+
+    def _log_access(
+        self, now: float, backend: Endpoint | None, refused: ErrorReason | None
+    ) -> None:
+        if self.source is None:
+            super()._log_access(now, backend, refused)
+            return
+        # the client as the header (or the socket) said
+        ip, port = self.source
+        host = socket.inet_ntop(socket.AF_INET6 if len(ip) == 16 else socket.AF_INET, ip)
+        end = refused.value if refused is not None else None
+        if end is None:
+            end = ("reset" if self.reset_seen else "closed") if self.established else "client_gone"
+        self.svc.access(
+            (host, port),
             backend,
             end,
             bytes_in=self.bytes_in,
