@@ -5,24 +5,32 @@ Two passes, both always run, so that one bad value never hides another:
 2. semantic checks across fields and services (duplicates, flags, netmasks, ...), which
    look only at the values that parse.
 Every problem is reported with its path (`services[0].backends[1].weight`) and the line
-of the file it sits on; nothing is built unless there are none.
+of the file it sits on; nothing is built unless there are none. The `services` list is
+read one service at a time, each checked (both passes) as soon as it is read: reading
+stops at the MAX_COLLECTED_PROBLEMS-th problem, so that a file with a problem on every
+line costs milliseconds, not the whole file's parse.
 """
 
 from __future__ import annotations
 
+import collections
 import difflib
 import functools
+import gc
 import ipaddress
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 from pydantic_core import ErrorDetails
+from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
 
 from lb.model import (
     ADMIN_DEFAULT,
@@ -66,6 +74,9 @@ MAX_DEPTH = 64
 MAX_ALIAS_NODES = 1_000_000
 #: Problems listed in an error; the rest are counted.
 MAX_LISTED_PROBLEMS = 100
+#: Problems found before the loader stops reading: a 20 MB file with a problem on every
+#: line is reported in milliseconds, not a minute and gigabytes.
+MAX_COLLECTED_PROBLEMS = 1000
 #: The longest duration anywhere (timeouts, intervals, grace periods): one year.
 MAX_DURATION = 365 * 86400.0
 #: The longest persistence timeout: IPVS keeps it as seconds x HZ in 32 bits (30 days).
@@ -88,13 +99,15 @@ class Problem:
 class ConfigError(Exception):
     """The config is not valid; `problems` lists every reason, in file order."""
 
-    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
+    def __init__(self, source: str, problems: Sequence[Problem], complete: bool = True) -> None:
         self.source = source
         self.problems = list(problems)
+        #: False: the loader stopped at MAX_COLLECTED_PROBLEMS, the rest of the file unread.
+        self.complete = complete
         super().__init__(self.render())
 
-    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, list[Problem]]]:
-        return (ConfigError, (self.source, self.problems))  # crosses from lb.loader's child
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, list[Problem], bool]]:
+        return (ConfigError, (self.source, self.problems, self.complete))  # from lb.loader
 
     @property
     def listed(self) -> list[Problem]:
@@ -111,7 +124,10 @@ class ConfigError(Exception):
             loc = f"{self.source}:{p.line}" if p.line else self.source
             lines.append(f"{loc}: {p.where}: {p.message}" if p.path else f"{loc}: {p.message}")
         if self.unlisted:
-            lines.append(f"{self.source}: ... and {self.unlisted} more problems")
+            more = f"{self.source}: ... and {self.unlisted} more problems"
+            if not self.complete:
+                more += f" (reading stopped at {len(self.problems):,}: the rest is unchecked)"
+            lines.append(more)
         return "\n".join(lines)
 
 
@@ -319,8 +335,7 @@ _MESSAGES: dict[str, Callable[[ErrorDetails], str]] = {
 }
 
 
-def _pydantic_problems(err: ValidationError, prefix: tuple[PathPart, ...]) -> list[Problem]:
-    out = []
+def _pydantic_problems(err: ValidationError, prefix: tuple[PathPart, ...]) -> Iterator[Problem]:
     for e in err.errors():
         path = prefix + tuple(e["loc"])
         if e["type"] == "extra_forbidden":
@@ -338,8 +353,7 @@ def _pydantic_problems(err: ValidationError, prefix: tuple[PathPart, ...]) -> li
                 "value_error",
             ):
                 msg += f" (got {_show(e.get('input'))})"
-        out.append(Problem(path, msg))
-    return out
+        yield Problem(path, msg)
 
 
 def _known_fields(prefix: tuple[PathPart, ...], loc: tuple[PathPart, ...]) -> list[str]:
@@ -406,12 +420,18 @@ class _Listens:
         same.setdefault(listen.ip, (i, listen))
 
 
-def _semantic_problems(raw_services: list[Any]) -> Iterator[Problem]:
-    names: dict[str, int] = {}
-    listens = _Listens()
-    for i, svc in enumerate(raw_services):
+class _AcrossServices:
+    """Pass 2 for one service after another: what each means, and whether it clashes
+    with the ones before it (names, listen addresses)."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, int] = {}
+        self.listens = _Listens()
+
+    def check(self, i: int, svc: Any) -> Iterator[Problem]:
+        names, listens = self.names, self.listens
         if not isinstance(svc, Mapping):
-            continue
+            return
         at: tuple[PathPart, ...] = ("services", i)
         name = svc.get("name")
         if isinstance(name, str):
@@ -660,21 +680,27 @@ def _build_service(s: ServiceIn) -> Service:
     )
 
 
-def _load_yaml(text: str) -> tuple[yaml.Node | None, Any]:
-    """The document's node tree (for line numbers and duplicate keys) and its data, from
-    one parse; with libyaml (PyYAML's C loader) when it is there. The tree is measured
-    before anything is built from it (`_measure`): what it refuses is never expanded."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None, None
-        problem = _measure(node)
-        if problem is not None:
-            raise _Refused(problem)
-        return node, loader.construct_document(node)
-    finally:
-        loader.dispose()
+_STR, _SEQ, _MAP = "tag:yaml.org,2002:str", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"
+if TYPE_CHECKING:
+    _SafeLoader = yaml.SafeLoader
+else:  # libyaml's parser when PyYAML has it: the same methods as the Python one
+    _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_SafeLoader):
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """PyYAML's, except that a scalar it cannot build (`!!float ''`, `!!bool maybe`,
+        an integer of more than 4,300 digits, ...) is invalid YAML, not an IndexError,
+        KeyError or ValueError escaping from the loader."""
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError) as e:
+            tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
+            digits = sys.get_int_max_str_digits()
+            why = f" (more than {digits:,} digits)" if f"({digits} digits)" in str(e) else ""
+            raise ConstructorError(
+                None, None, f"{_show(node.value)} is not a valid {tag}{why}", node.start_mark
+            ) from None
 
 
 class _Refused(Exception):
@@ -683,63 +709,253 @@ class _Refused(Exception):
         self.problem = problem
 
 
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    return []
+class _Enough(Exception):
+    """MAX_COLLECTED_PROBLEMS found: read no further."""
 
 
-def _measure(root: yaml.Node) -> Problem | None:
-    """Refuse a node graph that is cyclic (`&a [*a]`), nested deeper than MAX_DEPTH, or
-    whose expansion through aliases and merge keys exceeds MAX_ALIAS_NODES. One pass over
-    the distinct nodes (an alias is the same node object reached twice), without
-    recursion: each node's expanded size is computed once, from its children's."""
-    size: dict[int, int] = {}
-    ancestors: set[int] = set()
-    stack: list[tuple[yaml.Node, int, bool]] = [(root, 0, False)]
-    while stack:
-        node, depth, leaving = stack.pop()
-        key = id(node)
-        if leaving:
-            ancestors.discard(key)
-            size[key] = 1 + sum(size[id(c)] for c in _children(node))
-            continue
-        if key in size:
-            continue
-        line = node.start_mark.line + 1
-        if key in ancestors:
-            return Problem((), "an alias refers to a node that contains it (recursive)", line)
+class _Reader:
+    """The file read event by event (with libyaml's parser when PyYAML has it). Nodes are
+    composed as PyYAML's composer does and measured on the way, so what the bounds refuse
+    (a cycle, nesting past MAX_DEPTH, aliases expanding past MAX_ALIAS_NODES) is refused
+    before anything is built from it. The `services` list is taken one service at a time:
+    each is built and checked as soon as it is read and its nodes let go, so that a file
+    with a problem on every line stops being read at the MAX_COLLECTED_PROBLEMS-th."""
+
+    def __init__(self, text: str) -> None:
+        self.loader: Any = _Loader(text)
+        self.anchors: dict[str, Any] = {}  # yaml.Node
+        self.measured: dict[str, tuple[int, int]] = {}  # an anchor's (expanded nodes, height)
+        self.open: set[str] = set()  # anchors whose node is being composed
+        self.aliased = 0  # nodes reached through aliases beyond the file's own
+        self.fresh: list[yaml.Node] = []  # anchored nodes composed since the last build
+        self.shared: dict[yaml.Node, Any] = {}  # what those were built into, for later ones
+        self.stopped = False
+        self.duplicates: list[Problem] = []  # the duplicate keys outside the services list
+
+    def close(self) -> None:
+        self.loader.dispose()
+
+    def document(
+        self, take: Callable[[int, yaml.Node], Any]
+    ) -> tuple[yaml.Node | None, Any, list[Any] | None]:
+        """The root node, its data, and the services `take` was given one by one (each
+        service's node, and its index; `take` builds and checks it), or None if the
+        services list was read whole (it is not a plain list under a plain mapping)."""
+        ld = self.loader
+        ld.get_event()  # the stream's start
+        if ld.check_event(yaml.StreamEndEvent):
+            return None, None, None
+        ld.get_event()  # the document's start
+        event = ld.peek_event()
+        services = None
+        self.stub: yaml.Node | None = None  # the services list's place in the root node
+        if self._plain(event, yaml.MappingStartEvent, yaml.MappingNode, _MAP):
+            root, services = self._root(take)
+        else:
+            root = self._node(0)[0]
+        if not self.stopped:
+            ld.get_event()  # the document's end
+            if not ld.check_event(yaml.StreamEndEvent):
+                raise ComposerError(
+                    "expected a single document in the stream",
+                    root.start_mark,
+                    "but found another document",
+                    ld.get_event().start_mark,
+                )
+        # keys as the file writes them, before merge keys (`<<`) bring others in
+        self.duplicates = list(_duplicate_keys(root, ()))
+        if services is None:
+            return root, self.build(root), None
+        assert isinstance(root, yaml.MappingNode)
+        pairs = [(k, v) for k, v in root.value if v is not self.stub]
+        data = self.build(yaml.MappingNode(_MAP, pairs, root.start_mark, root.end_mark))
+        data["services"] = services  # a second `services` key is a duplicate: the first counts
+        return root, data, services
+
+    def _plain(self, event: Any, kind: type[Any], node: type[yaml.Node], tag: str) -> bool:
+        """A mapping or sequence start without an anchor that resolves to `tag`."""
+        if not isinstance(event, kind) or event.anchor is not None:
+            return False
+        resolved = event.tag
+        if resolved is None or resolved == "!":
+            resolved = self.loader.resolve(node, None, event.implicit)
+        return bool(resolved == tag)
+
+    def _root(self, take: Callable[[int, yaml.Node], Any]) -> tuple[yaml.Node, list[Any] | None]:
+        ld = self.loader
+        start = ld.get_event()
+        root = yaml.MappingNode(_MAP, [], start.start_mark, None, flow_style=start.flow_style)
+        services: list[Any] = []
+        try:
+            while not ld.check_event(yaml.MappingEndEvent):
+                key = self._node(1)[0]
+                named = key.tag == _STR and key.value == "services"
+                event = ld.peek_event()
+                if (
+                    named
+                    and self.stub is None
+                    and self._plain(event, yaml.SequenceStartEvent, yaml.SequenceNode, _SEQ)
+                ):
+                    ld.get_event()
+                    self.stub = yaml.SequenceNode(_SEQ, [], event.start_mark, None)
+                    root.value.append((key, self.stub))
+                    while not ld.check_event(yaml.SequenceEndEvent):
+                        services.append(take(len(services), self._node(2)[0]))
+                    self.stub.end_mark = ld.get_event().end_mark
+                    continue
+                root.value.append((key, self._node(1)[0]))
+            root.end_mark = ld.get_event().end_mark
+        except _Enough:
+            self.stopped = True
+        return root, services if self.stub is not None else None
+
+    def _node(self, depth: int) -> tuple[yaml.Node, int, int]:
+        """The next node, composed as PyYAML composes it: (it, the nodes it expands to
+        through aliases, its height)."""
+        ld = self.loader
+        event = ld.get_event()
+        start, end = event.start_mark, event.end_mark  # either parser's marks
+        line = start.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            name = event.anchor
+            if name not in self.anchors:
+                raise ComposerError(None, None, f"found undefined alias {name!r}", start)
+            if name in self.open:
+                raise _Refused(
+                    Problem((), "an alias refers to a node that contains it (recursive)", line)
+                )
+            size, height = self.measured[name]
+            if depth + height >= MAX_DEPTH:
+                raise _Refused(Problem((), f"nested deeper than {MAX_DEPTH} levels", line))
+            self.aliased += size
+            if self.aliased > MAX_ALIAS_NODES:
+                raise _Refused(
+                    Problem(
+                        (),
+                        f"aliases and merge keys expand to more than {MAX_ALIAS_NODES:,} nodes "
+                        "beyond the file's own: refused",
+                        line,
+                    )
+                )
+            return self.anchors[name], size, height
         if depth >= MAX_DEPTH:
-            return Problem((), f"nested deeper than {MAX_DEPTH} levels", line)
-        ancestors.add(key)
-        stack.append((node, depth, True))
-        stack.extend((c, depth + 1, False) for c in _children(node) if id(c) not in size)
-    aliased = size[id(root)] - len(size)
-    if aliased > MAX_ALIAS_NODES:
-        return Problem(
-            (),
-            f"aliases and merge keys expand to {aliased:,} more nodes than the file holds "
-            f"(at most {MAX_ALIAS_NODES:,}): refused",
-            root.start_mark.line + 1,
-        )
-    return None
+            raise _Refused(Problem((), f"nested deeper than {MAX_DEPTH} levels", line))
+        anchor = event.anchor
+        if anchor is not None and anchor in self.anchors:
+            raise ComposerError(
+                f"found duplicate anchor {anchor!r}; first occurrence",
+                self.anchors[anchor].start_mark,
+                "second occurrence",
+                start,
+            )
+        tag = event.tag
+        node: yaml.Node
+        size, height = 1, 0
+        if isinstance(event, yaml.ScalarEvent):
+            if tag is None or tag == "!":
+                tag = ld.resolve(yaml.ScalarNode, event.value, event.implicit)
+            node = yaml.ScalarNode(tag, event.value, start, end, style=event.style)
+        else:
+            mapping = isinstance(event, yaml.MappingStartEvent)
+            kind: Any = yaml.MappingNode if mapping else yaml.SequenceNode
+            if tag is None or tag == "!":
+                tag = ld.resolve(kind, None, event.implicit)
+            node = kind(tag, [], start, None, flow_style=event.flow_style)
+            if anchor is not None:
+                self.anchors[anchor] = node
+                self.open.add(anchor)
+            closing = yaml.MappingEndEvent if mapping else yaml.SequenceEndEvent
+            while not ld.check_event(closing):
+                child, n, h = self._node(depth + 1)
+                size, height = size + n, max(height, h + 1)
+                if mapping:
+                    value, n, h = self._node(depth + 1)
+                    size, height = size + n, max(height, h + 1)
+                    node.value.append((child, value))
+                else:
+                    node.value.append(child)
+            node.end_mark = ld.get_event().end_mark
+        if anchor is not None:
+            self.anchors[anchor] = node
+            self.open.discard(anchor)
+            self.measured[anchor] = (size, height)
+            self.fresh.append(node)
+        return node, size, height
+
+    def build(self, node: yaml.Node) -> Any:
+        """The node's data; a node reached again through an alias is built once."""
+        ld = self.loader
+        built: dict[yaml.Node, Any] = {}
+        ld.constructed_objects = collections.ChainMap(built, self.shared)
+        data = ld.construct_object(node, deep=True)
+        for anchored in self.fresh:
+            if anchored in built:
+                self.shared[anchored] = built[anchored]
+        self.fresh.clear()
+        return data
+
+
+class _Found:
+    """The problems found so far, each located on its line, in the order a pass over the
+    whole file would give: by line, then by kind (duplicate keys, the file's fields,
+    services, meaning across services, admin, kubernetes). Raises _Enough at the
+    MAX_COLLECTED_PROBLEMS-th, so that no more of the file is read."""
+
+    DUPLICATES, ROOT, SERVICE, MEANING, ADMIN, KUBERNETES = range(6)
+
+    def __init__(self) -> None:
+        self.found: list[tuple[int, int, int, Problem]] = []
+
+    def add(
+        self, kind: int, problems: Iterable[Problem], node: yaml.Node | None, skip: int = 0
+    ) -> None:
+        """Add `problems`, locating each in `node` by its path past the first `skip` parts."""
+        for p in problems:
+            line = p.line or _line_of(node, p.path[skip:])
+            self.found.append((line or 0, kind, len(self.found), Problem(p.path, p.message, line)))
+            if len(self.found) >= MAX_COLLECTED_PROBLEMS:
+                raise _Enough
+
+    def sorted(self) -> list[Problem]:
+        return _dedupe([p for *_, p in sorted(self.found, key=lambda f: f[:3])])
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
-    """Validate YAML text; raise ConfigError with every problem found."""
+    """Validate YAML text; raise ConfigError with every problem found (or the first
+    MAX_COLLECTED_PROBLEMS, the rest of the file unread)."""
+    collecting = gc.isenabled()
+    gc.disable()  # a large file is millions of objects: collecting as they are made is slow
     try:
         return _parse_config(text, source)
     finally:
         _parse_endpoint.cache_clear()
+        if collecting:
+            gc.enable()
 
 
 def _parse_config(text: str, source: str) -> Config:
     if len(text) > MAX_FILE_BYTES:
         raise ConfigError(source, [_too_large(len(text))])
+    found = _Found()
+    across = _AcrossServices()
+    services: list[ServiceIn] = []
+
+    def check(i: int, item: Any, node: yaml.Node | None, skip: int) -> None:
+        try:
+            services.append(ServiceIn.model_validate(item))
+        except ValidationError as e:
+            found.add(found.SERVICE, _pydantic_problems(e, ("services", i)), node, skip)
+        found.add(found.MEANING, across.check(i, item), node, skip)
+
+    def take(i: int, node: yaml.Node) -> Any:
+        found.add(found.DUPLICATES, _duplicate_keys(node, ("services", i)), None)
+        item = reader.build(node)
+        check(i, item, node, 2)
+        return item
+
+    reader = _Reader(text)
     try:
-        node, raw = _load_yaml(text)
+        node, raw, streamed = reader.document(take)
     except _Refused as e:
         raise ConfigError(source, [e.problem]) from None
     except yaml.YAMLError as e:
@@ -747,7 +963,8 @@ def _parse_config(text: str, source: str) -> Config:
         line = mark.line + 1 if mark is not None else None
         reason = getattr(e, "problem", None) or str(e)
         raise ConfigError(source, [Problem((), f"invalid YAML: {reason}", line)]) from None
-    problems: list[Problem] = list(_duplicate_keys(node, ()))
+    finally:
+        reader.close()
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -755,25 +972,23 @@ def _parse_config(text: str, source: str) -> Config:
             source, [Problem((), "the file must be a mapping with a 'services' list", 1)]
         )
     root: RootIn | None = None
-    try:
-        root = RootIn.model_validate(raw)
-    except ValidationError as e:
-        problems += _pydantic_problems(e, ())
-    services: list[ServiceIn] = []
     listed = raw.get("services")
     raw_services: list[Any] = listed if isinstance(listed, list) else []
-    for i, item in enumerate(raw_services):
+    try:
+        found.add(found.DUPLICATES, reader.duplicates, None)
         try:
-            services.append(ServiceIn.model_validate(item))
+            root = RootIn.model_validate(raw)
         except ValidationError as e:
-            problems += _pydantic_problems(e, ("services", i))
-    problems += _semantic_problems(raw_services)
-    problems += _admin_problems(raw.get("admin"), raw_services)
-    problems += _kubernetes_problems(raw)
-    if problems:
-        located = [Problem(p.path, p.message, p.line or _line_of(node, p.path)) for p in problems]
-        located.sort(key=lambda p: p.line or 0)
-        raise ConfigError(source, _dedupe(located))
+            found.add(found.ROOT, _pydantic_problems(e, ()), node)
+        if streamed is None:  # read whole: checked now, located from the root
+            for i, item in enumerate(raw_services):
+                check(i, item, node, 0)
+        found.add(found.ADMIN, _admin_problems(raw.get("admin"), raw_services), node)
+        found.add(found.KUBERNETES, _kubernetes_problems(raw), node)
+    except _Enough:
+        reader.stopped = True
+    if found.found:
+        raise ConfigError(source, found.sorted(), complete=not reader.stopped)
     assert root is not None
     a, o, k = root.admin, root.offload, root.kubernetes
     return Config(
@@ -849,9 +1064,14 @@ def _line_of(node: yaml.Node | None, path: Sequence[PathPart]) -> int | None:
 
 
 def _duplicate_keys(node: yaml.Node | None, path: tuple[PathPart, ...]) -> Iterator[Problem]:
+    """Keys written twice in one mapping, as the file writes them: a key that a merge key
+    (`<<`) brings in may be set again (that is what merging is for). A key that is not a
+    scalar is left to the constructor, which refuses it."""
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode) or k.tag == "tag:yaml.org,2002:merge":
+                continue
             if k.value in seen:
                 yield Problem((*path, k.value), "duplicate key", k.start_mark.line + 1)
             seen.add(k.value)

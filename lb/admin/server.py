@@ -194,6 +194,9 @@ class AdminServer:
             return _error(e.status, e.reason, **headers)
         except TimeoutError:
             return _error(408, "the request took too long")
+        except ConnectionError as e:  # a body cut short by the client: its mistake, not lb's
+            log.debug("admin: %s %s ended early: %s", request.method, request.path, e)
+            return _error(400, "the request ended before its body did")
         except Exception:
             log.exception("admin request %s %s failed", request.method, request.path)
             return _error(500, "internal error (logged)")

@@ -18,7 +18,7 @@ import socket
 from collections import OrderedDict
 from typing import Any
 
-from lb.model import Service
+from lb.model import BackendState, Service
 from lb.proxy.runtime import ServiceRuntime
 from lb.stats import Counters, ErrorReason
 from lb.virtual_service import Conn
@@ -61,6 +61,26 @@ class UdpService(ServiceRuntime):
     async def start(self) -> None:
         self.loop.add_reader(self.sock.fileno(), self._on_front)
         self.listening = True
+
+    def update(self, service: Service) -> None:
+        super().update(service)
+        self._forget_flows_of_gone_backends()
+
+    def _forget_flows_of_gone_backends(self) -> None:
+        """A backend removed, DOWN or in maintenance loses its flows, as on the kernel paths
+        (IPVS's expire_nodest_conn, the nftables dataplane's `conntrack -D`): a client that
+        keeps sending from one address and port is scheduled again with its next datagram,
+        instead of feeding a dead backend for as long as it sends (UDP has no connection to
+        reset). A drained backend keeps its flows."""
+        live = {
+            b.address
+            for b in self.service.backends
+            if b.state in (BackendState.UP, BackendState.DRAIN)
+        }
+        gone = [c for c, flow in self.flows.items() if flow.conn.dest.endpoint not in live]
+        now = self.loop.time()
+        for client in gone:
+            self._end(self.flows.pop(client), now, "backend_gone")
 
     def stop_listening(self) -> None:
         """UDP has no connections to finish: stopping closes the socket and every flow."""
@@ -210,7 +230,7 @@ class UdpService(ServiceRuntime):
         if flows:
             self._arm_sweeper()
 
-    def _end(self, flow: Flow, now: float) -> None:
+    def _end(self, flow: Flow, now: float, why: str = "expired") -> None:
         self.loop.remove_reader(flow.sock.fileno())
         flow.sock.close()
         self.core.release(flow.conn, now)
@@ -218,7 +238,7 @@ class UdpService(ServiceRuntime):
             self.access(
                 flow.client,
                 flow.conn.dest.endpoint,
-                "expired",
+                why,
                 bytes_in=flow.bytes_in,
                 bytes_out=flow.bytes_out,
                 seconds=now - flow.started,
