@@ -35,7 +35,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as e:
         n = len(e.problems)
         print(e.render(), file=sys.stderr)
-        print(f"{args.config}: {n} problem{'s' if n != 1 else ''}", file=sys.stderr)
+        least = "" if e.complete else "at least "  # reading stopped at the cap
+        print(f"{args.config}: {least}{n:,} problem{'s' if n != 1 else ''}", file=sys.stderr)
         return 2
     if not args.quiet:
         print(_summary(config))
