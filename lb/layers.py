@@ -57,6 +57,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "offload.host",
         "offload.ipvs",
         "offload.ipvs_netlink",
+        "offload.ipvs_sync",
         "offload.kernel",
         "offload.netns",
         "offload.nft_netlink",

@@ -85,6 +85,12 @@ class Host:
 
     # --- set-up ----------------------------------------------------------------------------
 
+    async def multicast(self) -> None:
+        """Let the device carry multicast (IPVS's sync daemon listens on it)."""
+        code, out = await _run("ip", "link", "set", "dev", self.device, "multicast", "on")
+        if code != 0:
+            raise HostError(f"cannot turn multicast on for {self.device}: {out}")
+
     async def load_modules(self) -> None:
         """ip_vs, nf_tables and friends; a missing module is not fatal here: the dataplane
         that needs it says so when it opens."""

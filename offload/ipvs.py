@@ -18,9 +18,10 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
+from typing import Protocol as TypingProtocol
 
 from lb.changes import Changes
 from lb.log import emit
@@ -47,6 +48,14 @@ Hold = Callable[[ServiceKey], AbstractAsyncContextManager[None]]
 Nat = Callable[[set[NatPath]], Awaitable[None]]
 
 
+class Injector(TypingProtocol):
+    """Creates persistence templates in IPVS (offload/ipvs_sync.py)."""
+
+    async def inject(self, key: ServiceKey, templates: Sequence[Affinity]) -> int:
+        """How many of `templates` the kernel holds afterwards."""
+        ...
+
+
 @asynccontextmanager
 async def _no_hold(key: ServiceKey) -> AsyncIterator[None]:
     yield
@@ -66,9 +75,6 @@ def _totals(s: KStats) -> Totals:
 class IpvsDataplane:
     name = "ipvs"
     lingers = True  # deleting an IPVS service resets its connections
-    #: IPVS takes templates only through its sync protocol (docs/dataplanes/ipvs.md,
-    #: "What moves with a service"): not carried yet.
-    carries_affinity = False
 
     def __init__(
         self,
@@ -81,8 +87,13 @@ class IpvsDataplane:
         template_table: Callable[[], list[KConn] | None] = read_templates,
         hold: Hold = _no_hold,
         nat: Nat | None = None,
+        injector: Injector | None = None,
     ) -> None:
         self.client = client
+        #: IPVS takes templates only through its sync protocol (offload/ipvs_sync.py):
+        #: carried when lb can run the sync daemon here.
+        self.injector = injector
+        self.carries_affinity = injector is not None
         self.hold = hold
         self.nat = nat
         self.conn_table = conn_table
@@ -123,12 +134,13 @@ class IpvsDataplane:
         """Write the change (`changes`: the services of `desired` that are new or changed,
         and the keys that left), or reconcile everything (see the module's docstring)."""
         async with self._netlink:
+            seeds = seeds or {}
             try:
                 if not self._reconciled:
-                    await self._reconcile(desired)
+                    await self._reconcile(desired, seeds=seeds)
                 elif changes:
                     try:
-                        await self._apply_changes(changes)
+                        await self._apply_changes(changes, seeds)
                     except Exception as e:  # a surprise (a service that exists already...)
                         emit(
                             log,
@@ -137,12 +149,14 @@ class IpvsDataplane:
                             f"IPVS apply of the change failed ({type(e).__name__}: {e}): "
                             "reconciling every service",
                         )
-                        await self._reconcile(desired)
+                        await self._reconcile(desired, seeds=seeds)
             except BaseException:
                 self._reconciled = False  # what the kernel has is unknown: look next time
                 raise
 
-    async def _apply_changes(self, changes: Changes) -> None:
+    async def _apply_changes(
+        self, changes: Changes, seeds: Mapping[ServiceKey, list[Affinity]]
+    ) -> None:
         """Only the services `changes` names: no dump of the kernel's table."""
         now = self.clock()
         for key in changes.removed:
@@ -160,7 +174,8 @@ class IpvsDataplane:
             have = self._services.get(s.key)
             # its destinations read now, not as last refreshed: whether a destination that
             # leaves is deleted or quiesced depends on the connections it has this moment
-            if await self._apply_service(s, have, now) or s.key not in self._dests:
+            written = await self._apply_service(s, have, now, seeds.get(s.key, ()))
+            if written or s.key not in self._dests:
                 self._dests[s.key] = await self.client.dests(s.key)  # read back: this one
             want = kernel_service(s)  # as written now; the counters as last read
             self._services[s.key] = want if have is None else replace(want, stats=have.stats)
@@ -169,7 +184,12 @@ class IpvsDataplane:
             self._quiesced = {k: t for k, t in self._quiesced.items() if k[0] not in gone}
         await self._set_nat_of(changes.touched())
 
-    async def _reconcile(self, desired: list[Service], periodic: bool = False) -> None:
+    async def _reconcile(
+        self,
+        desired: list[Service],
+        periodic: bool = False,
+        seeds: Mapping[ServiceKey, list[Affinity]] | None = None,
+    ) -> None:
         """Dump the kernel, diff every service against `desired`, write the difference.
         `periodic`: a resync of what was applied, where any write is drift repaired."""
         now = self.clock()
@@ -185,7 +205,7 @@ class IpvsDataplane:
             have = kernel.get(s.key)
             if periodic and have != kernel_service(s):
                 drifted.append(f"{s.key} {'missing' if have is None else 'changed'}")
-            moved = await self._apply_service(s, have, now)
+            moved = await self._apply_service(s, have, now, (seeds or {}).get(s.key, ()))
             if periodic and moved and have is not None:
                 drifted.append(f"{s.key} destinations")
         for key in kernel.keys() - wanted.keys() - self.foreign:
@@ -264,26 +284,35 @@ class IpvsDataplane:
             )
 
     async def _apply_service(
-        self, s: Service, have: KService | None, now: float, dests: list[KDest] | None = None
+        self, s: Service, have: KService | None, now: float, seeds: Sequence[Affinity] = ()
     ) -> bool:
-        """Make the kernel's service `s`: whether its destinations were written. `dests`:
-        the kernel's, if known (else read). Between adding a service and its first
-        destination, and while its scheduler is swapped, IPVS refuses new connections
-        (port unreachable): those moments are held (new connections dropped, so clients
-        send their SYN again) until the service works."""
+        """Make the kernel's service `s`: whether its destinations were written. Between
+        adding a service and its first destination, and while its scheduler is swapped,
+        IPVS refuses new connections (port unreachable): those moments are held (new
+        connections dropped, so clients send their SYN again) until the service works.
+        `seeds`: persistence templates to create once its real servers exist, in the same
+        hold, so that no new connection of those clients is scheduled before."""
         want = kernel_service(s)
-        if have is None:
+        if have is None or seeds:
 
             async def create() -> None:
-                await self.client.add_service(want)
-                await self._apply_dests(s, [], now)
+                if have is None:
+                    await self.client.add_service(want)
+                    await self._apply_dests(s, [], now)
+                else:
+                    if have != want:
+                        await self.client.set_service(want)
+                    await self._apply_dests(s, await self.client.dests(s.key), now)
+                if seeds:
+                    await self._seed(s, seeds)
 
             held_ms = await self._held(s.key, create)
             emit(
                 log,
                 logging.INFO,
-                "ipvs.service_added",
-                f"IPVS service {s.key} ({s.name}) added",
+                "ipvs.service_added" if have is None else "ipvs.service_taken_over",
+                f"IPVS service {s.key} ({s.name}) "
+                + ("added" if have is None else "takes its clients' templates"),
                 service=s.name,
                 key=str(s.key),
                 held_ms=held_ms,
@@ -303,9 +332,30 @@ class IpvsDataplane:
             )
         elif have != want:
             await self.client.set_service(want)
-        if dests is None:
-            dests = await self.client.dests(s.key)
-        return await self._apply_dests(s, dests, now)
+        return await self._apply_dests(s, await self.client.dests(s.key), now)
+
+    async def _seed(self, s: Service, seeds: Sequence[Affinity]) -> None:
+        """Create the service's persistence templates (`seeds`) through the injector;
+        what the kernel would not take is said, never skipped silently."""
+        if self.injector is None:
+            return
+        try:
+            taken = await self.injector.inject(s.key, seeds)
+        except Exception as e:  # the daemon refused (another runs?), a send failed
+            taken, why = 0, f" ({type(e).__name__}: {e})"
+        else:
+            why = ""
+        level = logging.INFO if taken == len(seeds) else logging.WARNING
+        emit(
+            log,
+            level,
+            "ipvs.affinity_seeded",
+            f"IPVS service {s.key} ({s.name}): {taken} of {len(seeds)} persistence "
+            f"templates created{why}",
+            service=s.name,
+            templates=taken,
+            wanted=len(seeds),
+        )
 
     async def _held(self, key: ServiceKey, write: Callable[[], Awaitable[None]]) -> float:
         """Run `write` with new connections to `key` held; how long they were, in ms."""

@@ -4,7 +4,11 @@ that the policy can say how a service looks in IPVS without the IPVS dataplane."
 
 from __future__ import annotations
 
+import math
+import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 
 from lb.model import Endpoint, Protocol, ServiceKey
 
@@ -66,3 +70,51 @@ class KConn:
     dest: Endpoint
     state: str
     expires: int  # seconds
+
+
+# --- persistence templates through IPVS's sync protocol (docs/dataplanes/ipvs.md) -------
+
+SYNC_GROUP = ("224.0.0.81", 8848)  # IPVS's default IPv4 sync group and port
+SYNC_ID = 76  # lb's sync id: the backup daemon takes only messages that carry it
+SYNC_PER_MESSAGE = 40  # entries per datagram that fit a 1500-byte MTU (sync_maxlen)
+_F_TEMPLATE = 0x1000  # IP_VS_CONN_F_TEMPLATE
+_PROTO_NUMBER = {Protocol.TCP: 6, Protocol.UDP: 17}
+
+
+def sync_messages(
+    key: ServiceKey,
+    templates: Iterable[tuple[IPv4Address, Endpoint, float]],
+    syncid: int = SYNC_ID,
+    per_message: int = SYNC_PER_MESSAGE,
+) -> list[bytes]:
+    """Version-1 sync messages that make the kernel's backup daemon create persistence
+    templates for `key`: each (client network, backend, seconds left). The backend must
+    be a real server of the service already, or the kernel creates a template that the
+    first use drops. IPv4 only (an IPv4 service's templates are IPv4)."""
+    entries = []
+    vip = key.listen
+    for client, backend, left in templates:
+        entries.append(
+            struct.pack(
+                "!BBHIHHHHII4s4s4s",
+                0,  # type: IPv4
+                _PROTO_NUMBER[key.protocol],
+                36,  # version 0, size
+                _F_TEMPLATE,  # the forwarding method is the real server's
+                0,  # state
+                0,  # client port: 0 for a template
+                vip.port,
+                backend.port,
+                0,  # fwmark
+                max(1, math.ceil(left)),  # 0 would mean the default, 180 s
+                client.packed,
+                vip.ip.packed,
+                backend.ip.packed,
+            )
+        )
+    out = []
+    for start in range(0, len(entries), per_message):
+        chunk = entries[start : start + per_message]
+        size = 8 + 36 * len(chunk)
+        out.append(struct.pack("!BBHBBH", 0, syncid, size, len(chunk), 1, 0) + b"".join(chunk))
+    return out

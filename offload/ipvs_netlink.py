@@ -9,8 +9,12 @@ use "set"; there is no single-destination get, so destinations are dumped.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import ipaddress
+import os
 import socket
+import struct
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -285,3 +289,112 @@ class NetlinkIpvs:
     async def del_dest(self, key: ServiceKey, endpoint: Endpoint) -> None:
         svc = self._service_obj(key)
         await self._write(self._sock.dest("del", service=svc, dest=self._dest_obj(endpoint)))
+
+    # --- the sync daemon (persistence templates in: offload/ipvs_sync.py) ----------------
+
+    async def start_backup_daemon(self, device: str, syncid: int) -> None:
+        """IPVS_CMD_NEW_DAEMON: a backup sync daemon listening on `device`."""
+        await asyncio.to_thread(genl_request, "IPVS", daemon_command(NEW_DAEMON, device, syncid))
+
+    async def stop_backup_daemon(self) -> None:
+        """IPVS_CMD_DEL_DAEMON of the backup daemon."""
+        await asyncio.to_thread(genl_request, "IPVS", daemon_command(DEL_DAEMON))
+
+    async def backup_daemon(self) -> tuple[str, int] | None:
+        """The running backup daemon's device and sync id (IPVS_CMD_GET_DAEMON), if any."""
+        answers = await asyncio.to_thread(genl_request, "IPVS", (GET_DAEMON, b""), True)
+        return backup_daemon_of(answers)
+
+
+# The daemon commands are sent on a generic netlink socket of their own, written by hand:
+# pyroute2's IPVS message has no layout for IPVS_CMD_ATTR_DAEMON.
+NEW_DAEMON = 9  # IPVS_CMD_NEW_DAEMON
+DEL_DAEMON = 10  # IPVS_CMD_DEL_DAEMON
+GET_DAEMON = 11  # IPVS_CMD_GET_DAEMON
+DAEMON_BACKUP = 2  # IP_VS_STATE_BACKUP
+_ATTR_DAEMON = 3  # IPVS_CMD_ATTR_DAEMON, holding IPVS_DAEMON_ATTR_STATE (1), _MCAST_IFN (2),
+# _SYNC_ID (3)
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_DUMP, _NLMSG_ERROR, _NLMSG_DONE = 0x1, 0x4, 0x300, 2, 3
+_GENL_ID_CTRL, _CTRL_CMD_GETFAMILY, _CTRL_ATTR_FAMILY_ID, _CTRL_ATTR_FAMILY_NAME = 0x10, 3, 1, 2
+
+
+def _nla(kind: int, data: bytes) -> bytes:
+    size = 4 + len(data)
+    return struct.pack("=HH", size, kind) + data + b"\0" * (-size % 4)
+
+
+def daemon_command(cmd: int, device: str | None = None, syncid: int = 0) -> tuple[int, bytes]:
+    """A generic netlink IPVS daemon command: (command, attributes)."""
+    nested = _nla(1, struct.pack("=I", DAEMON_BACKUP))
+    if device is not None:
+        nested += _nla(2, device.encode() + b"\0") + _nla(3, struct.pack("=I", syncid))
+    return cmd, _nla(_ATTR_DAEMON, nested)
+
+
+def _attrs(data: bytes) -> dict[int, bytes]:
+    out, at = {}, 0
+    while at + 4 <= len(data):
+        size, kind = struct.unpack_from("=HH", data, at)
+        if size < 4:
+            break
+        out[kind & 0x3FFF] = data[at + 4 : at + size]
+        at += (size + 3) & ~3
+    return out
+
+
+def _exchange(
+    sock: socket.socket, family: int, cmd: int, attrs: bytes, dump: bool = False
+) -> list[bytes]:
+    """Send one request, return its answers' payloads (generic netlink header included);
+    OSError with the kernel's errno."""
+    body = struct.pack("=BBH", cmd, 1, 0) + attrs
+    flags = _NLM_F_REQUEST | (_NLM_F_DUMP if dump else _NLM_F_ACK)
+    sock.send(struct.pack("=IHHII", 16 + len(body), family, flags, 1, 0) + body)
+    answers: list[bytes] = []
+    while True:
+        data = sock.recv(65536)
+        at = 0
+        while at + 16 <= len(data):
+            size, kind = struct.unpack_from("=IH", data, at)
+            payload = data[at + 16 : at + size]
+            if kind == _NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", payload)
+                if code:
+                    raise OSError(-code, os.strerror(-code))
+                return answers
+            if kind == _NLMSG_DONE:
+                return answers
+            answers.append(payload)
+            at += (size + 3) & ~3
+
+
+def genl_request(family_name: str, command: tuple[int, bytes], dump: bool = False) -> list[bytes]:
+    """Run one generic netlink command of `family_name`: the answers' payloads (blocking:
+    call it in a thread)."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC) as sock:
+        sock.settimeout(5.0)
+        sock.bind((0, 0))
+        (answer,) = _exchange(
+            sock,
+            _GENL_ID_CTRL,
+            _CTRL_CMD_GETFAMILY,
+            _nla(_CTRL_ATTR_FAMILY_NAME, family_name.encode() + b"\0"),
+        )
+        family_id = _attrs(answer[4:]).get(_CTRL_ATTR_FAMILY_ID)
+        if family_id is None:
+            raise OSError(errno.ENOENT, f"no generic netlink family {family_name}")
+        cmd, attrs = command
+        return _exchange(sock, struct.unpack("=H", family_id[:2])[0], cmd, attrs, dump)
+
+
+def backup_daemon_of(answers: list[bytes]) -> tuple[str, int] | None:
+    """From the answers to IPVS_CMD_GET_DAEMON: the backup daemon's device and sync id."""
+    for payload in answers:
+        nested = _attrs(_attrs(payload[4:]).get(_ATTR_DAEMON, b""))
+        state, device, syncid = nested.get(1), nested.get(2), nested.get(3)
+        if state and struct.unpack_from("=I", state)[0] == DAEMON_BACKUP and device and syncid:
+            return device.rstrip(b"\0").decode(), struct.unpack_from("=I", syncid)[0]
+    return None
+
+
+NETLINK_GENERIC = 16

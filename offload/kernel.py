@@ -3,11 +3,13 @@ the one table of them (`KERNEL_PATHS`) from which they are opened, planned and c
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from lb.changes import Changes
+from lb.log import emit
 from lb.model import Endpoint, IPAddress, Mode, Service, ServiceKey
 from lb.persist import Affinity
 from lb.stats import ServiceSnapshot
@@ -15,10 +17,13 @@ from offload.conntrack import Conntrack
 from offload.host import IPVS_SYSCTLS, NFT_SYSCTLS, Host, HostError
 from offload.ipvs import IpvsDataplane, save_lines
 from offload.ipvs_netlink import IpvsUnavailable, NetlinkIpvs
+from offload.ipvs_sync import SyncInjector
 from offload.nft_netlink import NftNetlink
 from offload.nft_rules import TABLES, base_script, diff_script, render
 from offload.nftables import NftDataplane, NftError, hairpin
 from offload.policy import not_expressible_ipvs, not_expressible_nftables
+
+log = logging.getLogger("lb.offload")
 
 
 class KernelDataplane(Protocol):
@@ -111,7 +116,22 @@ async def open_ipvs(device: str, drain_timeout: float) -> tuple[KernelDataplane,
     except HostError as e:
         await client.close()
         raise KernelUnavailable(str(e)) from None
-    ipvs = IpvsDataplane(client, host.vips, drain_timeout, hold=host.hold, nat=host.set_nat)
+    sync = SyncInjector(client, host)
+    injector: SyncInjector | None = sync
+    try:
+        await sync.probe()  # can persistence templates move in?
+    except Exception as e:  # an old kernel, a sync daemon of keepalived's running here
+        emit(
+            log,
+            logging.WARNING,
+            "ipvs.affinity_unavailable",
+            f"IPVS sync daemon unavailable ({type(e).__name__}: {e}): a persistent service "
+            "moves into IPVS only once its clients' templates have expired",
+        )
+        injector = None
+    ipvs = IpvsDataplane(
+        client, host.vips, drain_timeout, hold=host.hold, nat=host.set_nat, injector=injector
+    )
     return ipvs, host
 
 

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
+from lb.changes import Changes
 from lb.config import parse_config
-from lb.model import Endpoint, IPAddress, Mode, Service
+from lb.model import Endpoint, IPAddress, Mode, Protocol, Service, ServiceKey
+from lb.persist import Affinity
 from offload.ipvs import IpvsDataplane
-from offload.ipvs_model import F_PERSISTENT, F_SCHED2, KConn, KDest, KService
-from offload.ipvs_netlink import carries_data, read_conn_table, read_templates
+from offload.ipvs_model import F_PERSISTENT, F_SCHED2, KConn, KDest, KService, sync_messages
+from offload.ipvs_netlink import (
+    DEL_DAEMON,
+    NEW_DAEMON,
+    backup_daemon_of,
+    carries_data,
+    daemon_command,
+    genl_request,
+    read_conn_table,
+    read_templates,
+)
 from offload.policy import OffloadPolicy, demoting_form, kernel_service, not_expressible
 from tests.support.doubles import apply_diff
 from tests.support.fake_ipvs import FakeIpvs
@@ -40,6 +55,10 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+async def owned_vip() -> set[IPAddress]:
+    return {VIP}
 
 
 def dataplane(
@@ -337,3 +356,115 @@ async def test_templates_are_read_from_the_connection_table_for_a_demote(tmp_pat
     )
     assert got == [("10.99.1.0", "10.99.2.2:8080", 100.0), ("10.99.2.0", "10.99.2.3:8080", 42.0)]
     assert read_templates(str(tmp_path / "missing")) is None
+
+
+class RecordingInjector:
+    """Stands for the sync daemon: logs into the fake kernel's log, takes `takes` of them."""
+
+    def __init__(self, fake: FakeIpvs, takes: int | None = None, fails: bool = False) -> None:
+        self.fake = fake
+        self.takes = takes
+        self.fails = fails
+
+    async def inject(self, key: ServiceKey, templates: Sequence[Affinity]) -> int:
+        self.fake.log.append(f"inject {key} {[str(a.backend) for a in templates]}")
+        if self.fails:
+            raise OSError(17, "File exists")
+        return len(templates) if self.takes is None else self.takes
+
+
+async def test_templates_are_created_in_the_hold_once_the_real_servers_exist(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "lb.offload")
+    fake = FakeIpvs()
+    (web,) = services(WEB)
+    dp = IpvsDataplane(fake, owned_vip, hold=fake.hold, injector=RecordingInjector(fake))
+    assert dp.carries_affinity
+    seeds = {web.key: [Affinity(ipaddress.ip_address("192.168.7.0"), web.backends[1].address, 30)]}
+    await dp.apply([web], Changes([web]), seeds)
+    assert fake.log == [
+        "hold tcp/10.0.0.1:80",
+        "add-service tcp/10.0.0.1:80 wrr",
+        "add-dest 10.0.1.1:8080 w3",
+        "add-dest 10.0.1.2:8080 w1",
+        "inject tcp/10.0.0.1:80 ['10.0.1.2:8080']",  # before any client is scheduled
+        "release tcp/10.0.0.1:80",
+    ]
+    # a service already in the kernel (lingering, its demoting form): the same, held
+    fake.log.clear()
+    await dp.apply([demoting_form(web)], Changes([demoting_form(web)]))
+    fake.log.clear()
+    await dp.apply([web], Changes([web]), seeds)
+    assert fake.log[0] == "hold tcp/10.0.0.1:80"
+    assert fake.log[-2:] == [
+        "inject tcp/10.0.0.1:80 ['10.0.1.2:8080']",
+        "release tcp/10.0.0.1:80",
+    ]
+    assert "1 of 1 persistence templates created" in caplog.text
+
+
+async def test_templates_the_kernel_did_not_take_are_said(caplog: pytest.LogCaptureFixture) -> None:
+    (web,) = services(WEB)
+    client = ipaddress.ip_address("192.168.7.0")
+    seeds = {web.key: [Affinity(client, b.address, 30) for b in web.backends]}
+    for injector, said in (
+        (RecordingInjector(FakeIpvs(), takes=1), "1 of 2 persistence templates created"),
+        (
+            RecordingInjector(FakeIpvs(), fails=True),
+            "0 of 2 persistence templates created (FileExistsError",
+        ),
+    ):
+        dp = IpvsDataplane(injector.fake, owned_vip, hold=injector.fake.hold, injector=injector)
+        caplog.clear()
+        await dp.apply([web], Changes([web]), seeds)
+        assert web.key in injector.fake.svcs  # the service is carried all the same
+        assert said in caplog.text
+        assert any(r.levelname == "WARNING" for r in caplog.records)
+
+
+async def test_without_an_injector_ipvs_does_not_carry_affinity() -> None:
+    assert not dataplane(FakeIpvs()).carries_affinity
+
+
+def test_sync_message_layout_matches_the_kernels() -> None:
+    """The example of docs/dataplanes/ipvs.md: one template, client 192.168.7.10 to
+    10.0.3.2:8080 behind 10.96.0.5:80, 600 s, sync id 7."""
+    key = ServiceKey(Protocol.TCP, Endpoint.parse("10.96.0.5:80"))
+    client = ipaddress.IPv4Address("192.168.7.10")
+    (msg,) = sync_messages(key, [(client, Endpoint.parse("10.0.3.2:8080"), 599.2)], syncid=7)
+    assert msg.hex() == (
+        "0007002c01010000" "00060024" "00001000" "0000" "0000" "0050" "1f90"
+        "00000000" "00000258" "c0a8070a" "0a600005" "0a000302"
+    )  # fmt: skip
+
+
+def test_sync_messages_fit_the_datagram_size() -> None:
+    key = ServiceKey(Protocol.UDP, Endpoint.parse("10.96.0.5:53"))
+    entries = [
+        (ipaddress.IPv4Address(f"10.1.{i // 250}.{i % 250}"), Endpoint.parse("10.0.3.2:53"), 1.0)
+        for i in range(81)
+    ]
+    messages = sync_messages(key, entries)
+    assert [m[4] for m in messages] == [40, 40, 1]  # entries each
+    assert [len(m) for m in messages] == [8 + 36 * 40, 8 + 36 * 40, 8 + 36]
+    assert all(int.from_bytes(m[2:4], "big") == len(m) for m in messages)
+    assert {m[9] for m in messages} == {17}  # UDP
+
+
+def test_daemon_commands_are_ipvs_genl_messages() -> None:
+    """IPVS_CMD_NEW_DAEMON / DEL_DAEMON as ipvsadm sends them: a nested DAEMON attribute
+    with the backup state, the device's name and the sync id; the netlink round trip
+    (family lookup, ack, the kernel's errno) runs here against nlctrl."""
+    _, new = daemon_command(NEW_DAEMON, "lb0", 76)
+    assert new.hex() == "1c0003000800010002000000080002006c623000080003004c000000"
+    assert daemon_command(DEL_DAEMON)[1].hex() == "0c0003000800010002000000"
+    genl_request("nlctrl", (3, bytes.fromhex("0b000200") + b"nlctrl\0" + b"\0"))  # acked
+    families = genl_request("nlctrl", (3, b""), dump=True)  # a dump, to its end
+    assert len(families) > 1
+    daemon = bytes.fromhex("0b010000") + daemon_command(NEW_DAEMON, "lb0", 76)[1]
+    assert backup_daemon_of([daemon]) == ("lb0", 76)  # as IPVS_CMD_GET_DAEMON answers
+    assert backup_daemon_of([]) is None
+    with pytest.raises(OSError) as e:
+        genl_request("no-such-family", daemon_command(NEW_DAEMON, "lb0", 76))
+    assert e.value.errno == 2

@@ -218,6 +218,14 @@ class Load:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
+    async def through(self, path: str, timeout: float = 30.0) -> None:
+        """Wait until a new connection went through `path` ("kernel" or "userspace")."""
+        seen = len(self.paths)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while path not in self.paths[seen:]:
+            assert asyncio.get_running_loop().time() < deadline, f"no connection via {path}"
+            await asyncio.sleep(0.1)
+
     def start(self) -> None:
         self._tasks = [
             asyncio.get_running_loop().create_task(self._worker(i)) for i in range(self.workers)
@@ -308,7 +316,7 @@ async def promote_and_demote_under_load(
         in_user = Stream(topo, topo.client_ips[10])  # opened while userspace carries the service
         in_user.start()
         await lb.wait_event("offload.promote", timeout=60)
-        await asyncio.sleep(2)
+        await load.through("kernel")  # the move is logged before the kernel write is done
         in_kernel = Stream(topo, topo.client_ips[11])  # opened while the kernel carries it
         in_kernel.start()
         await asyncio.sleep(2)
@@ -327,7 +335,8 @@ async def promote_and_demote_under_load(
         await lb.wait_event("offload.demoted", timeout=60, after=n)
         # calm again: promoted once demoted (at once if it was calm long enough by then)
         await lb.wait_event("offload.promote", timeout=60, after=n)
-        await asyncio.sleep(2)
+        await load.through("kernel")
+        await asyncio.sleep(1)
         await load.stop()
     assert load.failed == [], "\n".join(load.failed[:5]) + "\n" + lb.timeline(load.started)
     assert in_user.error is None and in_user.sent == in_user.received > 0
