@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--peers",
         help=f"data plane: comma-separated peers among {', '.join(ALL_PEERS)} (default "
-        "all but lb ipvs, which needs a kernel with IPVS: the vm part runs it)",
+        "all but lb ipvs, which needs a kernel with IPVS: the vm part runs it); with the vm "
+        "part, its data plane runs these peers, and it leaves ipvs-control out",
     )
     p.add_argument(
         "--workloads",
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     peers=peers,
                     workloads=workloads,
                     quick=args.quick,
+                    vm_peers=peers if args.peers else None,
                 )
             except KeyboardInterrupt:
                 remove_bench_namespaces()  # a second safety net: each part removes its own
@@ -196,6 +198,7 @@ def run_parts(
     peers: list[str],
     workloads: list[str],
     quick: bool,
+    vm_peers: list[str] | None = None,
 ) -> dict[str, str]:
     """Run the parts, saving after each; the parts that failed, with the reason (the
     vm part's guest may fail on its own: the host's parts stand)."""
@@ -244,7 +247,7 @@ def run_parts(
         if "vm" in parts:
             vtask = progress.add_task("the kernel VM (booted, running)", total=1)
             try:
-                doc["vm"] = vm.run(runs, quick, workloads)
+                doc["vm"] = vm.run(runs, quick, workloads, vm_peers)
             except RuntimeError as e:
                 failed["vm"] = str(e)
             else:

@@ -346,10 +346,14 @@ class NginxStream(Peer):
 START_TIMEOUT = 180.0
 
 
-def lb_yaml(topo: Topology) -> str:
+def lb_yaml(topo: Topology, offload: str = "") -> str:
     """One lb configuration for both of lb's dataplanes: `retries: 0` so that the kernel
-    can carry the TCP services (docs/dataplanes/ipvs.md), no health checks (always UP)."""
-    out = [f"dataplane: userspace\nshutdown_grace: 1s\nadmin: {{listen: {ADMIN}}}\nservices:\n"]
+    can carry the TCP services (docs/dataplanes/ipvs.md), no health checks (always UP);
+    `offload`: the `offload:` settings, if not the defaults."""
+    out = [f"dataplane: userspace\nshutdown_grace: 1s\nadmin: {{listen: {ADMIN}}}\n"]
+    if offload:
+        out.append(f"offload: {{{offload}}}\n")
+    out.append("services:\n")
     for svc in SERVICES:
         backends = "".join(f"      - address: {ip}:{svc.backend_port}\n" for ip in topo.backend_ips)
         sched = "sh" if svc.sticky else "rr"
@@ -371,16 +375,17 @@ def lb_services_carried(listing: str) -> dict[str, str]:
 
 
 class Lb(Peer):
-    def __init__(self, dataplane: str) -> None:
+    def __init__(self, dataplane: str, variant: str = "", offload: str = "") -> None:
         super().__init__()
         self.dataplane = dataplane
-        self.name = f"lb {dataplane}"
+        self.offload = offload
+        self.name = f"lb {dataplane}{' ' + variant if variant else ''}"
         self.userspace = dataplane == "userspace"
         self.local_vip = dataplane == "userspace"  # the kernel ones put the VIP on lb0
 
     async def start(self, topo: Topology, work: Path) -> None:
         conf = work / "lb.yaml"
-        conf.write_text(lb_yaml(topo))
+        conf.write_text(lb_yaml(topo, self.offload))
         lb = str(Path(sys.executable).with_name("lb"))
         await sh(lb, "check", "-q", "-c", str(conf))
         cmd = topo.on_balancer(
@@ -416,7 +421,8 @@ def all_peers() -> dict[str, Peer]:
         Haproxy(),
         NginxStream(),
         Lb("userspace"),
-        Lb("nftables"),
+        Lb("nftables"),  # with the flowtable on a kernel that has flowtables (the VM's)
+        Lb("nftables", "no flowtable", "flow_threshold: 0"),
         Lb("ipvs"),
     ]
     return {p.name: p for p in peers}
@@ -425,8 +431,17 @@ def all_peers() -> dict[str, Peer]:
 #: Every peer the bench knows
 ALL_PEERS = tuple(all_peers())
 #: The host's peers, the default: `lb ipvs` needs a kernel with IPVS, which the data plane
-#: in the kernel VM has (bench/vm.py)
-PEERS = tuple(p for p in ALL_PEERS if p != "lb ipvs")
+#: in the kernel VM has (bench/vm.py); this machine's kernel has no flowtables, so lb
+#: nftables runs without one here whatever its flow_threshold: one of them is enough
+PEERS = tuple(p for p in ALL_PEERS if p not in ("lb ipvs", "lb nftables no flowtable"))
 #: The peers of the data plane in the kernel VM: the references, and lb on IPVS beside lb
-#: in userspace (an emulated CPU makes each round long, so only these)
-VM_PEERS = ("direct", "haproxy", "lb userspace", "lb ipvs")
+#: in userspace, and lb nftables with its flowtable (the guest's kernel has flowtables)
+#: and without (an emulated CPU makes each round long, so only these)
+VM_PEERS = (
+    "direct",
+    "haproxy",
+    "lb userspace",
+    "lb ipvs",
+    "lb nftables",
+    "lb nftables no flowtable",
+)

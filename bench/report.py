@@ -53,14 +53,16 @@ def markdown(doc: dict[str, Any]) -> str:
     if "vm" in doc:
         vm = doc["vm"]
         emulated = (
-            f"In a guest of Debian's kernel {vm['kernel']} (it has IPVS, this "
+            f"In a guest of Debian's kernel {vm['kernel']} (it has IPVS and flowtables, this "
             "machine's kernel does not) under qemu's software emulation (bench/vm.py): "
             "every figure is far below the host's, so compare them only with each other "
             "(the ratios below), never with the tables above."
         )
         if vm.get("dataplane"):
             lines += dataplane_markdown(
-                vm["dataplane"], heading="Data plane in the kernel VM, with lb ipvs", note=emulated
+                vm["dataplane"],
+                heading="Data plane in the kernel VM, with lb ipvs and lb nftables's flowtable",
+                note=emulated,
             )
         if vm.get("ipvs_control"):
             lines += ipvs_control_markdown(vm["ipvs_control"], emulated)

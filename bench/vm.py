@@ -108,19 +108,23 @@ VM_SIZES = (10, 100, 1000, 10_000)
 QUICK_VM_SIZES = (10, 100)
 
 
-def run(runs: int, quick: bool, workloads: list[str]) -> dict[str, Any]:
+def run(
+    runs: int, quick: bool, workloads: list[str], peers: list[str] | None = None
+) -> dict[str, Any]:
     """The bench's data plane with VM_PEERS and its ipvs-control part (lb ipvs beside lb
     nftables, VM_SIZES), in one guest, `runs` rounds (VM_RUNS at most): {"kernel",
-    "machine", "dataplane", "ipvs_control"} as the guest's results.json has them."""
+    "machine", "dataplane", "ipvs_control"} as the guest's results.json has them.
+    `peers`: only the data plane, with these peers (a narrowed run)."""
     from bench.peers import VM_PEERS
 
     runs = min(runs, VM_RUNS)
     sizes = QUICK_VM_SIZES if quick else VM_SIZES
+    parts = "dataplane" if peers else "dataplane,ipvs-control"
     with tempfile.TemporaryDirectory(prefix="lbbench-vm-") as tmp:
         rw = Path(tmp)
         bench = [
-            sys.executable, "-m", "bench", "--only", "dataplane,ipvs-control",
-            "--peers", ",".join(VM_PEERS), "--workloads", ",".join(workloads),
+            sys.executable, "-m", "bench", "--only", parts,
+            "--peers", ",".join(peers or VM_PEERS), "--workloads", ",".join(workloads),
             "--sizes", ",".join(map(str, sizes)), "--runs", str(runs), "--out", str(rw),
             *(["--quick"] if quick else []),
         ]  # fmt: skip

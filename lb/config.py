@@ -290,6 +290,7 @@ class OffloadIn(_Model):
         str, Strict(), Field(min_length=1, max_length=15, pattern=r"^[A-Za-z0-9_.-]+$")
     ] = "lb0"
     affinity_wait: Duration = 300.0
+    flow_threshold: Annotated[int, Strict(), Field(ge=0, le=1_000_000)] = 20
 
 
 class KubernetesIn(_Model):
@@ -997,7 +998,12 @@ def _parse_config(text: str, source: str) -> Config:
         admin=AdminSettings(a.enabled, a.listen, a.allow_remote, a.token_file),
         dataplane=root.dataplane,
         offload=OffloadSettings(
-            o.hold_down, o.churn_limit, o.drain_timeout, o.device, o.affinity_wait
+            o.hold_down,
+            o.churn_limit,
+            o.drain_timeout,
+            o.device,
+            o.affinity_wait,
+            o.flow_threshold,
         ),
         source=root.source,
         kubernetes=KubernetesSettings(

@@ -259,7 +259,7 @@ class Daemon:
             self.dataplane.enable(policy, None, None, o.drain_timeout, o.affinity_wait)
             return
         try:
-            kernel, host = await open_kernel(mode, o.device, o.drain_timeout)
+            kernel, host = await open_kernel(mode, o.device, o.drain_timeout, o.flow_threshold)
         except KernelUnavailable as e:
             if mode is not Mode.AUTO:
                 raise StartError([f"dataplane {mode}: {e}"]) from None
@@ -273,11 +273,13 @@ class Daemon:
             self.dataplane.enable(policy, None, None, o.drain_timeout, o.affinity_wait)
             return
         self.dataplane.enable(policy, kernel, host, o.drain_timeout, o.affinity_wait)
+        fastpath = getattr(kernel, "fastpath_note", None)  # nftables: its flowtable
+        note = f" ({fastpath()})" if callable(fastpath) else ""
         emit(
             log,
             logging.INFO,
             "offload.enabled",
-            f"dataplane {mode}: {kernel.name} ready on {o.device}",
+            f"dataplane {mode}: {kernel.name} ready on {o.device}{note}",
             mode=str(mode),
             kernel=kernel.name,
             device=o.device,

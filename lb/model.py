@@ -290,6 +290,9 @@ class OffloadSettings:
     #: the longest a persistent service waits in userspace for its templates to expire
     #: before a promote into a kernel that cannot take them (IPVS)
     affinity_wait: float = 300.0
+    #: nftables: packets (both directions) after which an established flow of a service
+    #: goes into the flowtable, past the forwarding path (0: no flowtable)
+    flow_threshold: int = 20
 
 
 @dataclass(frozen=True, slots=True)

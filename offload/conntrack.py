@@ -69,7 +69,10 @@ def parse_flows(text: str) -> list[Flow]:
         if backend == vip:
             continue  # not DNATed
         state = words[3] if proto is Protocol.TCP and len(words) > 3 else ""
-        out.append(Flow(ServiceKey(proto, vip), backend, state == "ESTABLISHED"))
+        # A flow in the flowtable (nftables' fast path) may be listed without timeout and
+        # state: it is established (the flowtable lets go of a TCP flow at FIN or RST).
+        offloaded = proto is Protocol.TCP and "=" in state and "[OFFLOAD]" in words
+        out.append(Flow(ServiceKey(proto, vip), backend, state == "ESTABLISHED" or offloaded))
     return out
 
 

@@ -94,8 +94,9 @@ class KernelPath:
     #: Why it cannot carry a service, or None (pure: `lb offload plan` runs it offline).
     not_expressible: Callable[[Service], str | None]
     #: Probe the kernel, set the host up (device, sysctls) and open the dataplane:
-    #: (device, drain_timeout) -> (dataplane, host); KernelUnavailable says why it cannot.
-    open: Callable[[str, float], Awaitable[tuple[KernelDataplane, Host]]]
+    #: (device, drain_timeout, flow_threshold) -> (dataplane, host); KernelUnavailable says
+    #: why it cannot.
+    open: Callable[[str, float, int], Awaitable[tuple[KernelDataplane, Host]]]
     #: Remove what a run left in this path (`lb cleanup`), given the VIPs on lb's device;
     #: what it did, one line each.
     cleanup: Callable[[set[IPAddress]], Awaitable[list[str]]]
@@ -103,8 +104,12 @@ class KernelPath:
     plan: Callable[[list[Service]], list[str]]
 
 
-async def open_ipvs(device: str, drain_timeout: float) -> tuple[KernelDataplane, Host]:
-    """IPVS through netlink, with its device, sysctls and masquerade table."""
+async def open_ipvs(
+    device: str, drain_timeout: float, flow_threshold: int = 0
+) -> tuple[KernelDataplane, Host]:
+    """IPVS through netlink, with its device, sysctls and masquerade table
+    (`flow_threshold` is not used: IPVS's flows cannot take a flowtable,
+    docs/dataplanes/nftables.md)."""
     host = Host(device, sysctls=IPVS_SYSCTLS)
     await host.load_modules()
     try:
@@ -161,14 +166,22 @@ def plan_ipvs(services: list[Service]) -> list[str]:
     return [line for s in services for line in save_lines(s)]
 
 
-async def open_nftables(device: str, drain_timeout: float = 0.0) -> tuple[KernelDataplane, Host]:
+async def open_nftables(
+    device: str, drain_timeout: float = 0.0, flow_threshold: int = 0
+) -> tuple[KernelDataplane, Host]:
     """Tables `ip lb*` through `nft` and netlink, conntrack through the `conntrack` tool,
     the VIPs on the device (`drain_timeout` is not used: conntrack keeps a leaving
-    service's flows)."""
+    service's flows); with `flow_threshold`, a flowtable for established flows if the
+    kernel has flowtables (else lb says so once and runs without)."""
     host = Host(device, sysctls=NFT_SYSCTLS)
     await host.load_modules()
     try:
-        nft = NftDataplane(conntrack=Conntrack(), netlink=NftNetlink())
+        nft = NftDataplane(
+            conntrack=Conntrack(),
+            netlink=NftNetlink(),
+            flow_threshold=flow_threshold,
+            device=device,
+        )
         await nft.probe()
         await host.setup()
     except (NftError, HostError, OSError) as e:
@@ -177,7 +190,8 @@ async def open_nftables(device: str, drain_timeout: float = 0.0) -> tuple[Kernel
 
 
 async def cleanup_nftables(vips: set[IPAddress]) -> list[str]:
-    """Delete lb's nftables tables (whatever the device holds)."""
+    """Delete lb's nftables tables (whatever the device holds), the flowtable with table
+    `ip lb`."""
     try:
         await NftDataplane().remove_all()
     except NftError as e:
@@ -217,7 +231,7 @@ def kernel_path(mode: Mode) -> KernelPath:
 
 
 async def open_kernel(
-    mode: Mode, device: str, drain_timeout: float
+    mode: Mode, device: str, drain_timeout: float, flow_threshold: int = 0
 ) -> tuple[KernelDataplane, Host]:
     """The kernel dataplane `mode` asks for; `auto`: the first of KERNEL_PATHS this kernel
     has. KernelUnavailable says why none could be opened."""
@@ -225,7 +239,7 @@ async def open_kernel(
     for path in KERNEL_PATHS.values():
         if mode in (path.mode, Mode.AUTO):
             try:
-                return await path.open(device, drain_timeout)
+                return await path.open(device, drain_timeout, flow_threshold)
             except KernelUnavailable as e:
                 errors.append(f"{path.label}: {e}")
     raise KernelUnavailable("; ".join(errors) or f"no kernel dataplane in mode {mode}")

@@ -385,10 +385,47 @@ COUNT = [
 ]
 
 
-def base_script(hairpin: Iterable[NatPath] = ()) -> list[str]:
+#: lb's flowtable, in table `ip lb` (`offload.flow_threshold`)
+FLOWTABLE = "ft"
+
+
+def devices_list(devices: Iterable[str]) -> str:
+    return ", ".join(f'"{d}"' for d in sorted(devices))
+
+
+@dataclass(frozen=True, slots=True)
+class FastPath:
+    """The flowtable: an established flow of a service lb DNATed (found in `conns` by its
+    original VIP:port and its backend, so no other flow of the host) that has carried more
+    than `threshold` packets, both directions counted (conntrack accounting), is added to
+    it; from then on the flowtable's ingress hook on `devices` forwards its packets, NAT
+    included, past the forwarding path (no more rules, no nat hooks: lb counts connections
+    on a flow's first packet, so its counters stay right). Its `counter` flag keeps
+    conntrack's packets and bytes counting the offloaded packets too. Only forwarded flows
+    can be offloaded: not those of a client or a backend on the balancer itself."""
+
+    threshold: int
+    devices: frozenset[str] = frozenset()
+
+    def flowtable(self) -> str:
+        """The flowtable's declaration, inside table `ip lb`."""
+        devices = f"devices = {{ {devices_list(self.devices)} }}; " if self.devices else ""
+        return f"    flowtable {FLOWTABLE} {{ hook ingress priority filter; {devices}counter; }}"
+
+    def rules(self) -> list[str]:
+        """The forward chain's rules (per protocol, for nft to type the ports)."""
+        return [
+            f"        meta l4proto {p.value} ct packets > {self.threshold} "
+            f"ct original ip daddr . meta l4proto . ct original proto-dst . "
+            f"ct reply ip saddr . ct reply proto-src @conns flow add @{FLOWTABLE}"
+            for p in Protocol
+        ]
+
+
+def base_script(hairpin: Iterable[NatPath] = (), fastpath: FastPath | None = None) -> list[str]:
     """The tables with their hooks, maps and masquerade set, empty of services (replacing
     any tables of those names, atomically, together with what follows in the
-    transaction)."""
+    transaction); with `fastpath`, table `ip lb` has the flowtable and its forward chain."""
     elements = masq_elements(hairpin)
     out = [
         *_replace(TABLE),
@@ -406,8 +443,16 @@ def base_script(hairpin: Iterable[NatPath] = ()) -> list[str]:
         "        type nat hook input priority 100; policy accept;",
         *COUNT,
         "    }",
-        "}",
     ]
+    if fastpath is not None:
+        out += [
+            fastpath.flowtable(),
+            "    chain forward {",
+            "        type filter hook forward priority filter; policy accept;",
+            *fastpath.rules(),
+            "    }",
+        ]
+    out.append("}")
     for table in TABLES[1:]:
         out += [
             *_replace(table),
@@ -427,6 +472,33 @@ def base_script(hairpin: Iterable[NatPath] = ()) -> list[str]:
 
 def _replace(table: str) -> list[str]:
     return [f"table ip {table}", f"delete table ip {table}", f"table ip {table} {{"]
+
+
+def probe_flowtable_script() -> str:
+    """A transaction that makes a flowtable and deletes it again, leaving nothing: the
+    kernel refuses it ("No such file or directory") when it has no flowtables."""
+    probe = f"{TABLE}_probe"
+    return (
+        f"table ip {probe} {{\n"
+        f"    flowtable {FLOWTABLE} {{ hook ingress priority filter; }}\n"
+        "}\n"
+        f"delete table ip {probe}\n"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AddFlowtableDevices:
+    """Devices that appeared since the flowtable was written (the kernel takes a device
+    out of it by itself when the device goes)."""
+
+    devices: frozenset[str]
+    table: str = TABLE
+
+    def nft(self) -> str:
+        return (
+            f"add flowtable ip {self.table} {FLOWTABLE} {{ hook ingress priority filter; "
+            f"devices = {{ {devices_list(self.devices)} }}; }}"
+        )
 
 
 def remove_script() -> str:

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import shutil
+import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -27,9 +28,12 @@ from lb.stats import BackendSnapshot, ErrorReason, ServiceSnapshot, Totals
 from offload.conntrack import Conntrack, ConntrackError, Flow
 from offload.nft_netlink import NftNetlink, NftNetlinkError
 from offload.nft_rules import (
+    FLOWTABLE,
     TABLE,
+    AddFlowtableDevices,
     AddMasq,
     DeleteMasq,
+    FastPath,
     Names,
     NatPath,
     Op,
@@ -38,6 +42,7 @@ from offload.nft_rules import (
     affinity_ops,
     base_script,
     diff_ops,
+    probe_flowtable_script,
     remove_script,
     render,
     with_affinity,
@@ -51,6 +56,21 @@ CHUNK = 2000  # services per netlink batch when the table is built
 log = logging.getLogger("lb.offload")
 
 ALIVE = frozenset({BackendState.UP, BackendState.DRAIN})  # their flows go on
+#: conntrack accounting, which `ct packets` (the flowtable's threshold) needs: per network
+#: namespace, for the flows that start once it is on
+CONNTRACK_ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
+
+
+def links() -> set[str]:
+    """The network devices of this network namespace, by name."""
+    return {name for _, name in socket.if_nameindex()}
+
+
+def enable_acct(path: str = CONNTRACK_ACCT) -> None:
+    with open(path, "r+") as f:
+        if f.read().strip() != "1":
+            f.seek(0)
+            f.write("1\n")
 
 
 class NftError(Exception):
@@ -106,6 +126,11 @@ class NftDataplane:
         query: Query = query_nft,
         conntrack: Conntrack | None = None,
         netlink: NftNetlink | None = None,
+        *,
+        flow_threshold: int = 0,
+        device: str = "",
+        devices: Callable[[], set[str]] = links,
+        acct: Callable[[], None] = enable_acct,
     ) -> None:
         self.nft = nft
         self.netlink = netlink
@@ -119,13 +144,96 @@ class NftDataplane:
         self._counters: dict[str, tuple[int, int]] = {}
         self._flows: Counter[tuple[ServiceKey, Endpoint, bool]] = Counter()
         self._moved: set[ServiceKey] = set()  # counters or flows moved since active()
+        # The fast path (offload.flow_threshold): a flowtable on every device but lo and
+        # lb's own (where the VIPs are: nothing is forwarded through it).
+        self.flow_threshold = flow_threshold
+        self._skip = {"lo", device}
+        self._devices = devices
+        self._acct = acct
+        #: why there is no flowtable though flow_threshold asks for one (the kernel has
+        #: none), said once; None: there is one, or none was asked for
+        self.flowtable_unavailable: str | None = None
+        self._ft_devices: frozenset[str] = frozenset()  # in the flowtable, as lb wrote them
+        self._ft_refused: frozenset[str] = frozenset()  # the last devices the kernel refused
 
     def not_expressible(self, s: Service) -> str | None:
         return not_expressible_nftables(s)
 
     async def probe(self) -> None:
-        """NftError unless nft runs here with the rights to change the ruleset."""
+        """NftError unless nft runs here with the rights to change the ruleset. With a
+        flow threshold, whether the kernel has flowtables: without, lb says so once and
+        runs without them."""
         await self.nft(f"table ip {TABLE}\n")  # creates nothing that the first apply keeps
+        if self.flow_threshold > 0:
+            await self.probe_flowtable()
+
+    async def probe_flowtable(self) -> None:
+        try:
+            await self.nft(probe_flowtable_script())  # leaves nothing behind
+        except NftError as e:
+            self.flowtable_unavailable = f"this kernel has no flowtables ({e})"
+            emit(
+                log,
+                logging.WARNING,
+                "nft.flowtable_unavailable",
+                f"offload.flow_threshold is {self.flow_threshold} but "
+                f"{self.flowtable_unavailable}: established flows stay on the forwarding path",
+                reason=str(e),
+            )
+            return
+        self.flowtable_unavailable = None
+
+    @property
+    def fastpath(self) -> bool:
+        """Whether lb's table has a flowtable."""
+        return self.flow_threshold > 0 and self.flowtable_unavailable is None
+
+    def fastpath_note(self) -> str:
+        """The fast path in a few words, for messages and `lb list`."""
+        if self.flow_threshold <= 0:
+            return "no flowtable (offload.flow_threshold: 0)"
+        if self.flowtable_unavailable is not None:
+            return f"no flowtable: {self.flowtable_unavailable}"
+        return f"flowtable {FLOWTABLE} after {self.flow_threshold} packets, on " + (
+            ", ".join(sorted(self._ft_devices)) or "no device yet"
+        )
+
+    def _fastpath_now(self) -> FastPath | None:
+        """The flowtable as it should be now (the devices there are), or None."""
+        if not self.fastpath:
+            return None
+        return FastPath(self.flow_threshold, frozenset(self._devices() - self._skip))
+
+    async def _track_devices(self) -> None:
+        """Add the devices that appeared to the flowtable (those that went, the kernel
+        took out of it by itself). A refused write (a device gone meanwhile) is tried
+        again at the next refresh."""
+        now = frozenset(self._devices() - self._skip)
+        if now == self._ft_devices:
+            return
+        fresh = now - self._ft_devices
+        if fresh:
+            try:
+                await self.nft(AddFlowtableDevices(fresh).nft() + "\n")
+            except NftError as e:
+                if fresh != self._ft_refused:  # said once, not at every refresh
+                    emit(
+                        log,
+                        logging.WARNING,
+                        "nft.flowtable_devices",
+                        f"flowtable {FLOWTABLE}: cannot add {', '.join(sorted(fresh))}: {e}",
+                        devices=sorted(fresh),
+                    )
+                self._ft_refused = fresh
+                return
+            emit(
+                log,
+                logging.INFO,
+                "nft.flowtable_devices",
+                f"flowtable {FLOWTABLE}: added {', '.join(sorted(fresh))}",
+                devices=sorted(fresh),
+            )
+        self._ft_devices = now
 
     async def apply(
         self,
@@ -203,7 +311,12 @@ class NftDataplane:
         services over netlink, `CHUNK` at a time, each with its map element, so that a
         service is in the map only once it is whole (`nft -f` takes minutes to read a
         script of 10,000 services). Without netlink, all of it in one `nft -f`."""
-        base = base_script(self._pins)
+        fastpath = self._fastpath_now()
+        base = base_script(self._pins, fastpath)
+        # `ct packets` counts a flow's packets only if conntrack accounting was on when the
+        # flow began: on before the services (conntrack's sysctls exist once its module is
+        # loaded, which lb's nat chains do if nothing did before).
+        acct = fastpath is not None and self._enable_acct(quiet=True)
 
         def ops_of(r: Rendered) -> list[Op]:
             return with_affinity(diff_ops(None, r), affinity_ops(r, seeds.get(r.key, ())))
@@ -211,14 +324,33 @@ class NftDataplane:
         if self.netlink is None:
             ops = [op for r in services for op in ops_of(r)]
             await self.nft("\n".join(base + [op.nft() for op in ops]) + "\n")
-            self.writes += 1
-            return
-        await self.nft("\n".join(base) + "\n")
+        else:
+            await self.nft("\n".join(base) + "\n")
         self.writes += 1
+        if fastpath is not None and not acct:
+            self._enable_acct(quiet=False)
+        self._ft_devices = fastpath.devices if fastpath is not None else frozenset()
+        if self.netlink is None:
+            return
         for start in range(0, len(services), CHUNK):
             chunk = services[start : start + CHUNK]
             await self._run([op for r in chunk for op in ops_of(r)])
             self.writes += 1
+
+    def _enable_acct(self, quiet: bool) -> bool:
+        try:
+            self._acct()
+        except OSError as e:
+            if not quiet:
+                emit(
+                    log,
+                    logging.WARNING,
+                    "nft.flowtable_acct",
+                    f"cannot turn conntrack accounting on ({e}): no flow reaches the "
+                    "flowtable's threshold",
+                )
+            return False
+        return True
 
     async def _run(self, ops: list[Op]) -> None:
         """A change: over netlink when there is a socket (its cost is the change's), else
@@ -289,6 +421,8 @@ class NftDataplane:
         flows each backend carries."""
         if self._rendered is None:
             return
+        if self.fastpath:
+            await self._track_devices()
         try:
             out = await self.query("list", "counters", "table", "ip", TABLE)  # all of lb's
         except NftError:  # the table is gone (deleted by hand): nothing counted
@@ -370,10 +504,11 @@ class NftDataplane:
 
     async def remove_all(self) -> None:
         """Delete lb's tables (shutdown, `lb cleanup`)."""
-        await self.nft(remove_script())
+        await self.nft(remove_script())  # the flowtable goes with table lb
         self._rendered = None
         self._desired.clear()
         self._pins.clear()
+        self._ft_devices = frozenset()
 
 
 def _connections_only(conns: int) -> Totals:
