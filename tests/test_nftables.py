@@ -26,6 +26,7 @@ from tests.support.traffic import (
     ask,
     ask_udp,
     client_conn,
+    leaving,
 )
 
 # the VIP on the balancer's loopback, and the balancer forwards (no lb process sets it here)
@@ -170,7 +171,6 @@ async def test_drain_down_and_removal_spare_established_connections(
     await apply(topo, dp, [web])
     reader, writer = await client_conn(topo, "10.99.1.5")
     victim = (await asyncio.wait_for(reader.readline(), 5)).decode().split()[0]
-    state = {str(b.address.ip): b for b in web.backends}
 
     async def still_echoes() -> None:
         writer.write(b"ping\n")
@@ -179,14 +179,8 @@ async def test_drain_down_and_removal_spare_established_connections(
     async def picks(n: int = 9) -> set[str]:
         return {(await ask(topo, "10.99.1.6")).split()[0] for _ in range(n)}
 
-    for change in (
-        dataclasses.replace(state[victim], admin=AdminState.DRAIN),
-        dataclasses.replace(state[victim], healthy=False),
-        None,  # removed from the config
-    ):
-        kept = [b for b in web.backends if str(b.address.ip) != victim]
-        order = [change, *kept] if change is not None else kept
-        await apply(topo, dp, [web.with_backends(tuple(order))])
+    for remaining in leaving(web, victim):  # drained, DOWN, removed
+        await apply(topo, dp, [web.with_backends(remaining)])
         assert victim not in await picks()
         await still_echoes()
     writer.close()

@@ -19,14 +19,14 @@ import pytest
 
 from lb.changes import Changes
 from lb.config import parse_config
-from lb.model import AdminState, Service
+from lb.model import Service
 from offload.conntrack import Conntrack
 from offload.netns import inside
 from offload.nft_netlink import NftNetlink
 from offload.nftables import NftDataplane
 from tests.support.doubles import apply_diff
 from tests.support.netns import Topology, socket_in
-from tests.support.traffic import Backends, ask, client_conn
+from tests.support.traffic import Backends, ask, client_conn, leaving
 
 pytestmark = [pytest.mark.netns, pytest.mark.topology(vip_on="lo", ip_forward=True)]
 
@@ -155,19 +155,12 @@ async def test_drain_down_removal_and_udp_cleanup_act_on_offloaded_flows(
     await asyncio.sleep(0.5)
     assert "[OFFLOAD]" in flow_line(topo, "tcp", long.sport)
     victim = long.backend
-    state = {str(b.address.ip): b for b in web.backends}
 
     async def picks(n: int = 6) -> set[str]:
         return {(await ask(topo, "10.99.1.6")).split()[0] for _ in range(n)}
 
-    for change in (
-        dataclasses.replace(state[victim], admin=AdminState.DRAIN),
-        dataclasses.replace(state[victim], healthy=False),
-        None,  # removed from the config
-    ):
-        kept = [b for b in web.backends if str(b.address.ip) != victim]
-        order = [change, *kept] if change is not None else kept
-        await apply(topo, dp, [web.with_backends(tuple(order)), dns])
+    for remaining in leaving(web, victim):  # drained, DOWN, removed
+        await apply(topo, dp, [web.with_backends(remaining), dns])
         assert victim not in await picks()
         await long.rounds(3)  # the established, offloaded flow goes on
     long.writer.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from lb.model import AdminState, Backend, Service
 from offload.netns import inside
 from tests.support.netns import LB_SIDE, Topology, socket_in
 from tests.support.proc import LbProcess
@@ -350,3 +352,16 @@ async def promote_and_demote_under_load(
         carried = [e["msg"] for e in lb.events if e.get("event") == "offload.affinity"]
         assert any("to userspace" in m for m in carried), lb.timeline(load.started)
         assert sum("templates moved to" in m and "userspace" not in m for m in carried) >= 2
+
+
+def leaving(service: Service, victim: str) -> list[tuple[Backend, ...]]:
+    """The service's backends as one of them (the backend at address `victim`) is drained,
+    then goes DOWN, then is removed from the config: what the kernel paths must follow
+    without ending the established flows of the others."""
+    state = {str(b.address.ip): b for b in service.backends}
+    kept = [b for b in service.backends if str(b.address.ip) != victim]
+    return [
+        (dataclasses.replace(state[victim], admin=AdminState.DRAIN), *kept),
+        (dataclasses.replace(state[victim], healthy=False), *kept),
+        tuple(kept),
+    ]
