@@ -7,6 +7,7 @@ import asyncio
 import signal
 from pathlib import Path
 
+from offload.ipvs import RESYNC_PERIOD
 from tests.support.netns import LB_SIDE, Topology, ipvs_save, ipvsadm, run_in, socket_in
 from tests.support.proc import LbProcess, run_cli
 from tests.support.traffic import (
@@ -196,3 +197,22 @@ async def test_userspace_listener_stays_bound_and_lb_list_shows_ipvs(
         listening = run_in(topo, "ss", "-ltn")
         assert "10.99.0.10:80" in listening
         assert LB_SIDE not in (await ask(topo, "10.99.1.2"))
+
+
+async def test_drift_is_repaired_within_the_resync_period(
+    topo: Topology, backends: Backends, tmp_path: Path
+) -> None:
+    """Someone deletes lb's IPVS service (`ipvsadm -D`) and adds a destination by hand:
+    the periodic resync (RESYNC_PERIOD, 30 s) puts back what lb applied, and says so."""
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(config_yaml([WEB], "ipvs"))
+    async with running_lb(topo, cfg) as lb:
+        applied = ipvs_save(topo)
+        assert any("10.99.0.10:80" in line for line in applied)
+        run_in(topo, "ipvsadm", "-D", "-t", "10.99.0.10:80")
+        assert not any("10.99.0.10:80" in line for line in ipvs_save(topo))
+        n = len(lb.events)
+        repaired = await lb.wait_event("ipvs.drift_repaired", timeout=RESYNC_PERIOD + 30, after=n)
+        assert "tcp/10.99.0.10:80 missing" in repaired["msg"]
+        assert ipvs_save(topo) == applied
+        assert (await ask(topo, "10.99.1.2")).endswith("saw 10.99.1.2")  # through IPVS again
