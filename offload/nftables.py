@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import socket
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -52,6 +53,7 @@ from offload.policy import not_expressible_nftables
 Nft = Callable[[str], Awaitable[str]]
 Query = Callable[..., Awaitable[Any]]
 CHUNK = 2000  # services per netlink batch when the table is built
+TEMPLATES_PERIOD = 10.0  # seconds between two counts of the affinity sets' elements
 
 log = logging.getLogger("lb.offload")
 
@@ -144,6 +146,9 @@ class NftDataplane:
         self._counters: dict[str, tuple[int, int]] = {}
         self._flows: Counter[tuple[ServiceKey, Endpoint, bool]] = Counter()
         self._moved: set[ServiceKey] = set()  # counters or flows moved since active()
+        #: persistence templates per (service, backend): the elements of its affinity set
+        self._templates: Counter[tuple[ServiceKey, Endpoint]] = Counter()
+        self._templates_read = -TEMPLATES_PERIOD
         # The fast path (offload.flow_threshold): a flowtable on every device but lo and
         # lb's own (where the VIPs are: nothing is forwarded through it).
         self.flow_threshold = flow_threshold
@@ -449,6 +454,38 @@ class NftDataplane:
                 flows = []
             self._flows = Counter(_flow_key(f) for f in flows if f.key in self._desired)
             self._moved.update(k for k, _, _ in self._flows)
+        await self._count_templates()
+
+    async def _count_templates(self) -> None:
+        """Count the elements of the persistent services' affinity sets (`lb list
+        --persistent-conn`), one `nft list sets` every TEMPLATES_PERIOD, and only while a
+        persistent service is carried."""
+        now = time.monotonic()
+        sets = {
+            (r.table, names.affinity): (key, rule.backend)
+            for key, r in (self._rendered or {}).items()
+            if r.sets
+            for names, rule in r.endpoints.values()
+        }
+        if not sets:
+            self._templates.clear()
+            return
+        if now - self._templates_read < TEMPLATES_PERIOD:
+            return
+        self._templates_read = now
+        try:
+            doc = await self.query("list", "sets", "ip")
+        except (NftError, ValueError):
+            return  # counted again next period
+        counted: Counter[tuple[ServiceKey, Endpoint]] = Counter()
+        for item in doc.get("nftables", []):
+            listed = item.get("set") if isinstance(item, dict) else None
+            if not isinstance(listed, dict):
+                continue
+            owner = sets.get((str(listed.get("table")), str(listed.get("name"))))
+            if owner is not None:
+                counted[owner] = len(listed.get("elem") or [])
+        self._templates = counted
 
     async def owned(self) -> set[ServiceKey]:
         return set(self._rendered or ())
@@ -484,7 +521,7 @@ class NftDataplane:
                         weight=b.effective_weight,
                         active=self._flows[(key, b.address, True)],
                         inactive=self._flows[(key, b.address, False)],
-                        persistent=0,
+                        persistent=self._templates[(key, b.address)],
                         overloaded=False,
                         totals=_connections_only(conns),
                     )

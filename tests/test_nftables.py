@@ -161,6 +161,12 @@ async def test_affinity_is_seeded_before_the_kernel_takes_the_service_and_read_b
         (back,) = await dp.export_affinity(web.key)
     assert (back.client, back.backend) == (net, target)
     assert 50 <= back.remaining <= 60  # renewed by those connections: the service's timeout
+    with inside(topo.lb):  # lb list --persistent-conn: the templates per backend
+        await dp.refresh()
+    (snap,) = dp.observe(web.key)
+    assert {str(b.address): b.persistent for b in snap.backends} == {
+        str(b.address): int(b.address == target) for b in web.backends
+    }
 
 
 async def test_drain_down_and_removal_spare_established_connections(
