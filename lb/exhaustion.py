@@ -5,12 +5,21 @@ flow or a health probe, lb refuses that one piece of new work, counts it here
 (`lb_resource_exhausted_total{resource}`), logs at most once per LOG_INTERVAL per
 resource with the count in between, keeps what is established, and tries again with the
 next piece of work: it recovers by itself once the resource is back.
+
+Descriptors are also budgeted before they run out (`Descriptors`, like HAProxy's maxconn
+derived from the descriptor limit): relays and UDP flows may use the limit less what lb
+holds for itself (listeners, sockets to the kernel) and less a reserve, so that health
+probes and the admin API keep working while clients hold every descriptor the data path
+may have. A client past the budget is refused and counted as `exhausted`, as at EMFILE.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
+import resource
+import sys
 import time
 
 from lb.log import emit
@@ -65,3 +74,47 @@ class Exhaustion:
 
 #: The process's one table (like a logger): relays, probes and the metrics share it.
 EXHAUSTION = Exhaustion()
+
+
+#: Descriptors kept out of the data path's budget for probes, the admin API and the kernel
+#: dataplanes' tools: the larger of this and a sixteenth of the limit.
+RESERVE_MIN = 16
+
+
+class Descriptors:
+    """The data path's descriptor budget: `take` before a relay or flow opens its
+    descriptors, `give` them back when it ends; `size` after each change of listeners."""
+
+    def __init__(self) -> None:
+        self.in_use = 0
+        self.limit = sys.maxsize  # unsized: no budget
+
+    def size(self, soft_limit: int | None = None, open_now: int | None = None) -> None:
+        """Set the budget from the descriptor limit and what lb holds outside the data path
+        (all its open descriptors less those the data path has taken)."""
+        if soft_limit is None:
+            soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft_limit == resource.RLIM_INFINITY:
+            self.limit = sys.maxsize
+            return
+        if open_now is None:
+            try:
+                open_now = len(os.listdir("/proc/self/fd"))
+            except OSError:  # no /proc: budget from the limit alone
+                open_now = self.in_use
+        fixed = max(0, open_now - self.in_use)
+        self.limit = max(0, soft_limit - fixed - max(RESERVE_MIN, soft_limit // 16))
+
+    def take(self, n: int) -> bool:
+        """Whether `n` more descriptors fit the budget (then they are counted as used)."""
+        if self.in_use + n > self.limit:
+            return False
+        self.in_use += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.in_use -= n
+
+
+#: The data path's one budget (process-wide, like EXHAUSTION).
+DESCRIPTORS = Descriptors()

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Sequence
 
 from lb.changes import Changes
+from lb.exhaustion import DESCRIPTORS
 from lb.log import emit
 from lb.model import Protocol, Service, ServiceKey
 from lb.persist import Affinity
@@ -100,6 +101,8 @@ class UserspaceDataplane:
                 service=s.name,
                 listen=str(s.key),
             )
+        if new or ch.removed:  # listeners came or went: what the data path may use changed
+            DESCRIPTORS.size()
         if self._tick is None:
             self._tick = loop.call_later(TICK, self._on_tick)
 

@@ -8,7 +8,7 @@ import logging
 import socket
 from collections.abc import Callable
 
-from lb.exhaustion import EXHAUSTION, resource_of
+from lb.exhaustion import DESCRIPTORS, EXHAUSTION, resource_of
 from lb.log import emit
 from lb.model import Backend, Endpoint, Service
 from lb.plan import AddDest, DelDest, EditDest, plan_dests
@@ -110,6 +110,15 @@ class ServiceRuntime:
         self.counters.error(reason)
         self.error_log.note(self.loop.time(), None, reason)
         self.wake(self)
+
+    def over_budget(self, n: int, what: str) -> bool:
+        """Whether `n` more descriptors are past the data path's budget (lb.exhaustion):
+        then counted, and the caller refuses the client; else they are taken."""
+        if DESCRIPTORS.take(n):
+            return False
+        EXHAUSTION.note("descriptors", what, self.loop.time())
+        self.refused(ErrorReason.EXHAUSTED)
+        return True
 
     def exhausted(self, e: OSError, what: str) -> bool:
         """Whether `e` says lb is out of a resource (then counted and logged,

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import cast
 
 from lb import proxy_header
+from lb.exhaustion import DESCRIPTORS
 from lb.model import Endpoint, ProxyProtocol, Service
 from lb.proxy import sockets
 from lb.proxy.runtime import ServiceRuntime
@@ -92,6 +93,9 @@ class TcpService(ServiceRuntime):
             self.refused(ErrorReason.LIMIT)
             sockets.reset(transport)
             return
+        if self.over_budget(2, f"a connection to {self.service.name}"):  # client and backend
+            sockets.reset(transport)
+            return
         service = self.service
         if service.accept_proxy_protocol or service.proxy_protocol is not None:
             self._admit_proxied(client, transport)
@@ -113,7 +117,9 @@ class TcpService(ServiceRuntime):
             relay.task = self.loop.create_task(relay.connect())
 
     def forget(self, relay: Relay) -> None:
-        self.relays.discard(relay)
+        if relay in self.relays:
+            self.relays.remove(relay)
+            DESCRIPTORS.give(2)
         if not self.relays:
             self.idle.set()
 

@@ -18,6 +18,7 @@ import socket
 from collections import OrderedDict
 from typing import Any
 
+from lb.exhaustion import DESCRIPTORS
 from lb.model import BackendState, Service
 from lb.proxy.runtime import ServiceRuntime
 from lb.stats import Counters, ErrorReason
@@ -155,6 +156,9 @@ class UdpService(ServiceRuntime):
         if conn is None:
             self.refused(ErrorReason.LIMIT if core.at_limit() else ErrorReason.NO_BACKEND)
             return None
+        if self.over_budget(1, f"a new udp flow of {self.service.name}"):
+            core.release(conn, now)
+            return None
         counters = self.counters_for(conn.dest)
         family = socket.AF_INET if conn.dest.endpoint.family == 4 else socket.AF_INET6
         sock: socket.socket | None = None
@@ -165,6 +169,7 @@ class UdpService(ServiceRuntime):
         except OSError as e:  # out of descriptors, say: this datagram is dropped, not the loop
             if sock is not None:
                 sock.close()
+            DESCRIPTORS.give(1)
             core.release(conn, now)
             if self.exhausted(e, f"a new udp flow of {self.service.name}"):
                 self.refused(ErrorReason.EXHAUSTED)
@@ -233,6 +238,7 @@ class UdpService(ServiceRuntime):
     def _end(self, flow: Flow, now: float, why: str = "expired") -> None:
         self.loop.remove_reader(flow.sock.fileno())
         flow.sock.close()
+        DESCRIPTORS.give(1)
         self.core.release(flow.conn, now)
         if self.service.access_log:
             self.access(

@@ -161,8 +161,9 @@ async def test_descriptors_exhausted_by_clients_then_given_back(
 ) -> None:
     """lb limited to 128 descriptors; clients hold connections until it has none left
     (each takes two: the client's and the backend's). New clients are turned away at once
-    (reset), not left hanging, counted, and lb does not spin; once the holders leave, lb
-    serves again by itself."""
+    (reset), not left hanging, counted, and lb does not spin; the admin API answers all
+    along (the data path's budget keeps a reserve back: without it libuv accepts and
+    closes the admin's connection at EMFILE); once the holders leave, lb serves again."""
     limit = 128
     web = traffic.service_yaml("web", 80, BACKENDS, "    retries: 0\n")
     cfg = tmp_path / "lb.yaml"
