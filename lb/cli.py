@@ -275,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     op.set_defaults(func=cmd_offload_plan)
 
     cu = sub.add_parser(
-        "cleanup", help="remove lb's IPVS services, its nftables tables and its dummy device"
+        "cleanup",
+        help="remove lb's IPVS services, its nftables tables, its dummy device and the "
+        "policy routing of source: transparent",
     )
     cu.add_argument("-c", "--config", help="read offload.device from this config")
     cu.add_argument("--device", help="the dummy device (default lb0)")

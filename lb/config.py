@@ -55,6 +55,7 @@ from lb.model import (
     ProxyProtocol,
     SchedulerName,
     Service,
+    SourceAddress,
 )
 from lb.sched import SCHEDULERS, with_flags
 
@@ -272,6 +273,7 @@ class ServiceIn(_Model):
     allowed_sources: Annotated[list[Network], Field(max_length=MAX_SOURCES)] = []
     proxy_protocol: Literal["v1", "v2"] | None = None
     accept_proxy_protocol: Annotated[bool, Strict()] = False
+    source: Literal["proxy", "transparent"] = "proxy"
     backends: list[BackendIn] = []
 
 
@@ -472,6 +474,13 @@ class _AcrossServices:
                     yield Problem(
                         (*at, key), "the PROXY protocol is for tcp services only (not udp)"
                     )
+            if svc.get("source") == "transparent":
+                yield Problem(
+                    (*at, "source"),
+                    "transparent is for tcp services only: a udp flow comes from lb's address",
+                )
+        elif svc.get("source") == "transparent" and listen is not None:
+            yield from _check_transparent(svc, at, listen)
         yield from _check_backends(svc, at)
 
 
@@ -596,6 +605,24 @@ def _check_health(svc: Mapping[str, Any], at: tuple[PathPart, ...]) -> Iterator[
         )
 
 
+def _check_transparent(
+    svc: Mapping[str, Any], at: tuple[PathPart, ...], listen: Endpoint
+) -> Iterator[Problem]:
+    """`source: transparent` connects from the client's address: every backend must be of
+    the client's family, which is the listen address's (an IPv6 listener takes no IPv4)."""
+    backends = svc.get("backends")
+    if not isinstance(backends, list):
+        return
+    for j, b in enumerate(backends):
+        addr = _try(parse_endpoint, b.get("address")) if isinstance(b, Mapping) else None
+        if addr is not None and addr.ip.version != listen.ip.version:
+            yield Problem(
+                (*at, "backends", j, "address"),
+                f"with source: transparent a backend must be IPv{listen.ip.version}, as the "
+                f"clients of {listen} are (lb connects to it from the client's address)",
+            )
+
+
 def _check_backends(svc: Mapping[str, Any], at: tuple[PathPart, ...]) -> Iterator[Problem]:
     backends = svc.get("backends")
     if not isinstance(backends, list):
@@ -678,6 +705,7 @@ def _build_service(s: ServiceIn) -> Service:
         allowed_sources=tuple(s.allowed_sources),
         proxy_protocol=ProxyProtocol(s.proxy_protocol) if s.proxy_protocol else None,
         accept_proxy_protocol=s.accept_proxy_protocol,
+        source_address=SourceAddress(s.source),
     )
 
 

@@ -50,6 +50,16 @@ class ProxyProtocol(enum.StrEnum):
     V2 = "v2"  # the binary header, as HAProxy's send-proxy-v2
 
 
+class SourceAddress(enum.StrEnum):
+    """The address a TCP service connects to its backends from (`source`)."""
+
+    PROXY = "proxy"  # lb's own: the backend sees lb (HAProxy's default)
+    #: the client's, with an ephemeral port (IP_TRANSPARENT, as HAProxy's `source 0.0.0.0
+    #: usesrc clientip`, Envoy's original_src): the backend sees the client, as through
+    #: the kernel paths; its replies must route back through lb (lb/proxy/transparent.py)
+    TRANSPARENT = "transparent"
+
+
 class Mode(enum.StrEnum):
     """Which dataplane carries the services (`dataplane:` in the config, `--dataplane`)."""
 
@@ -232,6 +242,8 @@ class Service:
     #: TCP: each client first sends a PROXY protocol header (v1 or v2), whose address is
     #: the client's for scheduling and for proxy_protocol; without one it is refused
     accept_proxy_protocol: bool = False
+    #: TCP: connect to the backends from lb's address (proxy) or the client's (transparent)
+    source_address: SourceAddress = SourceAddress.PROXY
     #: protocol + listen, made once: every table of services is keyed by it
     key: ServiceKey = field(init=False, repr=False, compare=False)
 

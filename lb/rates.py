@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lb.model import Endpoint, ServiceKey
-from lb.stats import RATED, ServiceSnapshot, Totals, stat_value
+from lb.stats import RATED, Counters, ServiceSnapshot, Totals
 
 INTERVAL = 2.0
 DECAY = 0.75  # what an interval with no change leaves of the average
@@ -37,20 +37,28 @@ class Rates:
         f = DECAY**intervals
         return Rates(**{s.rate: getattr(self, s.rate) * f for s in RATED if s.rate})
 
-    def moved(self, new: Totals, old: Totals, dt: float) -> Rates:
+    def moved(self, new: Marks, old: Marks, dt: float) -> Rates:
         def smooth(current: float, now: int, before: int) -> float:
             return current + ((now - before) / dt - current) / 4
 
         return Rates(
             **{
-                s.rate: smooth(getattr(self, s.rate), stat_value(new, s), stat_value(old, s))
-                for s in RATED
+                s.rate: smooth(getattr(self, s.rate), now, before)
+                for s, now, before in zip(RATED, new, old, strict=True)
                 if s.rate
             }
         )
 
 
 ZERO = Rates()
+
+#: The rated counters of a Totals, in RATED's order: all the estimator keeps of them.
+Marks = tuple[int, ...]
+NOTHING: Marks = (0,) * len(RATED)
+
+
+def marks(counted: Totals | Counters) -> Marks:
+    return tuple(getattr(counted, s.attr) for s in RATED)
 
 #: A service's own counters are filed under None, its backends' under their address.
 Part = Endpoint | None
@@ -59,7 +67,9 @@ Part = Endpoint | None
 @dataclass(slots=True)
 class _Entry:
     then: float  # when it was last sampled
-    totals: dict[Part, Totals]
+    #: the marks of the parts whose counters are not all zero (a part left out counted
+    #: nothing yet: 100,000 backends that never had a connection cost no memory here)
+    marks: dict[Part, Marks]
     rates: dict[Part, Rates]
 
 
@@ -77,12 +87,14 @@ class RateEstimator:
 
     def _sample(self, snap: ServiceSnapshot, now: float) -> None:
         key = (snap.service.key, snap.dataplane)
-        totals: dict[Part, Totals] = {None: snap.totals}
-        for b in snap.backends:
-            totals[b.address] = b.totals
+        sampled: dict[Part, Marks] = {}
+        for part, totals in ((None, snap.totals), *((b.address, b.totals) for b in snap.backends)):
+            m = marks(totals)
+            if m != NOTHING:
+                sampled[part] = m
         entry = self._entries.get(key)
         if entry is None:  # first seen: the baseline
-            self._entries[key] = _Entry(now, totals, {})
+            self._entries[key] = _Entry(now, sampled, {})
             return
         elapsed = now - entry.then
         if elapsed <= 0:
@@ -91,11 +103,10 @@ class RateEstimator:
         missed = max(0, round(elapsed / INTERVAL) - 1)
         dt = max(elapsed - missed * INTERVAL, 1e-9)
         rates: dict[Part, Rates] = {}
-        for part, new in totals.items():
-            old = entry.totals.get(part)
-            if old is not None:
-                rates[part] = entry.rates.get(part, ZERO).decayed(missed).moved(new, old, dt)
-        entry.then, entry.totals, entry.rates = now, totals, rates
+        for part, new in sampled.items():
+            old = entry.marks.get(part, NOTHING)
+            rates[part] = entry.rates.get(part, ZERO).decayed(missed).moved(new, old, dt)
+        entry.then, entry.marks, entry.rates = now, sampled, rates
 
     def _get(self, key: tuple[ServiceKey, str], part: Part) -> Rates:
         entry = self._entries.get(key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from lb.model import Config, Mode
+from lb.proxy import transparent
 from offload.host import NFT_TABLE, Host
 from offload.kernel import KERNEL_PATHS, kernel_path
 
@@ -39,7 +40,7 @@ def plan(config: Config, mode: Mode) -> str:
 
 async def cleanup(device: str) -> list[str]:
     """Remove every trace of the kernel dataplanes: what each left (KERNEL_PATHS), then
-    lb's device and its masquerade table."""
+    lb's device and its masquerade table; and the policy routing of `source: transparent`."""
     host = Host(device)
     done = []
     try:
@@ -54,6 +55,7 @@ async def cleanup(device: str) -> list[str]:
     if had_device:
         done.append(f"deleted device {device}")
     done.append(f"deleted nftables table ip {NFT_TABLE} (if it existed)")
+    done += await transparent.cleanup()
     return done
 
 

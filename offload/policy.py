@@ -82,6 +82,10 @@ def not_expressible(s: Service) -> str | None:
             "the PROXY protocol (proxy_protocol, accept_proxy_protocol) is userspace-only:"
             " kernel NAT has no header to send or read"
         )
+    # `source` is no reason either way: kernel NAT rewrites only the destination, so the
+    # backends see the client's address, as a transparent relay's do (and must route the
+    # client back through lb for both). `source: transparent` is what makes userspace
+    # equal to the kernel paths; `proxy` (lb's address) is userspace's own.
     return None
 
 

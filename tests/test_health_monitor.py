@@ -155,7 +155,7 @@ async def test_removed_backend_drains_then_goes() -> None:
         dest = rt.core.find(snap[b.port].address)
         assert dest is not None and dest.inactive >= 1  # in TIME_WAIT: not deleted yet
         for d in rt.core.dests:  # let TIME_WAIT pass for the core
-            d._lingering.clear()
+            d._lingering = None
             d.inactive = 0
         rt.tick()
         assert rt.core.find(snap[b.port].address) is None

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from lb.changes import Changes
 from lb.exhaustion import DESCRIPTORS
@@ -20,6 +20,14 @@ from lb.persist import Affinity
 from lb.proxy.runtime import ServiceRuntime
 from lb.proxy.sockets import BindError, bind_listener
 from lb.proxy.tcp import TcpService
+from lb.proxy.transparent import (
+    RoutingError,
+    SourceError,
+    TransparentRouting,
+    is_transparent,
+    probe,
+    wanted_families,
+)
 from lb.proxy.udp import UdpService
 from lb.stats import Offload, ServiceSnapshot
 
@@ -29,7 +37,8 @@ TICK = 1.0
 
 
 class ApplyError(Exception):
-    """Nothing was applied: these listeners could not be bound."""
+    """Nothing was applied: these listeners could not be bound (or, a SourceError, these
+    services' `source: transparent` cannot be had)."""
 
     def __init__(self, errors: Sequence[BindError]) -> None:
         self.errors = list(errors)
@@ -48,6 +57,13 @@ class UserspaceDataplane:
         # `_quieted` (went idle since the last sampling round). Idle services cost nothing.
         self._due: set[ServiceRuntime] = set()
         self._quieted: set[ServiceRuntime] = set()
+        # `source: transparent` (lb/proxy/transparent.py): the services that have it, and
+        # the runtimes that had it (removed, or switched to proxy) while their transparent
+        # connections last: the policy routing stays as long as either needs it
+        self.routing = TransparentRouting()
+        self._transparent: dict[ServiceKey, Service] = {}
+        self._was_transparent: set[TcpService] = set()
+        self._routing_task: asyncio.Task[None] | None = None
 
     async def apply(self, desired: Sequence[Service], changes: Changes) -> None:
         """Make the listeners and services match `desired`; all or nothing for new
@@ -57,11 +73,21 @@ class UserspaceDataplane:
         new = [s for s in ch.fresh if s.key not in self.runtimes]
         socks: dict[ServiceKey, socket.socket] = {}
         errors: list[BindError] = []
+        transparent = self._transparent_after(ch)  # None: no service's source changed
+        if transparent is not None:
+            errors += self._probe(s for s in ch.fresh if s.key in transparent)
         for s in new:
             try:
                 socks[s.key] = bind_listener(s.key, s.name)
             except BindError as e:
                 errors.append(e)
+        if not errors and transparent is not None:
+            try:
+                await self.routing.install(wanted_families(transparent.values()))
+            except RoutingError as e:
+                turning = [s for s in ch.fresh if s.key in transparent]
+                for s in turning or list(transparent.values()):
+                    errors.append(SourceError(s.key, s.name, str(e)))
         if errors:
             for sock in socks.values():
                 sock.close()
@@ -83,9 +109,18 @@ class UserspaceDataplane:
             )
             if isinstance(rt, TcpService) and rt.relays:
                 self.retired.append(rt)
+                if key in self._transparent:
+                    self._was_transparent.add(rt)
         for service in ch.fresh:
             existing = self.runtimes.get(service.key)
             if existing is not None and existing.service != service:
+                if (
+                    isinstance(existing, TcpService)
+                    and service.key in self._transparent
+                    and transparent is not None
+                    and service.key not in transparent
+                ):
+                    self._was_transparent.add(existing)  # switched to proxy
                 existing.update(service)
         for s in new:
             rt = self._make(loop, s, socks[s.key])
@@ -103,8 +138,59 @@ class UserspaceDataplane:
             )
         if new or ch.removed:  # listeners came or went: what the data path may use changed
             DESCRIPTORS.size()
+        if transparent is not None:
+            self._transparent = transparent
+            await self._release_routing()
         if self._tick is None:
             self._tick = loop.call_later(TICK, self._on_tick)
+
+    def _transparent_after(self, ch: Changes) -> dict[ServiceKey, Service] | None:
+        """The transparent services once `ch` is applied, or None if it changes none (the
+        work: that of the change)."""
+        had = self._transparent
+        if not any(is_transparent(s) or s.key in had for s in ch.fresh) and not any(
+            key in had for key in ch.removed
+        ):
+            return None
+        after = dict(had)
+        for key in ch.removed:
+            after.pop(key, None)
+        for s in ch.fresh:
+            if is_transparent(s):
+                after[s.key] = s
+            else:
+                after.pop(s.key, None)
+        return after
+
+    def _probe(self, services: Iterable[Service]) -> list[BindError]:
+        """A SourceError for each service that turns transparent where this process may
+        not make transparent sockets (one probe per family)."""
+        reasons: dict[int, str | None] = {}
+        errors: list[BindError] = []
+        for s in services:
+            if s.key in self._transparent:
+                continue  # already transparent: the privilege was there
+            version = s.listen.ip.version
+            if version not in reasons:
+                reasons[version] = probe(version)
+            reason = reasons[version]
+            if reason is not None:
+                errors.append(SourceError(s.key, s.name, reason))
+        return errors
+
+    def _routing_needs(self) -> frozenset[int]:
+        """The families whose policy routing is still needed: the transparent services',
+        and those of the runtimes whose transparent connections are still open."""
+        for rt in [rt for rt in self._was_transparent if not rt.transparent_open()]:
+            self._was_transparent.discard(rt)
+        return _families(self._transparent.values()) | _families(
+            rt.service for rt in self._was_transparent
+        )
+
+    async def _release_routing(self) -> None:
+        """Remove the policy routing no service or connection needs any more."""
+        if self.routing.installed:
+            await self.routing.keep_only(self._routing_needs())
 
     @staticmethod
     def _make(loop: asyncio.AbstractEventLoop, s: Service, sock: socket.socket) -> ServiceRuntime:
@@ -124,6 +210,8 @@ class UserspaceDataplane:
         for rt in self.retired:
             rt.core.expire(loop.time())
         self.retired = [rt for rt in self.retired if rt.relays]
+        if self._was_transparent and (self._routing_task is None or self._routing_task.done()):
+            self._routing_task = loop.create_task(self._release_routing())
         self._tick = loop.call_later(TICK, self._on_tick)
 
     def observe(self, only: ServiceKey | None = None) -> list[ServiceSnapshot]:
@@ -138,7 +226,7 @@ class UserspaceDataplane:
 
     def active(self) -> list[ServiceSnapshot]:
         """The services whose counters may have moved since the last call (for rates)."""
-        out = [rt.snapshot() for rt in self._due | self._quieted]
+        out = [snap for rt in self._due | self._quieted if (snap := rt.sample()) is not None]
         self._quieted.clear()
         return out
 
@@ -186,7 +274,7 @@ class UserspaceDataplane:
             )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
-                    await asyncio.gather(*(rt.idle.wait() for rt in tcp))
+                    await asyncio.gather(*(rt.drained() for rt in tcp))
         left = sum(len(rt.relays) for rt in tcp)
         if left:
             log.warning("shutdown grace over: resetting %d connections", left)
@@ -199,3 +287,13 @@ class UserspaceDataplane:
         self.retired.clear()
         self._due.clear()
         self._quieted.clear()
+        if self._routing_task is not None:
+            await self._routing_task  # a removal under way: short, and never raises
+            self._routing_task = None
+        self._transparent.clear()
+        self._was_transparent.clear()
+        await self.routing.close()
+
+
+def _families(services: Iterable[Service]) -> frozenset[int]:
+    return frozenset(s.listen.ip.version for s in services)

@@ -12,8 +12,9 @@ from lb.exhaustion import DESCRIPTORS, EXHAUSTION, resource_of
 from lb.log import emit
 from lb.model import Backend, Endpoint, Service
 from lb.plan import AddDest, DelDest, EditDest, plan_dests
+from lb.rates import NOTHING, Marks, marks
 from lb.sched import Dest
-from lb.stats import BackendSnapshot, Counters, ErrorReason, ServiceSnapshot
+from lb.stats import BackendSnapshot, Counters, ErrorReason, ServiceSnapshot, Totals
 from lb.virtual_service import VirtualService
 
 log = logging.getLogger("lb.proxy")
@@ -24,6 +25,9 @@ def _asleep(rt: ServiceRuntime) -> None:
 
 
 access_log = logging.getLogger("lb.access")
+
+#: What a backend that has had no connection yet shows (never counted into).
+_UNUSED = Counters()
 
 #: Connection errors are logged once per service, backend and reason per this many seconds,
 #: with a count of the ones in between: a failing backend must not flood the log.
@@ -91,6 +95,8 @@ class ServiceRuntime:
         #: Called when something happens that housekeeping and the rate sampler must see
         #: (a connection, an error, a change of config); the dataplane sets it.
         self.wake: Callable[[ServiceRuntime], None] = _asleep
+        #: the service's rated counters when the rate estimator last had them (None: never)
+        self.sampled: Marks | None = None
 
     # --- reporting ----------------------------------------------------------------------
 
@@ -185,7 +191,6 @@ class ServiceRuntime:
         for op in plan_dests(core.views(self.loop.time()), self.service.backends):
             if isinstance(op, AddDest):
                 core.add_dest(op.endpoint, op.weight, op.u_threshold, op.l_threshold)
-                self.backend_counters.setdefault(op.endpoint, Counters())
             elif isinstance(op, EditDest):
                 core.edit_dest(op.endpoint, op.weight, op.u_threshold, op.l_threshold)
             elif isinstance(op, DelDest):
@@ -210,7 +215,12 @@ class ServiceRuntime:
                 del self.backend_counters[endpoint]
         return self.open == 0 and not self.error_log.pending and self.core.idle()
 
+    def _totals_of(self, dest: Dest) -> Totals:
+        return self.backend_counters.get(dest.endpoint, _UNUSED).totals()
+
     def counters_for(self, dest: Dest) -> Counters:
+        """A backend's counters, made at its first connection (a backend never used
+        costs none: 11 MB at 100,000 backends)."""
         c = self.backend_counters.get(dest.endpoint)
         if c is None:
             c = self.backend_counters[dest.endpoint] = Counters()
@@ -233,12 +243,25 @@ class ServiceRuntime:
 
     # --- observation --------------------------------------------------------------------
 
-    def snapshot(self) -> ServiceSnapshot:
+    def sample(self) -> ServiceSnapshot | None:
+        """For the rate estimator (lb.rates): a snapshot if the counters moved since it
+        last had one (a service's move with its backends': none moves alone), or, the
+        first time, the baseline, which for a service that counted nothing yet needs no
+        backend (they are zero too)."""
+        now = marks(self.counters)
+        if now == self.sampled:
+            return None
+        first, self.sampled = self.sampled is None, now
+        if first and now == NOTHING:
+            return self.snapshot(with_backends=False)
+        return self.snapshot()
+
+    def snapshot(self, with_backends: bool = True) -> ServiceSnapshot:
         core = self.core
         persistent = core.templates.per_dest()
         wanted: dict[Endpoint, Backend] = {b.address: b for b in self.service.backends}
         backends = []
-        for d in core.dests:
+        for d in core.dests if with_backends else ():
             b = wanted.get(d.endpoint)
             backends.append(
                 BackendSnapshot(
@@ -249,7 +272,7 @@ class ServiceRuntime:
                     inactive=d.inactive,
                     persistent=persistent.get(d, 0),
                     overloaded=d.overloaded,
-                    totals=self.counters_for(d).totals(),
+                    totals=self._totals_of(d),
                 )
             )
         return ServiceSnapshot(

@@ -13,7 +13,8 @@ Built on asyncio protocols (no streams) for speed under uvloop:
 
 The PROXY protocol (`proxy_protocol`, `accept_proxy_protocol`; lb/proxy_header.py) is
 carried by `ProxiedRelay`, made only for the services that use it: a plain relay does not
-pay for it.
+pay for it. So is `source: transparent` (lb/proxy/transparent.py) by `TransparentRelay`
+(and `TransparentProxiedRelay`): it connects from the client's address.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import cast
 from lb import proxy_header
 from lb.exhaustion import DESCRIPTORS
 from lb.model import Endpoint, ProxyProtocol, Service
-from lb.proxy import sockets
+from lb.proxy import sockets, transparent
 from lb.proxy.runtime import ServiceRuntime
 from lb.sched import Dest
 from lb.stats import Counters, ErrorReason
@@ -59,12 +60,22 @@ class TcpService(ServiceRuntime):
         super().__init__(loop, service, sock)
         self.relays: set[Relay] = set()
         self.server: asyncio.Server | None = None
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self._drained: asyncio.Future[None] | None = None  # made by `drained()` only
+        #: the relay classes for a new connection, without and with the PROXY protocol
+        self.relay, self.proxied_relay = _relay_classes(service)
+
+    def update(self, service: Service) -> None:
+        self.relay, self.proxied_relay = _relay_classes(service)
+        super().update(service)
 
     @property
     def open(self) -> int:
         return len(self.relays)
+
+    def transparent_open(self) -> bool:
+        """Whether a connection made from a client's address is still open (its replies
+        need the policy routing of lb/proxy/transparent.py)."""
+        return any(relay.transparent for relay in self.relays)
 
     async def start(self) -> None:
         self.server = await self.loop.create_server(lambda: ClientSide(self), sock=self.sock)
@@ -101,15 +112,13 @@ class TcpService(ServiceRuntime):
             self._admit_proxied(client, transport)
             return
         transport.pause_reading()
-        relay = Relay(self, client, transport)
+        relay = self.relay(self, client, transport)
         self.relays.add(relay)
-        self.idle.clear()
         relay.task = self.loop.create_task(relay.connect())
 
     def _admit_proxied(self, client: ClientSide, transport: asyncio.Transport) -> None:
-        relay = ProxiedRelay(self, client, transport)
+        relay = self.proxied_relay(self, client, transport)
         self.relays.add(relay)
-        self.idle.clear()
         if self.service.accept_proxy_protocol:  # read the header first, then connect
             relay.await_header(self.service.connect_timeout)
         else:
@@ -120,8 +129,16 @@ class TcpService(ServiceRuntime):
         if relay in self.relays:
             self.relays.remove(relay)
             DESCRIPTORS.give(2)
+        if not self.relays and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def drained(self) -> None:
+        """Wait until the service has no connection left (shutdown's grace)."""
         if not self.relays:
-            self.idle.set()
+            return
+        if self._drained is None or self._drained.done():
+            self._drained = self.loop.create_future()
+        await asyncio.shield(self._drained)
 
 
 class _Side(asyncio.Protocol):
@@ -213,6 +230,10 @@ class Relay:
 
     #: a ProxiedRelay (a class attribute: nothing to set per connection)
     proxied = False
+    #: connect from the client's address (`source: transparent`)
+    transparent = False
+    #: connect() asks client_address() for the client's address (proxied or transparent)
+    addressed = False
 
     __slots__ = (
         "backend",
@@ -262,7 +283,7 @@ class Relay:
         svc = self.svc
         core = svc.core
         client_ip, client_port = _ANY_V4, 0
-        if self.proxied:
+        if self.addressed:
             client_ip, client_port = self.client_address()
         elif core.needs_client_address:  # else not asked for: uvloop formats it each time
             peer = self.client_transport.get_extra_info("peername")
@@ -285,7 +306,10 @@ class Relay:
             # a plain timer, not asyncio.timeout(): one object less per connection
             timer = self.loop.call_later(svc.service.connect_timeout, self._connect_timed_out)
             try:
-                await self.loop.create_connection(_factory(backend), *conn.dest.addr)
+                if self.transparent:
+                    await self._connect_from(client_ip, backend, conn.dest.addr)
+                else:
+                    await self.loop.create_connection(_factory(backend), *conn.dest.addr)
             except ConnectionRefusedError:
                 reason = ErrorReason.REFUSED
             except OSError as e:
@@ -329,8 +353,24 @@ class Relay:
         self._finish(refused=reason)
 
     def client_address(self) -> tuple[bytes, int]:
-        """The client's packed address and port, for scheduling (a ProxiedRelay's)."""
+        """The client's packed address and port, for scheduling and a transparent
+        connect (a ProxiedRelay's, a TransparentRelay's)."""
         raise NotImplementedError
+
+    async def _connect_from(
+        self, source: bytes, backend: BackendSide, addr: tuple[str, int]
+    ) -> None:
+        """Connect to `addr` from the packed address `source` (the client's), the port
+        the kernel's pick (`source: transparent`)."""
+        family = socket.AF_INET6 if len(source) == 16 else socket.AF_INET
+        sock = transparent.connect_socket(family, socket.inet_ntop(family, source))
+        try:
+            await transparent.connect(self.loop, sock, addr)
+        except BaseException:
+            sock.close()
+            raise
+        # on failure (or cancellation) this closes the socket itself
+        await self.loop.create_connection(_factory(backend), sock=sock)
 
     def take_header(self, data: bytes) -> bool:
         """A ProxiedRelay's: whether `data` went to the PROXY header being read."""
@@ -497,6 +537,20 @@ def _packed(address: object) -> tuple[bytes, int] | None:
         return None
 
 
+class TransparentRelay(Relay):
+    """A relay of a service with `source: transparent`: it connects to the backend from
+    the client's address (the socket's peer)."""
+
+    __slots__ = ()
+
+    transparent = True
+    addressed = True
+
+    def client_address(self) -> tuple[bytes, int]:
+        peer = _packed(self.client_transport.get_extra_info("peername"))
+        return peer if peer is not None else (_ANY_V4, 0)
+
+
 class ProxiedRelay(Relay):
     """A relay of a service with the PROXY protocol: it may read a header from the client
     before connecting (`accept_proxy_protocol`), takes the client's address from it, and
@@ -505,6 +559,7 @@ class ProxiedRelay(Relay):
     __slots__ = ("dest", "header", "header_timer", "send", "source")
 
     proxied = True
+    addressed = True
 
     def __init__(self, svc: TcpService, client: ClientSide, transport: asyncio.Transport) -> None:
         super().__init__(svc, client, transport)
@@ -622,3 +677,29 @@ class ProxiedRelay(Relay):
             bytes_out=self.bytes_out,
             seconds=now - self.started,
         )
+
+
+class TransparentProxiedRelay(ProxiedRelay):
+    """A ProxiedRelay with `source: transparent`: it connects from the client's address
+    as the header said (with `accept_proxy_protocol`), as HAProxy's `usesrc clientip`
+    behind `accept-proxy` does, else the socket's peer. A header of the other family than
+    the backend's (which is the listener's: lb.config checks it) cannot be a source: the
+    connection's own address is."""
+
+    __slots__ = ()
+
+    transparent = True
+
+    async def _connect_from(
+        self, source: bytes, backend: BackendSide, addr: tuple[str, int]
+    ) -> None:
+        if (len(source) == 16) != (":" in addr[0]):
+            peer = _packed(self.client_transport.get_extra_info("peername"))
+            source = peer[0] if peer is not None else _ANY_V4
+        await super()._connect_from(source, backend, addr)
+
+
+def _relay_classes(service: Service) -> tuple[type[Relay], type[ProxiedRelay]]:
+    if transparent.is_transparent(service):
+        return TransparentRelay, TransparentProxiedRelay
+    return Relay, ProxiedRelay

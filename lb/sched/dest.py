@@ -24,9 +24,9 @@ class Dest:
     """One backend inside a virtual service: its kernel-visible state and live counts."""
 
     __slots__ = (
+        "_addr",
         "_lingering",
         "active",
-        "addr",
         "available",
         "endpoint",
         "fold",
@@ -41,7 +41,7 @@ class Dest:
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
-        self.addr = endpoint.sockaddr()  # (host, port) for connect(), computed once
+        self._addr: tuple[str, int] | None = None
         self.fold = fold_address(endpoint.ip.packed)
         self.port = endpoint.port
         self.weight = 0
@@ -55,7 +55,17 @@ class Dest:
         # Closed TCP connections stay "inactive" for the kernel's TIME_WAIT or CLOSE period.
         # Per linger period, buckets of [expiry time, count] (oldest first), at most one
         # bucket per second, so memory stays bounded whatever the connection rate.
-        self._lingering: dict[float, deque[list[float]]] = {}
+        # None until the first connection closes: most backends of a large node never
+        # linger a connection, and an empty dict each was 6 MB at 100,000 backends
+        self._lingering: dict[float, deque[list[float]]] | None = None
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        """(host, port) for connect(): made at the first connection, then kept."""
+        addr = self._addr
+        if addr is None:
+            addr = self._addr = self.endpoint.sockaddr()
+        return addr
 
     def __repr__(self) -> str:
         return f"Dest({self.endpoint}, w={self.weight}, a={self.active}, i={self.inactive})"
@@ -104,9 +114,12 @@ class Dest:
         self.active -= 1
         self.inactive += 1
         expires = now + linger
-        buckets = self._lingering.get(linger)
+        lingering = self._lingering
+        if lingering is None:
+            lingering = self._lingering = {}
+        buckets = lingering.get(linger)
         if buckets is None:
-            buckets = self._lingering[linger] = deque()
+            buckets = lingering[linger] = deque()
         if buckets and expires - buckets[-1][0] < 1.0:
             buckets[-1][0] = expires
             buckets[-1][1] += 1
@@ -114,11 +127,15 @@ class Dest:
             buckets.append([expires, 1])
 
     def next_expiry(self) -> float | None:
+        if not self._lingering:
+            return None
         heads = [b[0][0] for b in self._lingering.values() if b]
         return min(heads) if heads else None
 
     def expire(self, now: float) -> None:
         """Let lingering inactive connections whose time is up go (each is an unbind)."""
+        if not self._lingering:
+            return
         gone = 0
         for buckets in self._lingering.values():
             while buckets and buckets[0][0] <= now:
