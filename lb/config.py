@@ -8,18 +8,22 @@ Every problem is reported with its path (`services[0].backends[1].weight`) and t
 of the file it sits on; nothing is built unless there are none. The `services` list is
 read one service at a time, each checked (both passes) as soon as it is read: reading
 stops at the MAX_COLLECTED_PROBLEMS-th problem, so that a file with a problem on every
-line costs milliseconds, not the whole file's parse.
+line costs milliseconds, not the whole file's parse. A plain file is first read without
+nodes or lines (`_plain_data`), and again with them only if it has a problem
+(docs/configuration.md, "Bounds of the loader").
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import difflib
 import functools
 import gc
 import ipaddress
 import math
 import re
+import socket
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -176,7 +180,17 @@ def parse_endpoint(value: object) -> Endpoint:
 @functools.cache
 def _parse_endpoint(text: str) -> Endpoint:
     """Each address is read by two passes (model, then meaning): parse it once (the cache
-    lives for one parse_config)."""
+    lives for one parse_config). A plain IPv4 ADDRESS:PORT, what large files are made
+    of, is read by the C library's inet_pton (a quarter of ipaddress's time, and as
+    strict: four decimal octets, no leading zero); anything else by Endpoint.parse."""
+    host, _, port = text.rpartition(":")
+    if port.isdigit() and 0 < int(port) < 65536:
+        try:
+            return Endpoint(
+                ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, host)), int(port)
+            )
+        except (OSError, ValueError):  # not a dotted quad; a NUL or a non-ASCII letter
+            pass
     return Endpoint.parse(text)
 
 
@@ -965,26 +979,34 @@ def parse_config(text: str, source: str = "<config>") -> Config:
 def _parse_config(text: str, source: str) -> Config:
     if len(text) > MAX_FILE_BYTES:
         raise ConfigError(source, [_too_large(len(text))])
-    found = _Found()
-    across = _AcrossServices()
-    services: list[ServiceIn] = []
+    checked = _Checked()
 
-    def check(i: int, item: Any, node: yaml.Node | None, skip: int) -> None:
-        try:
-            services.append(ServiceIn.model_validate(item))
-        except ValidationError as e:
-            found.add(found.SERVICE, _pydantic_problems(e, ("services", i)), node, skip)
-        found.add(found.MEANING, across.check(i, item), node, skip)
+    def take(i: int, item: Any) -> None:
+        checked.check(i, item, None, 0)
+        if checked.found.found:
+            raise _Located  # a problem: the full read says on which line
+
+    raw = _plain_data(text, take)
+    if raw is not _NOT_PLAIN:
+        with contextlib.suppress(ConfigError):  # located, line by line, by the full read
+            return _validated(raw, None, checked, source)
+    return _parse_located(text, source)
+
+
+def _parse_located(text: str, source: str) -> Config:
+    """The full read: nodes with their lines, bounded (_Reader), services checked as
+    they are read."""
+    checked = _Checked()
 
     def take(i: int, node: yaml.Node) -> Any:
-        found.add(found.DUPLICATES, _duplicate_keys(node, ("services", i)), None)
+        checked.found.add(checked.found.DUPLICATES, _duplicate_keys(node, ("services", i)), None)
         item = reader.build(node)
-        check(i, item, node, 2)
+        checked.check(i, item, node, 2)
         return item
 
     reader = _Reader(text)
     try:
-        node, raw, streamed = reader.document(take)
+        node, raw, _ = reader.document(take)
     except _Refused as e:
         raise ConfigError(source, [e.problem]) from None
     except yaml.YAMLError as e:
@@ -994,6 +1016,47 @@ def _parse_config(text: str, source: str) -> Config:
         raise ConfigError(source, [Problem((), f"invalid YAML: {reason}", line)]) from None
     finally:
         reader.close()
+    try:
+        checked.found.add(checked.found.DUPLICATES, reader.duplicates, None)
+    except _Enough:
+        reader.stopped = True
+    if reader.stopped:
+        raise ConfigError(source, checked.found.sorted(), complete=False)
+    return _validated(raw, node, checked, source)
+
+
+class _Located(Exception):
+    """A problem found in a plain read: the file is read again for its lines."""
+
+
+class _Checked:
+    """Services checked one by one (both passes), each built at once (its pydantic model
+    let go) while no problem has been found."""
+
+    def __init__(self) -> None:
+        self.found = _Found()
+        self.across = _AcrossServices()
+        self.services: list[Service] = []
+        self.read = 0  # how many services were checked
+
+    def check(self, i: int, item: Any, node: yaml.Node | None, skip: int) -> None:
+        self.read += 1
+        found = self.found
+        try:
+            model = ServiceIn.model_validate(item)
+        except ValidationError as e:
+            found.add(found.SERVICE, _pydantic_problems(e, ("services", i)), node, skip)
+            model = None
+        found.add(found.MEANING, self.across.check(i, item), node, skip)
+        if model is not None and not found.found:
+            self.services.append(_build_service(model))
+
+
+def _validated(raw: Any, node: yaml.Node | None, checked: _Checked, source: str) -> Config:
+    """The Config of the file's data, or ConfigError with every problem (located in
+    `node` when there is one). `checked`: the services checked as they were read, if
+    they were (else they are checked here, from the root)."""
+    found, services = checked.found, checked.services
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -1003,25 +1066,25 @@ def _parse_config(text: str, source: str) -> Config:
     root: RootIn | None = None
     listed = raw.get("services")
     raw_services: list[Any] = listed if isinstance(listed, list) else []
+    stopped = False
     try:
-        found.add(found.DUPLICATES, reader.duplicates, None)
         try:
             root = RootIn.model_validate(raw)
         except ValidationError as e:
             found.add(found.ROOT, _pydantic_problems(e, ()), node)
-        if streamed is None:  # read whole: checked now, located from the root
+        if not checked.read:  # not read one by one: checked now, located from the root
             for i, item in enumerate(raw_services):
-                check(i, item, node, 0)
+                checked.check(i, item, node, 0)
         found.add(found.ADMIN, _admin_problems(raw.get("admin"), raw_services), node)
         found.add(found.KUBERNETES, _kubernetes_problems(raw), node)
     except _Enough:
-        reader.stopped = True
+        stopped = True
     if found.found:
-        raise ConfigError(source, found.sorted(), complete=not reader.stopped)
+        raise ConfigError(source, found.sorted(), complete=not stopped)
     assert root is not None
     a, o, k = root.admin, root.offload, root.kubernetes
     return Config(
-        services=tuple(_build_service(s) for s in services),
+        services=tuple(services),
         shutdown_grace=root.shutdown_grace,
         admin=AdminSettings(a.enabled, a.listen, a.allow_remote, a.token_file),
         dataplane=root.dataplane,
@@ -1045,6 +1108,100 @@ def _parse_config(text: str, source: str) -> Config:
         ),
         path=source,
     )
+
+
+#: What `_plain_data` returns for a file it leaves to the full read.
+_NOT_PLAIN: Any = object()
+_SCALAR_NODE = yaml.ScalarNode
+_TAGS_KEPT = 4096
+
+
+def _plain_data(text: str, take: Callable[[int, Any], None]) -> Any:
+    """The data of a plain file, read in one pass over libyaml's events without nodes or
+    line marks (issue 17: most of a large file's load went to them), or _NOT_PLAIN. Each
+    item of the root's `services` list is given to `take` as soon as it is read (it
+    raises _Located to stop the read).
+    Plain: one document of untagged mappings, sequences and scalars with scalar keys, no
+    anchor, alias, merge key or duplicate key, nested at most MAX_DEPTH. Anything else
+    (and every invalid file) is read by `_parse_located`, whose problems carry lines."""
+    if "&" in text or "*" in text:  # may have anchors or aliases: the bounded read
+        return _NOT_PLAIN
+    loader = _Loader(text)
+    # libyaml's parser and PyYAML's resolver are untyped
+    get: Callable[[], Any] = loader.get_event
+    resolve: Callable[..., str] = loader.resolve
+    constructors = loader.yaml_constructors
+    tags: dict[str, str] = {}  # plain scalars' resolved tags: keys and names repeat
+    nokey: Any = _NOT_PLAIN
+    stack: list[list[Any]] = []  # [container, its pending key] per open collection
+    try:
+        if not (
+            isinstance(get(), yaml.StreamStartEvent) and isinstance(get(), yaml.DocumentStartEvent)
+        ):
+            return _NOT_PLAIN
+        while True:
+            event = get()
+            kind = type(event)
+            value: Any
+            if kind is yaml.ScalarEvent:
+                tag = event.tag
+                if tag is None or tag == "!":
+                    implicit = event.implicit
+                    if not implicit[0]:  # quoted: a string, unless tagged
+                        tag = resolve(_SCALAR_NODE, event.value, implicit)
+                    elif (tag := tags.get(event.value)) is None:
+                        tag = resolve(_SCALAR_NODE, event.value, implicit)
+                        if len(tags) < _TAGS_KEPT:
+                            tags[event.value] = tag
+                if tag == _STR:
+                    value = event.value
+                elif (make := constructors.get(tag)) is not None:
+                    value = make(loader, _SCALAR_NODE(tag, event.value, event.start_mark, None))
+                else:
+                    return _NOT_PLAIN
+            elif kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
+                if event.tag not in (None, "!") or len(stack) >= MAX_DEPTH:
+                    return _NOT_PLAIN
+                stack.append([{} if kind is yaml.MappingStartEvent else [], nokey])
+                continue
+            elif kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
+                value = stack.pop()[0]
+            else:
+                return _NOT_PLAIN
+            if not stack:
+                break
+            top = stack[-1]
+            into = top[0]
+            if type(into) is list:
+                if len(stack) == 2 and stack[0][1] == "services":  # a service, read whole
+                    take(len(into), value)
+                into.append(value)
+            elif top[1] is nokey:
+                if isinstance(value, (dict, list)) or value == "<<":
+                    return _NOT_PLAIN
+                top[1] = value
+            else:
+                if top[1] in into:
+                    return _NOT_PLAIN
+                into[top[1]] = value
+                top[1] = nokey
+        if not (
+            isinstance(get(), yaml.DocumentEndEvent) and isinstance(get(), yaml.StreamEndEvent)
+        ):
+            return _NOT_PLAIN
+        return value
+    except (
+        _Located,
+        yaml.YAMLError,
+        ArithmeticError,
+        LookupError,
+        ValueError,
+        TypeError,
+        AttributeError,
+    ):
+        return _NOT_PLAIN  # a scalar libyaml or PyYAML cannot build: said with its line
+    finally:
+        loader.dispose()
 
 
 def _too_large(size: int) -> Problem:
