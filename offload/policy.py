@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -122,7 +121,7 @@ def orphan_form(s: Service) -> Service:
     return dataclasses.replace(s, backends=tuple(Backend(b.address, 0) for b in s.backends))
 
 
-@dataclass
+@dataclass(slots=True)
 class Calm:
     """One service's history as the policy judges it: the service, when it last changed,
     and when it changed within the last `hold_down` (its churn). The placement core keeps
@@ -130,11 +129,11 @@ class Calm:
 
     service: Service
     changed: float
-    changes: deque[float]
+    changes: list[float]  # a few at most (churn_limit): a list, not a deque (600 bytes)
 
     @classmethod
     def new(cls, s: Service, now: float) -> Calm:
-        return cls(s, now, deque([now]))
+        return cls(s, now, [now])
 
     def note(self, s: Service, now: float) -> bool:
         """`s` is the service now: whether that is a change (its wait for calm restarts).
@@ -211,8 +210,9 @@ class OffloadPolicy:
             return Want(False, reason)
         if self.mode is not Mode.AUTO:
             return Want(True, f"dataplane: {self.mode}")
-        while t.changes and t.changes[0] <= now - self.hold_down:
-            t.changes.popleft()
+        recent = [c for c in t.changes if c > now - self.hold_down]
+        if len(recent) != len(t.changes):
+            t.changes = recent
         if in_kernel and len(t.changes) >= self.churn_limit:
             return Want(False, f"churn: {len(t.changes)} changes in the last {self.hold_down:g}s")
         calm = now - t.changed
