@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import logging
 import os
 import resource
@@ -28,7 +29,7 @@ from lb.metrics import Metrics
 from lb.model import Config, Mode, Service
 from lb.proxy.dataplane import ApplyError, UserspaceDataplane
 from lb.proxy.sockets import BindError
-from lb.rates import INTERVAL, RateEstimator
+from lb.rates import INTERVAL, PRUNE_ROUNDS, RateEstimator
 from offload.kernel import KernelUnavailable, open_kernel
 from offload.manager import OffloadManager
 from offload.policy import OffloadPolicy
@@ -314,11 +315,14 @@ class Daemon:
 
     async def _sample_rates(self) -> None:
         """Feed the rate estimator every 2 s, as the kernel's estimator runs: only the
-        services whose counters moved (idle ones cost nothing)."""
+        services whose counters moved (idle ones cost nothing). What dataplanes no longer
+        carry is forgotten every PRUNE_ROUNDS (a walk of every service known: each round,
+        it was most of an idle lb's CPU at 10,000 services)."""
         loop = asyncio.get_running_loop()
-        while True:
+        for n in itertools.count(1):
             self.rates.round(loop.time(), self.dataplane.active())
-            self.rates.prune(self.dataplane.carries)
+            if n % PRUNE_ROUNDS == 0:
+                self.rates.prune(self.dataplane.carries)
             await asyncio.sleep(INTERVAL)
 
     def _on_hup(self) -> None:

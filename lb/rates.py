@@ -21,6 +21,8 @@ from lb.stats import RATED, Counters, ServiceSnapshot, Totals
 
 INTERVAL = 2.0
 DECAY = 0.75  # what an interval with no change leaves of the average
+#: Rounds between two prunes of what dataplanes no longer carry (lb.daemon).
+PRUNE_ROUNDS = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,7 @@ NOTHING: Marks = (0,) * len(RATED)
 
 def marks(counted: Totals | Counters) -> Marks:
     return tuple(getattr(counted, s.attr) for s in RATED)
+
 
 #: A service's own counters are filed under None, its backends' under their address.
 Part = Endpoint | None
@@ -105,6 +108,9 @@ class RateEstimator:
         rates: dict[Part, Rates] = {}
         for part, new in sampled.items():
             old = entry.marks.get(part, NOTHING)
+            if any(n < o for n, o in zip(new, old, strict=True)):
+                old = NOTHING  # counters that went back began again (a service that left a
+                # dataplane and came back before a prune): counted from zero, never negative
             rates[part] = entry.rates.get(part, ZERO).decayed(missed).moved(new, old, dt)
         entry.then, entry.marks, entry.rates = now, sampled, rates
 

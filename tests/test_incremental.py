@@ -389,3 +389,14 @@ def test_the_estimator_keeps_nothing_of_what_counted_nothing() -> None:
     assert entry.marks == {}
     est.round(2.0, [_snap("s1", 8, 0)])
     assert est.service(idle.service.key, "userspace").cps == 1.0  # (8 / 2 s) / 4
+
+
+def test_counters_that_went_back_are_counted_from_zero() -> None:
+    """A service that left a dataplane and came back between two prunes shows the new
+    counters' rate, never a negative one."""
+    est = RateEstimator()
+    est.round(0.0, [_snap("s1", 0, 0)])
+    est.round(2.0, [_snap("s1", 100, 0)])
+    est.round(4.0, [_snap("s1", 8, 0)])  # back in a dataplane whose counters began at 0
+    cps = est.service(_snap("s1", 0, 0).service.key, "userspace").cps
+    assert cps == 12.5 + (8 / 2 - 12.5) / 4  # from (100 / 2) / 4, moved by 8 in 2 s
