@@ -57,6 +57,7 @@ from lb.model import (
     Persistence,
     Protocol,
     ProxyProtocol,
+    SchedFlag,
     SchedulerName,
     Service,
     SourceAddress,
@@ -177,6 +178,11 @@ def parse_endpoint(value: object) -> Endpoint:
     return _parse_endpoint(value)
 
 
+#: One int object per port number written (Python keeps only 0-256): 100,000 backends
+#: on port 8080 share one 8080, not 100,000 (3.5 MB at 10,000 services).
+_PORTS: dict[str, int] = {}
+
+
 @functools.cache
 def _parse_endpoint(text: str) -> Endpoint:
     """Each address is read by two passes (model, then meaning): parse it once (the cache
@@ -184,11 +190,10 @@ def _parse_endpoint(text: str) -> Endpoint:
     of, is read by the C library's inet_pton (a quarter of ipaddress's time, and as
     strict: four decimal octets, no leading zero); anything else by Endpoint.parse."""
     host, _, port = text.rpartition(":")
-    if port.isdigit() and 0 < int(port) < 65536:
+    if port.isdecimal() and 0 < int(port) < 65536:
         try:
-            return Endpoint(
-                ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, host)), int(port)
-            )
+            ip = ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, host))
+            return Endpoint(ip, _PORTS.setdefault(port, int(port)))
         except (OSError, ValueError):  # not a dotted quad; a NUL or a non-ASCII letter
             pass
     return Endpoint.parse(text)
@@ -678,11 +683,14 @@ def _check_backends(svc: Mapping[str, Any], at: tuple[PathPart, ...]) -> Iterato
 # --- building the model -------------------------------------------------------------------
 
 
+_NO_FLAGS: frozenset[SchedFlag] = frozenset()
+
+
 def _build_service(s: ServiceIn) -> Service:
     protocol = Protocol(s.protocol)
     scheduler = s.scheduler
     spellings = SCHEDULERS[scheduler].flags
-    flags = frozenset(spellings[f] for f in s.scheduler_flags)
+    flags = frozenset(spellings[f] for f in s.scheduler_flags) or _NO_FLAGS  # one, shared
     persistence = None
     if s.persistence is not None:
         persistence = Persistence(
@@ -972,6 +980,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         return _parse_config(text, source)
     finally:
         _parse_endpoint.cache_clear()
+        _PORTS.clear()
         if collecting:
             gc.enable()
 

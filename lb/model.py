@@ -103,18 +103,12 @@ class Endpoint:
 
     ip: IPAddress
     port: int
-    # Endpoints key every table of services and backends: the hash is computed once
-    # (ipaddress would hash through hex() each time). Not part of equality or order.
-    _hash: int = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((int(self.ip), self.port)))
 
     def __hash__(self) -> int:
-        return self._hash
-
-    def __reduce__(self) -> tuple[type[Endpoint], tuple[IPAddress, int]]:
-        return (Endpoint, (self.ip, self.port))  # the hash is made anew in each process
+        # Endpoints key every table of services and backends: ipaddress would hash through
+        # hex() each time. Computed, not kept: a kept hash was 4 MB at 100,000 backends,
+        # for 0.1 us saved per lookup.
+        return int(self.ip) << 16 | self.port
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
@@ -136,7 +130,7 @@ class Endpoint:
             raise ValueError(
                 f"{host!r} is not an IP address (host names are not resolved)"
             ) from None
-        if not port_text.isdigit():
+        if not port_text.isdecimal():
             raise ValueError(f"port {port_text!r} is not a number")
         port = int(port_text)
         if not 1 <= port <= 65535:

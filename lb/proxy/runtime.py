@@ -26,6 +26,10 @@ def _asleep(rt: ServiceRuntime) -> None:
 
 access_log = logging.getLogger("lb.access")
 
+#: An ErrorLog's tables before its first error (shared, never written to).
+_NONE_LAST: dict[tuple[Endpoint | None, ErrorReason], float] = {}
+_NONE_PENDING: dict[tuple[Endpoint | None, ErrorReason], int] = {}
+
 #: What a backend that has had no connection yet shows (never counted into).
 _UNUSED = Counters()
 
@@ -37,12 +41,17 @@ ERROR_LOG_INTERVAL = 10.0
 class ErrorLog:
     """One log event per error class (service, backend, reason) at most every interval."""
 
+    __slots__ = ("_last", "_pending", "service")
+
     def __init__(self, service: str) -> None:
         self.service = service
-        self._last: dict[tuple[Endpoint | None, ErrorReason], float] = {}
-        self._pending: dict[tuple[Endpoint | None, ErrorReason], int] = {}
+        # made at the first error: most services of a large node never have one
+        self._last: dict[tuple[Endpoint | None, ErrorReason], float] = _NONE_LAST
+        self._pending: dict[tuple[Endpoint | None, ErrorReason], int] = _NONE_PENDING
 
     def note(self, now: float, backend: Endpoint | None, reason: ErrorReason) -> None:
+        if self._last is _NONE_LAST:
+            self._last, self._pending = {}, {}
         key = (backend, reason)
         last = self._last.get(key)
         if last is not None and now - last < ERROR_LOG_INTERVAL:

@@ -29,12 +29,10 @@ class Dest:
         "active",
         "available",
         "endpoint",
-        "fold",
         "inactive",
         "l_threshold",
         "last_weight",
         "overloaded",
-        "port",
         "u_threshold",
         "weight",
     )
@@ -42,8 +40,6 @@ class Dest:
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self._addr: tuple[str, int] | None = None
-        self.fold = fold_address(endpoint.ip.packed)
-        self.port = endpoint.port
         self.weight = 0
         self.last_weight = 0  # latest non-zero weight (mh keeps slots for quiesced dests)
         self.u_threshold = 0
@@ -58,6 +54,15 @@ class Dest:
         # None until the first connection closes: most backends of a large node never
         # linger a connection, and an empty dict each was 6 MB at 100,000 backends
         self._lingering: dict[float, deque[list[float]]] | None = None
+
+    @property
+    def fold(self) -> int:
+        """The address as IPVS hashes it (mh's table, made only when dests change)."""
+        return fold_address(self.endpoint.ip.packed)
+
+    @property
+    def port(self) -> int:
+        return self.endpoint.port
 
     @property
     def addr(self) -> tuple[str, int]:
