@@ -221,8 +221,14 @@ class Controller:
         async with self._lock:
             old_config, old_overrides = self.config, self.overrides
             self.config = config
-            present = {(s.key, b.address) for s in config.services for b in s.backends}
-            self.overrides = {k: o for k, o in old_overrides.items() if k in present}
+            if old_overrides:  # (each sync of a node proxy comes here: no walk for none)
+                by_key = {s.key: s for s in config.services}
+                self.overrides = {
+                    (key, address): o
+                    for (key, address), o in old_overrides.items()
+                    if (s := by_key.get(key)) is not None
+                    and any(b.address == address for b in s.backends)
+                }
             self._stale = None
             try:
                 await self._apply()

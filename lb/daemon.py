@@ -236,6 +236,7 @@ class Daemon:
     async def _ready_after_first_sync(self, source: KubernetesSource) -> None:
         await source.first_sync()
         self.readiness.set_ready()
+        gc.freeze()  # as at the end of start(): what the first sync made lives on
 
     async def _apply_kubernetes(self, services: tuple[Service, ...]) -> None:
         """The services from Kubernetes, with the file's settings. A service whose
