@@ -1,12 +1,14 @@
 """`python -m bench`: run the benchmarks, write bench/results/<date>/ (results.json,
 Markdown tables, PNG plots). Needs root (network namespaces) and the README's set-up.
 
-Three parts: the control plane (bench/control.py: applying services at 1..10,000;
+Four parts: the control plane (bench/control.py: applying services at 1..10,000;
 bench/scale.py: `lb run` itself at those sizes, its edits, memory and idle CPU), the data
 plane (bench/dataplane.py: connections, requests, bulk and UDP through lb and its peers, in
-network namespaces), and the kernel VM (bench/vm.py), where lb's IPVS dataplane can run:
-the data plane again, and the `ipvs-control` part (lb ipvs beside lb nftables applying
-services); its figures are compared only with each other.
+network namespaces), `k8s` (bench/k8s.py: `lb run --source kubernetes` against the API
+server double at those sizes, and its network programming latency under EndpointSlice
+churn), and the kernel VM (bench/vm.py), where lb's IPVS dataplane can run: the data plane
+again, and the `ipvs-control` part (lb ipvs beside lb nftables applying services); its
+figures are compared only with each other.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import control, dataplane, scale, vm
+from bench import control, dataplane, k8s, scale, vm
 from bench.peers import ALL_PEERS, PEERS
 from bench.report import write_report
 from bench.topology import bench_lock, remove_bench_namespaces
@@ -31,8 +33,8 @@ from bench.workloads import WORKLOADS
 
 FULL_SIZES = [1, 10, 100, 1000, 10_000]
 QUICK_SIZES = [1, 10, 100]
-PARTS = ("control", "dataplane", "vm", "ipvs-control")
-DEFAULT_PARTS = ("control", "dataplane", "vm")
+PARTS = ("control", "dataplane", "k8s", "vm", "ipvs-control")
+DEFAULT_PARTS = ("control", "dataplane", "k8s", "vm")
 QUICK_PARTS = ("control", "dataplane")
 
 
@@ -66,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="results directory (default bench/results/<date>)")
     p.add_argument(
         "--only",
-        help="comma-separated parts: control, dataplane, vm, ipvs-control (default: "
-        "control, dataplane and vm, which runs the data plane and ipvs-control in the kernel "
-        "VM; --quick: control and dataplane; ipvs-control alone needs a kernel with IPVS)",
+        help="comma-separated parts: control, dataplane, k8s, vm, ipvs-control (default: "
+        "control, dataplane, k8s and vm, which runs the data plane and ipvs-control in the "
+        "kernel VM; --quick: control and dataplane; ipvs-control alone needs a kernel with "
+        "IPVS)",
     )
     p.add_argument(
         "--peers",
@@ -231,6 +234,16 @@ def run_parts(
             doc["dataplane"] = asyncio.run(
                 dataplane.measure(peers, workloads, runs, quick, dadvance)
             )
+            save()
+        if "k8s" in parts:
+            ktask = progress.add_task(
+                "lb run --source kubernetes", total=len(sizes) * (1 + len(k8s.DATAPLANES))
+            )
+
+            def kadvance(what: str) -> None:
+                progress.update(ktask, advance=1, description=f"k8s: {what}")
+
+            doc["k8s"] = asyncio.run(k8s.measure(sizes, runs, kadvance, quick))
             save()
         if "ipvs-control" in parts:
             itask = progress.add_task(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,28 @@ SCALE_ROWS = {
     "rss_mb": ("memory once started, RSS (MB)", 1.0),
     "idle_cpu_percent": ("CPU with nothing happening (% of a core)", 1.0),
 }
+#: bench/k8s.py: the API double alone (ms, but the load and the size)
+K8S_DOUBLE_ROWS = {
+    "load": ("load the Services, EndpointSlices and node (s)", 1.0),
+    "list_services": ("list every Service, raw pages (ms)", 1000.0),
+    "list_endpoint_slices": ("list every EndpointSlice, raw pages (ms)", 1000.0),
+    "list_services_decoded": ("list every Service through lb's client (ms)", 1000.0),
+    "list_endpoint_slices_decoded": ("list every EndpointSlice through lb's client (ms)", 1000.0),
+    "endpoint_slices_mb": ("the EndpointSlices' JSON (MB)", 1.0),
+}
+#: bench/k8s.py: lb run --source kubernetes
+K8S_LB_ROWS = {
+    "start": ("from `lb run` to ready: listed and the first sync applied (s)", 1.0),
+    "up": ("from `lb run` to lb.started: the API connected, the informers started (s)", 1.0),
+    "listed": ("from `lb run` to k8s.synced: Services, EndpointSlices and node listed (s)", 1.0),
+    "programmed": ("from `lb run` to k8s.first_sync: the first sync applied (s)", 1.0),
+    "failed_syncs": (
+        "syncs that failed before ready (k8s.sync_failed: retried a sync_period later)",
+        1.0,
+    ),
+    "rss_mb": SCALE_ROWS["rss_mb"],
+    "idle_cpu_percent": SCALE_ROWS["idle_cpu_percent"],
+}
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -48,6 +71,8 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += scale_markdown(doc["scale"])
     if "dataplane" in doc:
         lines += dataplane_markdown(doc["dataplane"])
+    if "k8s" in doc:
+        lines += k8s_markdown(doc["k8s"])
     if "ipvs_control" in doc:
         lines += ipvs_control_markdown(doc["ipvs_control"], "On this machine's kernel.")
     if "vm" in doc:
@@ -176,15 +201,100 @@ def scale_markdown(scale: dict[str, Any]) -> list[str]:
         "(median of the runs, smallest-largest); start, memory and idle CPU are one "
         "measurement each.",
     ]
-    for step, (title, scale_by) in SCALE_ROWS.items():
+    return lines + figure_tables(sizes, {f"lb {n}": per for n, per in scale.items()}, SCALE_ROWS)
 
-        def cell(s: dict[str, Any], k: float = scale_by) -> str:
-            if s["runs"] == 1:
-                return _figure(s["median"] * k)
-            return f"{_figure(s['median'] * k)} ({_figure(s['low'] * k)}-{_figure(s['high'] * k)})"
 
+def figure_tables(
+    sizes: list[int],
+    rows: dict[str, dict[str, dict[str, Any]]],
+    titles: dict[str, tuple[str, float]],
+) -> list[str]:
+    """A table per figure of `titles` (its heading, and what its values are multiplied
+    by): a row per entry of `rows`, a column per size, the median (smallest-largest)."""
+    lines: list[str] = []
+    for step, (title, scale_by) in titles.items():
         lines += ["", f"### {title}", ""]
-        lines += size_table(sizes, {f"lb {n}": per for n, per in scale.items()}, step, cell)
+        lines += size_table(sizes, rows, step, partial(_summary, k=scale_by))
+    return lines
+
+
+def _summary(s: dict[str, Any], k: float) -> str:
+    """A summary times k: the median, and its spread if there was more than one run."""
+    if s["runs"] == 1:
+        return _figure(s["median"] * k)
+    return f"{_figure(s['median'] * k)} ({_figure(s['low'] * k)}-{_figure(s['high'] * k)})"
+
+
+def k8s_markdown(k8s: dict[str, Any]) -> list[str]:
+    """bench/k8s.py: the API double alone, lb's starts against it, and the churn."""
+    sizes = sorted(int(n) for n in k8s["double"])
+    lines = [
+        "",
+        "## The Kubernetes API server double alone: N Services and N EndpointSlices",
+        "",
+        "tests/support/kube_double.py in the bench's process, each Service with one "
+        "EndpointSlice of 10 endpoints; one client lists everything in pages of 500 (lb's "
+        "informer's size): raw pages (aiohttp, bytes: the double's work and the transfer), "
+        "and through lb's client (kubernetes-asyncio and JSON decoding, as lb's informer). "
+        "Median of the runs (smallest-largest).",
+    ]
+    lines += ["", "| figure | " + " | ".join(f"{n:,}" for n in sizes) + " |"]
+    lines.append("|---|" + "---:|" * len(sizes))
+    for name, (title, k) in K8S_DOUBLE_ROWS.items():
+        cells = [_summary(k8s["double"][str(n)][name], k) for n in sizes]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## lb run --source kubernetes at N Services x 10 endpoints",
+        "",
+        "The real `lb run --source kubernetes --dataplane D` in a namespace of its own, the "
+        "double on that namespace's loopback (bench/k8s.py): starts to /readyz answering 200, "
+        "median of the runs (smallest-largest), with the phases from lb's log; memory and "
+        "idle CPU after the last start.",
+    ]
+    lines += figure_tables(sizes, {f"lb {dp}": per for dp, per in k8s["lb"].items()}, K8S_LB_ROWS)
+    for dp, per in k8s.get("failures", {}).items():
+        for n, messages in per.items():
+            lines += ["", f"Syncs that failed, lb {dp} at {int(n):,} services:", ""]
+            lines += [f"- {m}" for m in messages]
+    return lines + k8s_churn_markdown(k8s["churn"])
+
+
+def k8s_churn_markdown(churn: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"## Network programming latency under EndpointSlice churn, {churn['services']:,} Services",
+        "",
+        f"EndpointSlice updates at a steady rate for {churn['seconds']:g} s, each with "
+        "`endpoints.kubernetes.io/last-change-trigger-time` set at the change; lb's "
+        "`lb_kubernetes_network_programming_duration_seconds` from /metrics before and after "
+        "(p50 and p99 interpolated within its buckets, as histogram_quantile; the bucket in "
+        "brackets; the mean is exact), the syncs it took, lb's CPU while the updates "
+        "came (its own and its children's, % of a core), and from the last update to the "
+        "admin API showing it (caught up). Times in ms.",
+        "",
+        "| dataplane, rate | updates | applied | p50 | p99 | mean | syncs | mean sync | lb CPU "
+        "| caught up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def bucket(c: dict[str, float], q: str) -> str:
+        if q not in c:
+            return ""
+        low, high = ms(c[f"{q}_bucket_low"]), c[f"{q}_bucket_high"]
+        top = "+Inf" if high == float("inf") else ms(high)
+        return f"{ms(c[q])} ({low}-{top}]"
+
+    for dp, rates in churn["rates"].items():
+        for rate, c in rates.items():
+            mean, sync, caught = (
+                ms(c[k]) if k in c else "" for k in ("mean", "sync_mean", "caught_up")
+            )
+            lines.append(
+                f"| lb {dp}, {rate}/s | {c['updates']:,.0f} | {c['applied']:,.0f} | "
+                f"{bucket(c, 'p50')} | {bucket(c, 'p99')} | {mean} | {c['syncs']:,.0f} | "
+                f"{sync} | {c['cpu_percent']:.3g} | {caught or 'not in time'} |"
+            )
     return lines
 
 

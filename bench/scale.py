@@ -16,15 +16,18 @@ exec` start-up is timed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import IO
 
 from bench.control import BACKEND_BASE, VIP_BASE, Netns, run
 from bench.parse import proc_pid_stat
@@ -68,9 +71,14 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def _http(ns: Netns, method: str, path: str, body: bytes = b"") -> int:
-    """One request to lb's admin API on the namespace's loopback: its status. The socket
-    is made inside the namespace (offload.netns), the rest is plain asyncio."""
+async def request(
+    ns: Netns, method: str, path: str, body: bytes = b"", only: bytes | None = None
+) -> tuple[int, bytes]:
+    """One request to lb's admin API on the namespace's loopback: its status (0: no
+    connection) and the rest of the answer (headers and body; with `only`, just its lines
+    that start with `only`, read as they come: /metrics at 10,000 services is hundreds
+    of MB). The socket is made inside the namespace (offload.netns), the rest is plain
+    asyncio."""
     host, port = ADMIN.rsplit(":", 1)
     with inside(ns.name):
         sock = socket.socket()
@@ -80,15 +88,28 @@ async def _http(ns: Netns, method: str, path: str, body: bytes = b"") -> int:
         reader, writer = await asyncio.open_connection(sock=sock)
     except OSError:
         sock.close()
-        return 0
+        return 0, b""
     head = f"{method} {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n"
     if body:
         head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     writer.write(head.encode() + b"\r\n" + body)
     status = await reader.readline()
-    await reader.read()
+    if only is None:
+        rest = await reader.read()
+    else:
+        kept, tail = [], b""
+        wanted = re.compile(rb"^" + re.escape(only) + rb".*\n", re.MULTILINE)
+        while chunk := await reader.read(1 << 20):
+            whole, _, tail = (tail + chunk).rpartition(b"\n")
+            kept += wanted.findall(whole + b"\n")
+        rest = b"".join(kept)
     writer.close()
-    return int(status.split()[1])
+    return int(status.split()[1]), rest
+
+
+async def _http(ns: Netns, method: str, path: str, body: bytes = b"") -> int:
+    """One request to lb's admin API: its status."""
+    return (await request(ns, method, path, body))[0]
 
 
 async def _ready(ns: Netns, proc: asyncio.subprocess.Process) -> None:
@@ -117,41 +138,64 @@ async def _edits(ns: Netns, service: str, backend: str, runs: int) -> list[float
     return out
 
 
+@contextlib.asynccontextmanager
+async def namespace(name: str, dataplane: str) -> AsyncIterator[Netns]:
+    """A namespace for `lb run` on `dataplane`: loopback up and, for userspace, every
+    VIP (VIP_BASE's /16) local, as its listeners need."""
+    async with Netns(name) as ns:
+        await run(ns.cmd("ip", "link", "set", "lo", "up"))
+        if dataplane == "userspace":
+            await run(ns.cmd("ip", "route", "add", "local", "10.100.0.0/16", "dev", "lo"))
+        yield ns
+
+
+@contextlib.asynccontextmanager
+async def lb_running(
+    ns: Netns, args: list[str], stderr: IO[bytes] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, float]]:
+    """`lb run ARGS` in the namespace, once ready: the process (`ip netns exec` execs lb:
+    the same process) and the seconds from the command to /readyz answering 200; it is
+    stopped on the way out. `stderr`: where its log goes (JSON lines)."""
+    started = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        *ns.cmd(str(VENV_LB), "run", *args),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=stderr if stderr is not None else asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await _ready(ns, proc)
+        yield proc, time.perf_counter() - started
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+
+
+async def idle(pid: int, quick: bool) -> tuple[float, float]:
+    """Once started, after what start-up left to do (the first reads): lb's CPU over a
+    window with nothing happening (% of a core), and its RSS (MB)."""
+    settle, window = (1.0, 2.0) if quick else (3.0, 5.0)
+    await asyncio.sleep(settle)
+    cpu0, t0 = _cpu_seconds(pid), time.perf_counter()
+    await asyncio.sleep(window)
+    return 100 * (_cpu_seconds(pid) - cpu0) / (time.perf_counter() - t0), _rss_mb(pid)
+
+
 async def measure_one(n: int, dataplane: str, runs: int, quick: bool) -> dict[str, Summary]:
     """Start lb with N services on `dataplane`, measure, stop it."""
-    settle, window = (1.0, 2.0) if quick else (3.0, 5.0)
-    async with Netns(f"lbbench-scale-{dataplane}") as ns:
-        await run(ns.cmd("ip", "link", "set", "lo", "up"))
-        if dataplane == "userspace":  # the listeners need their VIPs local: all of them
-            await run(ns.cmd("ip", "route", "add", "local", "10.100.0.0/16", "dev", "lo"))
+    async with namespace(f"lbbench-scale-{dataplane}", dataplane) as ns:
         with tempfile.TemporaryDirectory(prefix="lbbench-scale-") as tmp:
             cfg = Path(tmp) / "lb.yaml"
             cfg.write_text(config(n))
-            started = time.perf_counter()
-            proc = await asyncio.create_subprocess_exec(
-                *ns.cmd(str(VENV_LB), "run", "-c", str(cfg), "--dataplane", dataplane),
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-            try:
-                await _ready(ns, proc)
-                start = time.perf_counter() - started
-                pid = proc.pid  # `ip netns exec` execs lb: the same process
-                await asyncio.sleep(settle)  # what start-up left to do (the first reads)
-                cpu0, t0 = _cpu_seconds(pid), time.perf_counter()
-                await asyncio.sleep(window)
-                idle = 100 * (_cpu_seconds(pid) - cpu0) / (time.perf_counter() - t0)
-                rss = _rss_mb(pid)
+            args = ["-c", str(cfg), "--dataplane", dataplane]
+            async with lb_running(ns, args) as (proc, start):
+                idle_cpu, rss = await idle(proc.pid, quick)
                 service, backend = edited_backend(n)
                 edits = await _edits(ns, service, backend, runs)
-            finally:
-                if proc.returncode is None:
-                    proc.terminate()
-                    await proc.wait()
     return {
         "start": Summary.of([start]),
         "rss_mb": Summary.of([rss]),
-        "idle_cpu_percent": Summary.of([idle]),
+        "idle_cpu_percent": Summary.of([idle_cpu]),
         "edit": Summary.of(edits),
     }
 
