@@ -6,7 +6,16 @@ service costs time in proportion to every service there is (0.35 s at 5,000 serv
 10 backends on nft 1.0.6). The operations of `offload.nft_rules` are small and few in
 kind, so lb encodes them itself, as the bytecode `nft --debug=netlink` shows for the
 same text, and sends them in one batch: the kernel applies it atomically, and the cost
-is that of the change. The first apply, which builds the table, still goes through `nft`.
+is that of the change.
+
+What lb reads while it runs is read here too, as netlink dumps: the named counters of
+table `ip lb` every second (`NftNetlink.counters`) and the sizes of the affinity sets
+every 10 s (`NftNetlink.set_sizes`). Spawning `nft -j list counters` for them cost 2-6%
+of a core with nothing happening.
+
+Still through `nft`: the first apply, which builds the table, the flowtable and its
+devices, lb's probes, the removal of its tables, and reading an affinity set's clients
+back for a demote (offload/nftables.py); all of it without a socket (its fallback).
 
 Values follow include/uapi/linux/netfilter/nf_tables.h; every integer attribute is big
 endian; register contents are in the order the packet has them.
@@ -15,13 +24,17 @@ endian; register contents are in the order the packet has them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import os
+import select
 import socket
 import struct
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from lb.model import Endpoint, IPAddress, Protocol, ServiceKey
 from offload.netns import inside
@@ -55,8 +68,17 @@ from offload.nft_rules import (
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
-NLMSG_ERROR = 2
+NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST = 0x1
+NLM_F_DUMP_INTR = 0x10  # the ruleset changed during the dump: it may be inconsistent
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+NLA_TYPE_MASK = 0x3FFF  # an attribute's kind without NLA_F_NESTED, NLA_F_NET_BYTEORDER
+DUMP_RECV = 1 << 20  # bytes per recv of a dump (the kernel sends at most ~32 KiB a time)
+DUMP_TIMEOUT = 30.0  # seconds without a part of a dump's answer: the read fails
+DUMP_TRIES = 3  # dumps of the same thing while the ruleset changes under them
+#: the sequence number of every dump (a batch's are others): one exchange at a time on
+#: a socket, and an unchanged answer is the same bytes each time
+DUMP_SEQ = 1
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 BUFFER = 32 << 20
 NLM_F_CREATE, NLM_F_APPEND = 0x400, 0x800
@@ -64,7 +86,12 @@ NLA_F_NESTED = 0x8000
 
 (MSG_NEWCHAIN, MSG_DELCHAIN, MSG_NEWRULE, MSG_DELRULE) = (3, 5, 6, 8)
 (MSG_NEWSET, MSG_DELSET, MSG_NEWSETELEM, MSG_DELSETELEM) = (9, 11, 12, 14)
-(MSG_NEWOBJ, MSG_DELOBJ) = (18, 20)
+(MSG_NEWOBJ, MSG_GETOBJ, MSG_DELOBJ) = (18, 19, 20)
+MSG_GETSETELEM = 13
+OBJ_TABLE, OBJ_NAME, OBJ_TYPE, OBJ_DATA = 1, 2, 3, 4  # NFTA_OBJ_*
+COUNTER_BYTES, COUNTER_PACKETS = 1, 2  # NFTA_COUNTER_*
+ELEM_LIST_TABLE, ELEM_LIST_SET, ELEM_LIST_ELEMENTS = 1, 2, 3  # NFTA_SET_ELEM_LIST_*
+LIST_ELEM = 1  # NFTA_LIST_ELEM
 
 REG_VERDICT, REG_1, REG_2 = 0, 1, 2
 REG32_01 = 9  # the second 32-bit word of REG_1 (a concatenation's second field)
@@ -335,6 +362,11 @@ class Counter:
 Value = str | Counter | bytes | None
 
 
+#: The most bytes of elements put in one message's element list (an attribute's length
+#: is 16 bits, headers included).
+ELEMENTS_BYTES = 60_000
+
+
 def _elements(
     b: Batch,
     msg: int,
@@ -356,11 +388,24 @@ def _elements(
             case bytes(raw):
                 parts.append(data(2, raw))
         items.append(nest(1, *parts))
-    attrs = [_table(table), string(2, set_name)]
+    head = [_table(table), string(2, set_name)]
     if set_id is not None:
-        attrs.append(u32(4, set_id))
-    attrs.append(nest(3, *items))
-    b.add(msg, NLM_F_CREATE if msg == MSG_NEWSETELEM else 0, attrs, text)
+        head.append(u32(4, set_id))
+    # The element list is one attribute, whose length is 16 bits: past ELEMENTS_BYTES,
+    # the elements go in several messages of the same batch (about 1,000 services' map
+    # elements each), as nft splits them.
+    start, size = 0, 0
+    for i, item in enumerate(items):
+        if size + len(item) > ELEMENTS_BYTES and i > start:
+            b.add(
+                msg,
+                NLM_F_CREATE if msg == MSG_NEWSETELEM else 0,
+                [*head, nest(3, *items[start:i])],
+                text,
+            )
+            start, size = i, 0
+        size += len(item)
+    b.add(msg, NLM_F_CREATE if msg == MSG_NEWSETELEM else 0, [*head, nest(3, *items[start:])], text)
 
 
 def _anonymous_map(b: Batch, table: str, values: Sequence[Value], text: str) -> tuple[str, int]:
@@ -465,6 +510,151 @@ def _dnat(addr: int, port: int) -> bytes:
     )
 
 
+# --- dumps -----------------------------------------------------------------------------------
+
+_HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
+_ATTR = struct.Struct("=HH")  # struct nlattr
+_INT = struct.Struct("=i")
+_BE32 = struct.Struct(">I")
+_BE64 = struct.Struct(">Q")
+
+
+class _CounterReader:
+    """Takes the counters of a NFT_MSG_GETOBJ dump: NFTA_OBJ_NAME -> (NFTA_COUNTER_PACKETS,
+    NFTA_COUNTER_BYTES) of NFTA_OBJ_DATA, for the counters of one table."""
+
+    __slots__ = ("out", "table")
+
+    def __init__(self, out: list[tuple[str, tuple[int, int]]], table: bytes) -> None:
+        self.out = out
+        self.table = table + b"\0"  # as the attribute holds it
+
+    def __call__(self, buf: bytearray, at: int, end: int) -> None:
+        name = None
+        ours = False
+        kind_of = packets = count = -1
+        while at + 4 <= end:
+            size, kind = _ATTR.unpack_from(buf, at)
+            if size < 4:
+                return
+            kind &= NLA_TYPE_MASK
+            if kind == OBJ_NAME:
+                name = _text(buf, at + 4, at + size)
+            elif kind == OBJ_TABLE:
+                ours = size == 4 + len(self.table) and buf.startswith(self.table, at + 4)
+            elif kind == OBJ_TYPE:
+                (kind_of,) = _BE32.unpack_from(buf, at + 4)
+            elif kind == OBJ_DATA:
+                inner, stop = at + 4, at + size
+                while inner + 4 <= stop:
+                    isize, ikind = _ATTR.unpack_from(buf, inner)
+                    if isize < 4:
+                        break
+                    ikind &= NLA_TYPE_MASK
+                    if ikind == COUNTER_PACKETS:
+                        (packets,) = _BE64.unpack_from(buf, inner + 4)
+                    elif ikind == COUNTER_BYTES:
+                        (count,) = _BE64.unpack_from(buf, inner + 4)
+                    inner += (isize + 3) & ~3
+            at += (size + 3) & ~3
+        if name is not None and ours and kind_of == OBJECT_COUNTER and count >= 0:
+            self.out.append((name, (max(packets, 0), count)))
+
+
+class _ElementCounter:
+    """Counts the elements (NFTA_LIST_ELEM of NFTA_SET_ELEM_LIST_ELEMENTS) of a
+    NFT_MSG_GETSETELEM dump."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, buf: bytearray, at: int, end: int) -> None:
+        while at + 4 <= end:
+            size, kind = _ATTR.unpack_from(buf, at)
+            if size < 4:
+                return
+            if kind & NLA_TYPE_MASK == ELEM_LIST_ELEMENTS:
+                inner, stop = at + 4, at + size
+                while inner + 4 <= stop:
+                    isize, ikind = _ATTR.unpack_from(buf, inner)
+                    if isize < 4:
+                        break
+                    if ikind & NLA_TYPE_MASK == LIST_ELEM:
+                        self.count += 1
+                    inner += (isize + 3) & ~3
+            at += (size + 3) & ~3
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """What one part of a counters' dump held: its counters, whether it ends the dump,
+    whether it is consistent."""
+
+    items: list[tuple[str, tuple[int, int]]]
+    done: bool
+    consistent: bool
+
+
+class _CounterDump:
+    """Takes the parts of a counters' dump: a part known from the dump before (`seen`,
+    by digest) gives the counters read then, another is parsed."""
+
+    def __init__(self, table: bytes, seen: dict[bytes, _Part]) -> None:
+        self.items: list[tuple[str, tuple[int, int]]] = []
+        self.reader = _CounterReader(self.items, table)
+        self.seen = seen
+        self.parts: dict[bytes, _Part] = {}
+
+    def __call__(self, buf: bytearray, size: int) -> tuple[bool, bool]:
+        digest = hashlib.blake2b(self.reader.table, digest_size=16)  # the parse depends on it
+        digest.update(memoryview(buf)[:size])
+        key = digest.digest()
+        known = self.seen.get(key)
+        if known is None:
+            start = len(self.items)
+            done, consistent = _scan(buf, size, self.reader)
+            known = _Part(self.items[start:], done, consistent)
+        else:
+            self.items.extend(known.items)
+        self.parts[key] = known
+        return known.done, known.consistent
+
+
+def _scan(
+    buf: bytearray, size: int, take: Callable[[bytearray, int, int], None]
+) -> tuple[bool, bool]:
+    """The messages of one part of a dump's answer: the attributes of each nf_tables one
+    to `take` (the buffer, where they start and end). Whether the dump ends with this
+    part (NLMSG_DONE), and whether the part is consistent (no NLM_F_DUMP_INTR); OSError
+    for the kernel's error answer."""
+    offset, consistent = 0, True
+    while offset + 16 <= size:
+        length, answer, flags, seq, _ = _HEADER.unpack_from(buf, offset)
+        if length < 16 or offset + length > size:
+            raise NftNetlinkError(f"a malformed netlink answer ({length} bytes)")
+        if seq == DUMP_SEQ:
+            if answer in (NLMSG_DONE, NLMSG_ERROR):
+                (code,) = _INT.unpack_from(buf, offset + 16) if length >= 20 else (0,)
+                if code < 0:
+                    raise OSError(-code, os.strerror(-code))
+                if answer == NLMSG_DONE:
+                    return True, consistent
+            elif answer >> 8 == NFNL_SUBSYS_NFTABLES:
+                if flags & NLM_F_DUMP_INTR:
+                    consistent = False
+                take(buf, offset + 20, offset + length)  # past struct nfgenmsg
+        offset += (length + 3) & ~3
+    return False, consistent
+
+
+def _text(buf: bytearray, start: int, end: int) -> str:
+    """A string attribute's value (NUL-terminated in the attribute)."""
+    nul = buf.find(0, start, end)
+    return buf[start : nul if nul >= 0 else end].decode(errors="replace")
+
+
 # --- the socket ----------------------------------------------------------------------------
 
 
@@ -488,6 +678,11 @@ class NftNetlink:
         # nft names the maps of its own transactions __map<n>; lb's have a random base so
         # that a restarted lb does not meet the names of the one before
         self.map_names = itertools.count(int.from_bytes(os.urandom(4), "big") << 16)
+        #: one exchange at a time: the dataplane runs batches and dumps in threads
+        #: (asyncio.to_thread), and an answer must reach the exchange that asked for it
+        self._lock = threading.Lock()
+        self._buffer = bytearray(DUMP_RECV)
+        self._parts: dict[bytes, _Part] = {}  # the parts of the last counters' dump
 
     def close(self) -> None:
         self.sock.close()
@@ -501,26 +696,106 @@ class NftNetlink:
         if not ops:
             return
         batch = encode(ops, self.map_names)
-        self.seq += len(batch.messages) + 2
-        blob, what = batch.encode(self.seq)
-        self._drain()  # nothing stale may be taken for this batch's answer
-        self.sock.sendall(blob)
-        errors = [
-            f"{what.get(seq, 'the batch')}: {os.strerror(-code)}" for seq, code in self._drain()
-        ]
+        with self._lock:
+            self.seq += len(batch.messages) + 2
+            blob, what = batch.encode(self.seq)
+            self._drain()  # nothing stale may be taken for this batch's answer
+            self.sock.sendall(blob)
+            answers = self._drain()
+        errors = [f"{what.get(seq, 'the batch')}: {os.strerror(-code)}" for seq, code in answers]
         if errors:
             raise NftNetlinkError("; ".join(errors[:5]) + (" ..." if len(errors) > 5 else ""))
 
+    def counters(self, table: str) -> dict[str, tuple[int, int]]:
+        """The named counters of table `ip TABLE`: name -> (packets, bytes), as `nft -j
+        list counters table ip TABLE` lists them, in one dump (NFT_MSG_GETOBJ, which the
+        kernel filters by table and type), made again if the ruleset changed during it
+        (DUMP_TRIES in all; the last is taken). A table that is not there has none.
+        OSError if the kernel refuses the dump.
+
+        A part of the answer the same, byte for byte, as one of the dump before (an idle
+        table's all are: every dump has sequence number DUMP_SEQ) is not parsed again:
+        its counters are those read then, found by the part's digest."""
+        request = string(OBJ_TABLE, table) + u32(OBJ_TYPE, OBJECT_COUNTER)
+        for _ in range(DUMP_TRIES):
+            dump = _CounterDump(table.encode(), self._parts)
+            try:
+                consistent = self._dump(MSG_GETOBJ, request, dump)
+            except FileNotFoundError:  # no table of that name (a kernel that looked it up)
+                return {}
+            self._parts = dump.parts  # the parts of this dump only: as many as it had
+            if consistent:
+                break
+        return dict(dump.items)
+
+    def set_sizes(self, table: str, names: Iterable[str]) -> dict[str, int]:
+        """How many elements each of these sets of table `ip TABLE` holds, as `nft list
+        set` lists them (the kernel leaves expired elements out of a dump): one dump
+        (NFT_MSG_GETSETELEM) per set. A set, or table, that is not there is left out.
+        OSError if the kernel refuses a dump."""
+        out: dict[str, int] = {}
+        for name in names:
+            request = string(ELEM_LIST_TABLE, table) + string(ELEM_LIST_SET, name)
+            for _ in range(DUMP_TRIES):
+                reader = _ElementCounter()
+                try:
+                    consistent = self._dump(MSG_GETSETELEM, request, partial(_scan, take=reader))
+                except FileNotFoundError:  # deleted, maybe while it was counted
+                    out.pop(name, None)
+                    break
+                out[name] = reader.count
+                if consistent:
+                    break
+        return out
+
+    def _dump(
+        self, msg: int, attrs: bytes, part: Callable[[bytearray, int], tuple[bool, bool]]
+    ) -> bool:
+        """Ask for a dump and hand each part of the answer to `part` (the receive buffer,
+        good for that call only, and the part's size), which says whether the dump ends
+        with it and whether it is consistent (`_scan`), up to the part with NLMSG_DONE.
+        Whether the dump was consistent: the ruleset did not change while the kernel
+        made it (no NLM_F_DUMP_INTR). OSError if the kernel refuses.
+
+        The kernel answers in parts of up to ~32 KiB, each made as the one before is
+        received: one recv per part, parsed in place."""
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | msg
+        buf = self._buffer
+        consistent = True
+        with self._lock:
+            self._drain()  # nothing stale may be taken for this dump, no dump under way
+            self.sock.sendall(_message(kind, NLM_F_REQUEST | NLM_F_DUMP, DUMP_SEQ, attrs))
+            while True:
+                done, whole = part(buf, self._receive(buf))
+                consistent = consistent and whole
+                if done:
+                    return consistent
+
+    def _receive(self, buf: bytearray) -> int:
+        """One part of a dump into `buf`: its size. The kernel makes the next part as a
+        recv takes the one before, so it is there at once; NftNetlinkError if nothing
+        comes within DUMP_TIMEOUT (a refresh must not wait forever)."""
+        try:
+            return self.sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            poll = select.poll()  # not select(): lb may hold more than 1,024 descriptors
+            poll.register(self.sock, select.POLLIN)
+            if not poll.poll(DUMP_TIMEOUT * 1000):
+                raise NftNetlinkError(f"no answer to a dump in {DUMP_TIMEOUT:g} s") from None
+            return self.sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+
     def _drain(self) -> list[tuple[int, int]]:
-        """The (sequence, error) answers waiting on the socket."""
+        """The (sequence, error) answers waiting on the socket (taken with the lock held:
+        into the socket's one buffer)."""
         out: list[tuple[int, int]] = []
+        reply = self._buffer
         while True:
             try:
-                reply = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+                length = self.sock.recv_into(reply, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return out
             offset = 0
-            while offset + 16 <= len(reply):
+            while offset + 16 <= length:
                 size, kind, _, seq, _ = struct.unpack_from("=IHHII", reply, offset)
                 if kind == NLMSG_ERROR:
                     (code,) = struct.unpack_from("=i", reply, offset + 16)

@@ -5,7 +5,10 @@ left by a crashed run are adopted that way, and connections they had set up keep
 conntrack NAT), then adds the services in batches. Every later apply sends only the
 objects of the services that changed (`offload.nft_rules.diff_ops`) as one transaction
 over netlink (`offload/nft_netlink.py`): nothing is ever half applied, and the work is
-that of the change. Other tables are never touched.
+that of the change. The per-backend counters (read every second) and the affinity sets'
+sizes are netlink dumps on the same socket, in a thread: an idle lb spawns no `nft`.
+Without a socket, all of it goes through the `nft` command. Other tables are never
+touched.
 """
 
 from __future__ import annotations
@@ -428,21 +431,17 @@ class NftDataplane:
             return
         if self.fastpath:
             await self._track_devices()
-        try:
-            out = await self.query("list", "counters", "table", "ip", TABLE)  # all of lb's
-        except NftError:  # the table is gone (deleted by hand): nothing counted
-            out = {}
-        counters: dict[str, tuple[int, int]] = {}
-        for item in out.get("nftables", []):
-            c = item.get("counter")
-            if c is not None and c.get("family") == "ip" and c.get("table") == TABLE:
-                counters[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
+        counters = await self._read_counters()
         before, self._counters = self._counters, counters
-        moved = {
-            key
-            for key, r in (self._rendered or {}).items()  # an apply may have run meanwhile
-            if any(counters.get(c.counter) != before.get(c.counter) for c in r.counters)
-        }
+        moved = (
+            {
+                key
+                for key, r in (self._rendered or {}).items()  # an apply may have run meanwhile
+                if any(counters.get(c.counter) != before.get(c.counter) for c in r.counters)
+            }
+            if counters != before  # idle: one comparison, not one per backend
+            else set()
+        )
         self._moved |= moved
         # Every new flow moves a counter (they count in the NAT hooks, which see a flow's
         # first packet): with no flow last time and none new, conntrack has none of lb's,
@@ -456,10 +455,32 @@ class NftDataplane:
             self._moved.update(k for k, _, _ in self._flows)
         await self._count_templates()
 
+    async def _read_counters(self) -> dict[str, tuple[int, int]]:
+        """lb's named counters (all in table `ip lb`): name -> (packets, bytes). One
+        netlink dump, in a thread, when there is a socket (an idle lb spawns no `nft`
+        each second); else `nft -j list counters`. A table gone (deleted by hand), or a
+        read refused: nothing counted."""
+        if self.netlink is not None:
+            try:
+                return await asyncio.to_thread(self.netlink.counters, TABLE)
+            except (NftNetlinkError, OSError):
+                return {}
+        try:
+            out = await self.query("list", "counters", "table", "ip", TABLE)  # all of lb's
+        except NftError:
+            return {}
+        counters: dict[str, tuple[int, int]] = {}
+        for item in out.get("nftables", []):
+            c = item.get("counter")
+            if c is not None and c.get("family") == "ip" and c.get("table") == TABLE:
+                counters[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
+        return counters
+
     async def _count_templates(self) -> None:
         """Count the elements of the persistent services' affinity sets (`lb list
-        --persistent-conn`), one `nft list sets` every TEMPLATES_PERIOD, and only while a
-        persistent service is carried."""
+        --persistent-conn`) every TEMPLATES_PERIOD, and only while a persistent service
+        is carried: a netlink dump of each set, in a thread, when there is a socket; else
+        one `nft -j list sets ip`. A set that is not there counts none."""
         now = time.monotonic()
         sets = {
             (r.table, names.affinity): (key, rule.backend)
@@ -473,11 +494,20 @@ class NftDataplane:
         if now - self._templates_read < TEMPLATES_PERIOD:
             return
         self._templates_read = now
+        counted: Counter[tuple[ServiceKey, Endpoint]] = Counter()
+        if self.netlink is not None:
+            try:
+                sizes = await asyncio.to_thread(_set_sizes, self.netlink, list(sets))
+            except (NftNetlinkError, OSError):
+                return  # counted again next period
+            for where, size in sizes.items():
+                counted[sets[where]] = size
+            self._templates = counted
+            return
         try:
             doc = await self.query("list", "sets", "ip")
         except (NftError, ValueError):
             return  # counted again next period
-        counted: Counter[tuple[ServiceKey, Endpoint]] = Counter()
         for item in doc.get("nftables", []):
             listed = item.get("set") if isinstance(item, dict) else None
             if not isinstance(listed, dict):
@@ -562,3 +592,15 @@ def _connections_only(conns: int) -> Totals:
 
 def _flow_key(f: Flow) -> tuple[ServiceKey, Endpoint, bool]:
     return (f.key, f.backend, f.established)
+
+
+def _set_sizes(netlink: NftNetlink, sets: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """The elements of these (table, set) that are there, by table: the sizes of each."""
+    by_table: dict[str, list[str]] = {}
+    for table, name in sets:
+        by_table.setdefault(table, []).append(name)
+    return {
+        (table, name): size
+        for table, names in by_table.items()
+        for name, size in netlink.set_sizes(table, names).items()
+    }

@@ -290,3 +290,32 @@ async def test_changes_over_netlink_leave_the_same_ruleset_as_nft(topo: Topology
     assert "numgen inc mod 5 vmap { 0 : goto ep_" in ruleset
     assert "timeout 1m30s" in seen["netlink"][3]
     assert "svc_" not in seen["netlink"][-1]
+
+
+async def test_a_change_of_thousands_of_services_is_split_over_messages(topo: Topology) -> None:
+    """A set's element list is one netlink attribute, whose length is 16 bits: a change
+    adding 1,000 services of 10 backends at once (a node proxy's first sync after an
+    empty start) goes in several messages of one batch, and every service is in the
+    table."""
+    n = 1000
+
+    def backends(i: int) -> str:
+        addresses = [i * 10 + j for j in range(10)]
+        return ", ".join(f"{{address: '10.97.{a // 250}.{a % 250 + 1}:8080'}}" for a in addresses)
+
+    services = config(
+        "services:"
+        + "".join(
+            f"\n- {{name: s{i}, listen: '10.98.{i // 250}.{i % 250 + 1}:80', retries: 0,"
+            f" backends: [{backends(i)}]}}"
+            for i in range(n)
+        )
+    )
+    dp = NftDataplane(netlink=NftNetlink(topo.lb))
+    await apply(topo, dp, [])
+    await apply(topo, dp, services)
+    listing = nft_in(topo, "list", "ruleset")
+    vips = [f"10.98.{i // 250}.{i % 250 + 1}" for i in range(n)]
+    assert all(f" {vip} . tcp . 80 : goto svc_tcp_" in listing for vip in vips)
+    with inside(topo.lb):
+        await dp.remove_all()
