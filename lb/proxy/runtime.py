@@ -266,29 +266,29 @@ class ServiceRuntime:
         return self.snapshot()
 
     def snapshot(self, with_backends: bool = True) -> ServiceSnapshot:
-        core = self.core
-        persistent = core.templates.per_dest()
-        wanted: dict[Endpoint, Backend] = {b.address: b for b in self.service.backends}
-        backends = []
-        for d in core.dests if with_backends else ():
-            b = wanted.get(d.endpoint)
-            backends.append(
-                BackendSnapshot(
-                    address=d.endpoint,
-                    backend=b,
-                    weight=d.weight,
-                    active=d.active,
-                    inactive=d.inactive,
-                    persistent=persistent.get(d, 0),
-                    overloaded=d.overloaded,
-                    totals=self._totals_of(d),
-                )
-            )
         return ServiceSnapshot(
             service=self.service,
             dataplane="userspace",
             listening=self.listening,
             open=self.open,
             totals=self.counters.totals(),
-            backends=tuple(backends),
+            backends=self._backend_snapshots() if with_backends else (),
+        )
+
+    def _backend_snapshots(self) -> tuple[BackendSnapshot, ...]:
+        core = self.core
+        persistent = core.templates.per_dest()
+        wanted: dict[Endpoint, Backend] = {b.address: b for b in self.service.backends}
+        return tuple(
+            BackendSnapshot(
+                address=d.endpoint,
+                backend=wanted.get(d.endpoint),
+                weight=d.weight,
+                active=d.active,
+                inactive=d.inactive,
+                persistent=persistent.get(d, 0),
+                overloaded=d.overloaded,
+                totals=self._totals_of(d),
+            )
+            for d in core.dests
         )
