@@ -107,13 +107,14 @@ def _admin_client(args: argparse.Namespace) -> AdminClient:
 
 def cmd_list(args: argparse.Namespace) -> int:
     try:
-        services = _admin_client(args).services()
+        doc = _admin_client(args).listing()
     except AdminError as e:
         print(f"lb: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"services": services}, indent=2))
+        print(json.dumps(doc, indent=2))
         return 0
+    services = doc["services"]
     mode = "stats" if args.stats else "rate" if args.rate else ""
     print(
         render(
@@ -122,6 +123,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             mode=mode,
             exact=args.exact,
             persistent=args.persistent_conn,
+            kernel=doc.get("kernel"),
         )
     )
     return 0

@@ -44,6 +44,10 @@ class Dataplane(Protocol):
         """Where the service is carried and why; None: this dataplane has one place only."""
         ...
 
+    def kernel_note(self) -> str | None:
+        """The kernel path in a line (`lb list`, the admin API), None: none was asked for."""
+        ...
+
     async def close(self, grace: float) -> None: ...
 
 

@@ -275,13 +275,11 @@ class Daemon:
             self.dataplane.enable(policy, None, None, o.drain_timeout, o.affinity_wait)
             return
         self.dataplane.enable(policy, kernel, host, o.drain_timeout, o.affinity_wait)
-        fastpath = getattr(kernel, "fastpath_note", None)  # nftables: its flowtable
-        note = f" ({fastpath()})" if callable(fastpath) else ""
         emit(
             log,
             logging.INFO,
             "offload.enabled",
-            f"dataplane {mode}: {kernel.name} ready on {o.device}{note}",
+            f"dataplane {mode}: {kernel.name} ready on {o.device} ({kernel.fastpath_note()})",
             mode=str(mode),
             kernel=kernel.name,
             device=o.device,

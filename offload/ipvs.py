@@ -493,6 +493,12 @@ class IpvsDataplane:
             )
         return out
 
+    def fastpath_note(self) -> str:
+        return (
+            "no flowtable: IPVS's NAT flows cannot take one "
+            "(docs/dataplanes/nftables.md#why-ipvss-flows-take-no-flowtable)"
+        )
+
     async def remove_all(self) -> None:
         """Delete every service this dataplane owns (shutdown, `lb cleanup`)."""
         vips = await self.owned_vips()

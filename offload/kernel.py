@@ -80,6 +80,11 @@ class KernelDataplane(Protocol):
 
     async def remove_all(self) -> None: ...
 
+    def fastpath_note(self) -> str:
+        """What established flows take past the kernel's NAT, in a few words (the log at
+        start, `lb list`): nftables' flowtable, or why there is none."""
+        ...
+
 
 class KernelUnavailable(Exception):
     pass

@@ -158,6 +158,14 @@ class OffloadManager:
     def explain(self, key: ServiceKey) -> Offload:
         return self.placements.explain(key)
 
+    def kernel_note(self) -> str | None:
+        if self.policy.mode is Mode.USERSPACE:
+            return None
+        if self.kernel is None:
+            return f"none ({self.policy.unavailable or 'not enabled'})"
+        device = f" on {self.host.device}" if self.host is not None else ""
+        return f"{self.kernel.name}{device}; {self.kernel.fastpath_note()}"
+
     async def close(self, grace: float) -> None:
         if self._tick is not None:
             self._tick.cancel()

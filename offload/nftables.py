@@ -179,7 +179,9 @@ class NftDataplane:
         try:
             await self.nft(probe_flowtable_script())  # leaves nothing behind
         except NftError as e:
-            self.flowtable_unavailable = f"this kernel has no flowtables ({e})"
+            # nft's first line, past its "/dev/stdin:2:15-16: Error: " (then the script)
+            said = str(e).splitlines()[0].split("Error: ", 1)[-1] if str(e) else "refused"
+            self.flowtable_unavailable = f"this kernel has no flowtables ({said})"
             emit(
                 log,
                 logging.WARNING,

@@ -366,6 +366,7 @@ async def test_cli_list_and_edits_against_a_running_lb(tmp_path: Path) -> None:
         assert lines[3].split() == ["TCP", f"127.0.0.1:{port}", "rr", "userspace"]
         assert lines[4].split() == ["->", b.address, "Proxy", "1", "0", "2", "UP"]
         assert lines[5].split() == ["->", a.address, "Proxy", "1", "0", "1", "UP"]
+        assert "Kernel dataplane" not in out  # userspace only: no kernel path to speak of
         code, out, _ = await run_cli("list", "-n", "--stats", "-c", str(cfg))
         stats = out.splitlines()
         assert stats[1].split() == [

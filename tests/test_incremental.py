@@ -179,6 +179,9 @@ class FakeKernel:
     async def remove_all(self) -> None:
         pass
 
+    def fastpath_note(self) -> str:
+        return "no fast path"
+
 
 async def test_offload_manager_reconsiders_only_what_changed() -> None:
     """In nftables/IPVS mode the manager asks the kernel dataplane about the changed

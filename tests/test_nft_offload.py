@@ -94,6 +94,10 @@ async def test_lb_run_nftables_serves_from_the_kernel_and_lb_list_says_so(
         assert "TCP  10.99.0.10:80 rr" in out and "nftables" in out and "Masq" in out
         assert "Not offloaded:" in out and "scheduler lc is not expressible in nftables" in out
         assert "sticky (tcp 10.99.0.10:82): sh in nftables hashes with jhash" in out
+        # this kernel has no flowtables: lb says so, and runs without
+        kernel = out.splitlines()[-1]
+        assert kernel.startswith("Kernel dataplane: nftables on "), out
+        assert "; no flowtable: this kernel has no flowtables" in kernel, out
         lb.signal(signal.SIGTERM)
         assert await lb.wait() == 0
     assert lb_table(topo) == ""  # stopped: table lb and the device are gone

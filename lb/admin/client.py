@@ -44,8 +44,13 @@ class AdminClient:
             raise AdminError(f"cannot reach the admin API at {self.base}: {e}") from None
 
     def services(self) -> list[dict[str, Any]]:
-        services: list[dict[str, Any]] = self._call("GET", "/api/v1/services")["services"]
+        services: list[dict[str, Any]] = self.listing()["services"]
         return services
+
+    def listing(self) -> dict[str, Any]:
+        """Every service, and the kernel path in a line (None: userspace only)."""
+        doc: dict[str, Any] = self._call("GET", "/api/v1/services")
+        return doc
 
     def edit(self, service: str, backend: str, body: dict[str, Any]) -> dict[str, Any]:
         path = "/api/v1/services/{}/backends/{}".format(

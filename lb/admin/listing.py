@@ -71,9 +71,11 @@ def render(
     mode: str = "",
     exact: bool = False,
     persistent: bool = False,
+    kernel: str | None = None,
 ) -> str:
     """As ipvsadm -Ln prints them; `mode` "stats" or "rate": its --stats or --rate
-    columns; `persistent`: its --persistent-conn column (templates per backend)."""
+    columns; `persistent`: its --persistent-conn column (templates per backend);
+    `kernel`: the kernel path in a line, last (None: userspace only, nothing said)."""
     show = resolver(numeric)
     services = sorted(services, key=lambda s: (s["protocol"], s["listen"]))
     lines = [f"IP Virtual Server version 1.2.1 (lb {__version__})"]
@@ -125,6 +127,8 @@ def render(
     ]
     if notes:
         lines += ["", "Notes:", *notes]
+    if kernel is not None:
+        lines += ["", f"Kernel dataplane: {kernel}"]
     return "\n".join(lines)
 
 

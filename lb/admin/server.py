@@ -235,7 +235,9 @@ class AdminServer:
         return out
 
     async def services(self, request: web.Request) -> web.Response:
-        return web.json_response({"services": self._services()})
+        return web.json_response(
+            {"services": self._services(), "kernel": self.controller.dataplane.kernel_note()}
+        )
 
     async def service(self, request: web.Request) -> web.Response:
         name = request.match_info["service"]

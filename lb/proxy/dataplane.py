@@ -224,6 +224,9 @@ class UserspaceDataplane:
         """None: every service here is in userspace, nothing to explain."""
         return None
 
+    def kernel_note(self) -> str | None:
+        return None
+
     def active(self) -> list[ServiceSnapshot]:
         """The services whose counters may have moved since the last call (for rates)."""
         out = [snap for rt in self._due | self._quieted if (snap := rt.sample()) is not None]

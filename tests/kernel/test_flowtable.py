@@ -118,6 +118,9 @@ async def test_established_flows_past_the_threshold_are_offloaded_and_counted(
     for dev in dp._ft_devices:
         assert dev in listed
     assert dp._ft_devices and "lo" not in dp._ft_devices
+    assert dp.fastpath_note() == f"flowtable ft after {THRESHOLD} packets, on " + ", ".join(
+        sorted(dp._ft_devices)
+    )
     assert in_lb(topo, "sysctl", "-n", "net.netfilter.nf_conntrack_acct").strip() == "1"
     short = [await ask(topo, "10.99.1.2") for _ in range(4)]  # a few packets each
     assert all(a.endswith("saw 10.99.1.2") for a in short)

@@ -194,6 +194,9 @@ async def test_userspace_listener_stays_bound_and_lb_list_shows_ipvs(
         assert code == 0, err
         assert "TCP  10.99.0.10:80 rr" in out and "ipvs" in out and "Masq" in out
         assert "0.0.0.0" not in out
+        kernel = out.splitlines()[-1]
+        assert kernel.startswith("Kernel dataplane: ipvs on "), out
+        assert "no flowtable: IPVS's NAT flows cannot take one" in kernel, out
         listening = run_in(topo, "ss", "-ltn")
         assert "10.99.0.10:80" in listening
         assert LB_SIDE not in (await ask(topo, "10.99.1.2"))

@@ -45,5 +45,8 @@ class RecordingDataplane:
     def explain(self, key: ServiceKey) -> Offload | None:
         return None
 
+    def kernel_note(self) -> str | None:
+        return None
+
     async def close(self, grace: float) -> None:
         pass
