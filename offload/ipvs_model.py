@@ -8,9 +8,8 @@ import math
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
 
-from lb.model import Endpoint, Protocol, ServiceKey
+from lb.model import Endpoint, IPAddress, Protocol, ServiceKey
 
 # Service flags (include/uapi/linux/ip_vs.h)
 F_PERSISTENT = 0x0001
@@ -76,30 +75,37 @@ class KConn:
 
 SYNC_GROUP = ("224.0.0.81", 8848)  # IPVS's default IPv4 sync group and port
 SYNC_ID = 76  # lb's sync id: the backup daemon takes only messages that carry it
-SYNC_PER_MESSAGE = 40  # entries per datagram that fit a 1500-byte MTU (sync_maxlen)
+SYNC_PER_MESSAGE = 40  # IPv4 entries per datagram that fit a 1500-byte MTU (sync_maxlen)
+SYNC_PER_MESSAGE_V6 = 20  # IPv6 entries (72 bytes each) in the same 1,472 bytes
 _F_TEMPLATE = 0x1000  # IP_VS_CONN_F_TEMPLATE
+_STYPE_F_INET6 = 1  # the entry's type: an IPv6 connection (struct ip_vs_sync_v6)
 _PROTO_NUMBER = {Protocol.TCP: 6, Protocol.UDP: 17}
 
 
 def sync_messages(
     key: ServiceKey,
-    templates: Iterable[tuple[IPv4Address, Endpoint, float]],
+    templates: Iterable[tuple[IPAddress, Endpoint, float]],
     syncid: int = SYNC_ID,
-    per_message: int = SYNC_PER_MESSAGE,
+    per_message: int | None = None,
 ) -> list[bytes]:
     """Version-1 sync messages that make the kernel's backup daemon create persistence
     templates for `key`: each (client network, backend, seconds left). The backend must
     be a real server of the service already, or the kernel creates a template that the
-    first use drops. IPv4 only (an IPv4 service's templates are IPv4)."""
+    first use drops. The entries are of the service's family (struct ip_vs_sync_v4, 36
+    bytes, or ip_vs_sync_v6, 72); the messages themselves travel over IPv4 either way."""
+    v6 = key.listen.family == 6
+    size = 72 if v6 else 36
+    addr = "16s" if v6 else "4s"
+    layout = f"!BBHIHHHHII{addr}{addr}{addr}"
     entries = []
     vip = key.listen
     for client, backend, left in templates:
         entries.append(
             struct.pack(
-                "!BBHIHHHHII4s4s4s",
-                0,  # type: IPv4
+                layout,
+                _STYPE_F_INET6 if v6 else 0,  # type
                 _PROTO_NUMBER[key.protocol],
-                36,  # version 0, size
+                size,  # version 0, size
                 _F_TEMPLATE,  # the forwarding method is the real server's
                 0,  # state
                 0,  # client port: 0 for a template
@@ -112,9 +118,10 @@ def sync_messages(
                 backend.ip.packed,
             )
         )
+    per_message = per_message or (SYNC_PER_MESSAGE_V6 if v6 else SYNC_PER_MESSAGE)
     out = []
     for start in range(0, len(entries), per_message):
         chunk = entries[start : start + per_message]
-        size = 8 + 36 * len(chunk)
-        out.append(struct.pack("!BBHBBH", 0, syncid, size, len(chunk), 1, 0) + b"".join(chunk))
+        length = 8 + size * len(chunk)
+        out.append(struct.pack("!BBHBBH", 0, syncid, length, len(chunk), 1, 0) + b"".join(chunk))
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from lb.model import Endpoint, Protocol, ServiceKey
+from lb.model import Endpoint, IPAddress, Protocol, ServiceKey
 from offload.ipvs_model import F_HASHED, FLAGS_MASK, FWD_MASQ, KConn, KDest, KService, KStats
 from offload.nlthread import NetlinkThread
 
@@ -41,16 +41,22 @@ UDP_TIMEOUT = 300
 
 
 def _hex_endpoint(addr: str, port: str) -> Endpoint:
-    return Endpoint(ipaddress.IPv4Address(int(addr, 16)), int(port, 16))
+    """An address as the table prints it: IPv4 as 8 hex digits, IPv6 as the kernel's
+    `%pI6` (eight groups of four, uncompressed); the port in hex."""
+    ip: IPAddress = (
+        ipaddress.IPv6Address(addr) if ":" in addr else ipaddress.IPv4Address(int(addr, 16))
+    )
+    return Endpoint(ip, int(port, 16))
 
 
 def read_conn_table(
     path: str = "/proc/net/ip_vs_conn", *, templates: bool = False
 ) -> list[KConn] | None:
-    """The IPv4 TCP and UDP entries, or with `templates` the persistence templates alone;
-    None if the table is unreadable. There is no netlink dump of connections: this file is
-    the only listing. A template is <protocol, client network, port 0, VIP, port, backend,
-    port> (ip_vs_sched_persist()), and its expiry the time it has left."""
+    """The TCP and UDP entries (IPv4 and IPv6), or with `templates` the persistence
+    templates alone; None if the table is unreadable. There is no netlink dump of
+    connections: this file is the only listing. A template is <protocol, client network,
+    port 0, VIP, port, backend, port> (ip_vs_sched_persist()), and its expiry the time it
+    has left."""
     try:
         lines = Path(path).read_text().splitlines()[1:]
     except OSError:
@@ -58,13 +64,16 @@ def read_conn_table(
     out = []
     for line in lines:
         f = line.split()
-        if len(f) < 9 or f[0] not in ("TCP", "UDP") or len(f[1]) != 8:
+        if len(f) < 9 or f[0] not in ("TCP", "UDP"):
             continue
-        client, vip, dest = (
-            _hex_endpoint(f[1], f[2]),
-            _hex_endpoint(f[3], f[4]),
-            _hex_endpoint(f[5], f[6]),
-        )
+        try:
+            client, vip, dest = (
+                _hex_endpoint(f[1], f[2]),
+                _hex_endpoint(f[3], f[4]),
+                _hex_endpoint(f[5], f[6]),
+            )
+        except ValueError:  # not a line of this layout
+            continue
         if (client.port == 0 or vip.port == 0) != templates:
             continue  # a template (or, with `templates`, a connection)
         out.append(KConn(Protocol(f[0].lower()), client, vip, dest, f[7], int(f[8])))

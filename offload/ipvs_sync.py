@@ -19,9 +19,8 @@ import errno
 import socket
 import struct
 from collections.abc import Callable, Sequence
-from ipaddress import IPv4Address
 
-from lb.model import Endpoint, ServiceKey
+from lb.model import Endpoint, IPAddress, ServiceKey
 from lb.persist import Affinity
 from offload.host import Host
 from offload.ipvs_model import SYNC_GROUP, SYNC_ID, KConn, sync_messages
@@ -67,10 +66,11 @@ class SyncInjector:
     async def inject(self, key: ServiceKey, templates: Sequence[Affinity]) -> int:
         """Create these templates of `key` (its real servers exist already); how many the
         kernel holds now, pointing where they should."""
+        family = key.listen.family
         wanted = {
             (a.client, a.backend): a.remaining
             for a in templates
-            if isinstance(a.client, IPv4Address) and a.remaining > 0
+            if a.client.version == family and a.remaining > 0
         }
         if not wanted:
             return 0
@@ -89,7 +89,7 @@ class SyncInjector:
         finally:
             await self.client.stop_backup_daemon()
 
-    async def _held(self, key: ServiceKey, wanted: set[tuple[IPv4Address, Endpoint]]) -> int:
+    async def _held(self, key: ServiceKey, wanted: set[tuple[IPAddress, Endpoint]]) -> int:
         """How many of `wanted` the kernel holds, waiting up to SETTLE for all of them."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SETTLE
