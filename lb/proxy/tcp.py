@@ -7,9 +7,18 @@ Built on asyncio protocols (no streams) for speed under uvloop:
 - half-close: an EOF from one side becomes a shutdown(SHUT_WR) towards the other, which
   can still send; the connection closes when both directions are done;
 - a reset (or error) on one side resets the other at once (SO_LINGER 0);
-- the client is not read while its backend is being connected (at most one read is held,
-  as uvloop starts reading after connection_made whatever it was told), and a backend that
-  speaks first is relayed as soon as it does.
+- what the client sends while its backend is being connected is held, up to HIGH_WATER,
+  past which the client is not read until the backend is there (a client that sends its
+  request and waits, the common case, is never paused: pausing and resuming it would cost
+  an epoll registration each way); a backend that speaks first is relayed as soon as it
+  does.
+
+What a connection costs is kept to what it needs (bench/results/2026-12-08): the connect
+coroutine is driven by the relay itself, not by a Task (no Task object, no registration in
+asyncio's task set, no extra turn of the loop before it starts); connect timeouts are a
+per-service queue in deadline order under one timer, idle timeouts a per-service wheel of
+`idle_timeout / 8` slots (at most 1 s) swept by one timer, instead of a loop timer per
+connection for each.
 
 The PROXY protocol (`proxy_protocol`, `accept_proxy_protocol`; lb/proxy_header.py) is
 carried by `ProxiedRelay`, made only for the services that use it: a plain relay does not
@@ -22,8 +31,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 from lb import proxy_header
 from lb.exhaustion import DESCRIPTORS
@@ -36,10 +45,13 @@ from lb.virtual_service import Conn
 
 log = logging.getLogger("lb.proxy.tcp")
 
-#: Write buffer limits per side: past HIGH the other side stops being read.
+#: Write buffer limits per side: past HIGH the other side stops being read. HIGH_WATER
+#: also bounds what is held from a client while its backend is being connected.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 _ANY_V4 = bytes(4)
+#: A timer may fire this much before its time (uvloop's timers count whole milliseconds)
+_EARLY = 0.001
 
 
 def _factory(protocol: BackendSide) -> Callable[[], BackendSide]:
@@ -63,10 +75,23 @@ class TcpService(ServiceRuntime):
         self._drained: asyncio.Future[None] | None = None  # made by `drained()` only
         #: the relay classes for a new connection, without and with the PROXY protocol
         self.relay, self.proxied_relay = _relay_classes(service)
+        # Connects under way, in deadline order (one connect_timeout for all: the order
+        # they started), under one timer; `_last_deadline` the latest queued
+        self._connecting: dict[Relay, float] = {}
+        self._connect_timer: asyncio.TimerHandle | None = None
+        self._last_deadline = 0.0
+        # Established relays by idle-check slot (`_idle_period` seconds each), and the timer
+        # that sweeps the slots due while there are some. Made at the first connection.
+        self._idle_slots: dict[int, dict[Relay, None]] | None = None
+        self._idle_period = 1.0
+        self._idle_sweeper: asyncio.TimerHandle | None = None
 
     def update(self, service: Service) -> None:
         self.relay, self.proxied_relay = _relay_classes(service)
+        idle_changed = service.idle_timeout != self.service.idle_timeout
         super().update(service)
+        if idle_changed and self._idle_slots:
+            self._rebuild_idle_slots()
 
     @property
     def open(self) -> int:
@@ -111,10 +136,9 @@ class TcpService(ServiceRuntime):
         if service.accept_proxy_protocol or service.proxy_protocol is not None:
             self._admit_proxied(client, transport)
             return
-        transport.pause_reading()
         relay = self.relay(self, client, transport)
         self.relays[relay] = None
-        relay.task = self.loop.create_task(relay.connect())
+        relay.start_connect()
 
     def _admit_proxied(self, client: ClientSide, transport: asyncio.Transport) -> None:
         relay = self.proxied_relay(self, client, transport)
@@ -122,8 +146,108 @@ class TcpService(ServiceRuntime):
         if self.service.accept_proxy_protocol:  # read the header first, then connect
             relay.await_header(self.service.connect_timeout)
         else:
-            transport.pause_reading()
-            relay.task = self.loop.create_task(relay.connect())
+            relay.start_connect()
+
+    # --- connect timeouts: one queue in deadline order, one timer ------------------------
+
+    def watch_connect(self, relay: Relay) -> None:
+        """Time `relay`'s connect attempt out after the service's connect_timeout."""
+        deadline = self.loop.time() + self.service.connect_timeout
+        queue = self._connecting
+        if queue and deadline < self._last_deadline:
+            # connect_timeout was lowered while older connects run: out of the queue's
+            # order, this one gets a timer of its own
+            relay.connect_timer = self.loop.call_at(deadline, relay.connect_timed_out)
+            return
+        queue[relay] = self._last_deadline = deadline
+        if self._connect_timer is None:
+            self._connect_timer = self.loop.call_at(deadline, self._connects_due)
+
+    def unwatch_connect(self, relay: Relay) -> None:
+        if relay.connect_timer is not None:
+            relay.connect_timer.cancel()
+            relay.connect_timer = None
+        else:  # the timer stays: when it fires it finds the next one due, or none
+            self._connecting.pop(relay, None)
+
+    def _connects_due(self) -> None:
+        self._connect_timer = None
+        queue = self._connecting
+        now = self.loop.time() + _EARLY
+        while queue:
+            relay, deadline = next(iter(queue.items()))
+            if deadline > now:
+                self._connect_timer = self.loop.call_at(deadline, self._connects_due)
+                return
+            del queue[relay]
+            relay.connect_timed_out()
+
+    # --- idle timeouts: a wheel of slots swept by one timer ------------------------------
+
+    def watch_idle(self, relay: Relay) -> None:
+        """Check `relay` for idleness once idle_timeout has passed since its last activity
+        (in the slot after that moment: at most `_idle_period` late)."""
+        slots = self._idle_slots
+        if slots is None:
+            slots = self._idle_slots = {}
+            self._idle_period = _idle_period(self.service.idle_timeout)
+        slot = int((relay.last + self.service.idle_timeout) / self._idle_period) + 1
+        members = slots.get(slot)
+        if members is None:
+            members = slots[slot] = {}
+        members[relay] = None
+        relay.idle_slot = slot
+        if self._idle_sweeper is None:
+            self._arm_idle_sweeper()
+
+    def _arm_idle_sweeper(self) -> None:
+        """At the next slot's start: a relay is found idle at most a slot late."""
+        period = self._idle_period
+        at = (int(self.loop.time() / period) + 1) * period
+        self._idle_sweeper = self.loop.call_at(at, self._sweep_idle)
+
+    def unwatch_idle(self, relay: Relay) -> None:
+        slot, slots = relay.idle_slot, self._idle_slots
+        if slot is None or slots is None:
+            return
+        relay.idle_slot = None
+        members = slots.get(slot)
+        if members is not None:
+            members.pop(relay, None)
+            if not members:
+                del slots[slot]  # the sweeper stays: when it runs it finds nothing to do
+
+    def _sweep_idle(self) -> None:
+        self._idle_sweeper = None
+        slots = self._idle_slots
+        if not slots:
+            return
+        now = self.loop.time()
+        due = int((now + _EARLY) / self._idle_period)
+        timeout = self.service.idle_timeout
+        for slot in [k for k in slots if k <= due]:
+            for relay in slots.pop(slot):
+                relay.idle_slot = None
+                if relay.finished:
+                    continue
+                if now + _EARLY >= relay.last + timeout:
+                    relay.idle_close()
+                else:
+                    self.watch_idle(relay)
+        if slots and self._idle_sweeper is None:
+            self._arm_idle_sweeper()
+
+    def _rebuild_idle_slots(self) -> None:
+        """idle_timeout changed: every established relay goes into the new wheel."""
+        assert self._idle_slots is not None
+        relays = [r for members in self._idle_slots.values() for r in members]
+        self._idle_slots = None
+        if self._idle_sweeper is not None:
+            self._idle_sweeper.cancel()
+            self._idle_sweeper = None
+        for relay in relays:
+            relay.idle_slot = None
+            self.watch_idle(relay)
 
     def forget(self, relay: Relay) -> None:
         if relay in self.relays:
@@ -196,11 +320,13 @@ class ClientSide(_Side):
         relay = self.relay
         assert relay is not None
         backend = relay.backend
-        if backend is None:  # still connecting: hold this one read and stop reading
+        if backend is None:  # still connecting: held, and not read past HIGH_WATER
             if relay.proxied and relay.take_header(data):
                 return
             relay.early.append(data)
-            relay.client_transport.pause_reading()
+            relay.held += len(data)
+            if relay.held > HIGH_WATER:
+                relay.client_transport.pause_reading()
             return
         assert backend.transport is not None
         backend.transport.write(data)
@@ -242,19 +368,23 @@ class Relay:
         "client",
         "client_transport",
         "conn",
+        "connect_timer",
+        "coro",
         "counters",
         "early",
         "established",
         "finished",
-        "idle_handle",
+        "held",
+        "idle_slot",
         "last",
         "loop",
+        "must_cancel",
         "reset_seen",
         "started",
         "svc",
         "svc_counters",
-        "task",
         "timed_out",
+        "waiting",
     )
 
     def __init__(self, svc: TcpService, client: ClientSide, transport: asyncio.Transport) -> None:
@@ -269,13 +399,78 @@ class Relay:
         self.svc_counters = svc.counters
         self.established = False
         self.early: list[bytes] = []  # client data read before the backend was connected
+        self.held = 0  # its bytes
         self.finished = False
         self.reset_seen = False
-        self.idle_handle: asyncio.TimerHandle | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.timed_out = False  # the connect timer cancelled the connecting task
+        self.idle_slot: int | None = None  # in the service's idle wheel (established)
+        #: the connect coroutine while it runs (driven by `_step`, not by a Task), and the
+        #: future it waits for
+        self.coro: Coroutine[Any, Any, None] | None = None
+        self.waiting: asyncio.Future[Any] | None = None
+        self.must_cancel = False  # cancelled once what it waited for was already done
+        #: a connect timer of its own, when out of the service's queue's order
+        self.connect_timer: asyncio.TimerHandle | None = None
+        self.timed_out = False  # the connect timer cancelled the connect
         self.last = self.started = self.loop.time()
         self.bytes_in = self.bytes_out = 0
+
+    # --- the connect coroutine, without a Task -------------------------------------------
+
+    def start_connect(self) -> None:
+        """Run `connect()` now, up to its first wait (a Task would start it a turn of the
+        loop later, and cost an object and a registration in asyncio's set of tasks)."""
+        self.coro = self.connect()
+        self._step()
+
+    def _step(self, _: object = None) -> None:
+        """Resume the connect coroutine (also the done-callback of what it waits for:
+        `await` on a future takes its result or raises its exception itself)."""
+        coro = self.coro
+        if coro is None:
+            return
+        self.waiting = None
+        try:
+            if self.must_cancel:
+                self.must_cancel = False
+                fut = coro.throw(asyncio.CancelledError())
+            else:
+                fut = coro.send(None)
+        except StopIteration:
+            self.coro = None
+            return
+        except asyncio.CancelledError:  # cancelled with nothing left to do
+            self.coro = None
+            return
+        except Exception as e:  # a bug: said, and the connection ends, as a Task would
+            self.coro = None
+            self.loop.call_exception_handler(
+                {"message": "lb: a connect failed unexpectedly", "exception": e}
+            )
+            if not self.client.lost:
+                sockets.reset(self.client_transport)
+            self._finish()
+            return
+        if fut is None:  # a bare yield: again at the next turn of the loop
+            self.loop.call_soon(self._step)
+            return
+        fut._asyncio_future_blocking = False
+        self.waiting = fut
+        fut.add_done_callback(self._step)
+
+    def cancel_connect(self) -> bool:
+        """Cancel the connect where it waits: it sees CancelledError there, as with
+        Task.cancel (also when what it waited for is done but it has not run since).
+        False if no connect is under way."""
+        if self.coro is None:
+            return False
+        fut = self.waiting
+        if fut is None or not fut.cancel():
+            self.must_cancel = True
+        return True
+
+    @property
+    def connecting(self) -> bool:
+        return self.coro is not None
 
     # --- connecting ----------------------------------------------------------------------
 
@@ -303,8 +498,7 @@ class Relay:
             counters.conns += 1
             backend = BackendSide()
             backend.relay = self
-            # a plain timer, not asyncio.timeout(): one object less per connection
-            timer = self.loop.call_later(svc.service.connect_timeout, self._connect_timed_out)
+            svc.watch_connect(self)  # not asyncio.timeout(): no object per connection
             try:
                 if self.transparent:
                     await self._connect_from(client_ip, backend, conn.dest.addr)
@@ -319,17 +513,15 @@ class Relay:
                 _discard(backend)  # the connect may have completed just as it was cancelled
                 timed_out, self.timed_out = self.timed_out, False
                 if timed_out and not self.client.lost:
-                    if self.task is not None:
-                        self.task.uncancel()
                     reason = ErrorReason.TIMEOUT
                 else:  # the client went away while we were connecting
-                    timer.cancel()
+                    svc.unwatch_connect(self)
                     core.release(conn, self.loop.time())
                     self.conn = None
                     self._finish()
                     raise
             else:
-                timer.cancel()
+                svc.unwatch_connect(self)
                 if self.client.lost:  # gone while the connect completed
                     assert backend.transport is not None
                     backend.transport.close()
@@ -339,7 +531,7 @@ class Relay:
                     return
                 self._established(backend, counters)
                 return
-            timer.cancel()
+            svc.unwatch_connect(self)
             if reason is not ErrorReason.EXHAUSTED:  # lb's own shortage is not the backend's
                 svc.failed(conn.dest, counters, reason)
             core.release(conn, self.loop.time())
@@ -376,10 +568,11 @@ class Relay:
         """A ProxiedRelay's: whether `data` went to the PROXY header being read."""
         return False
 
-    def _connect_timed_out(self) -> None:
-        if self.task is not None and not self.task.done():
-            self.timed_out = True
-            self.task.cancel()
+    def connect_timed_out(self) -> None:
+        self.connect_timer = None
+        self.timed_out = True
+        if not self.cancel_connect():
+            self.timed_out = False
 
     def _established(self, backend: BackendSide, counters: Counters) -> None:
         self.backend = backend
@@ -389,12 +582,17 @@ class Relay:
         self.established = True
         self.svc_counters.conns += 1
         self.last = self.loop.time()
-        self._arm_idle()
+        self.svc.watch_idle(self)
         assert backend.transport is not None
-        if self.early:
-            n = sum(map(len, self.early))
-            backend.transport.writelines(self.early)
-            self.early.clear()
+        early = self.early
+        if early:
+            n = self.held
+            if len(early) == 1:
+                backend.transport.write(early[0])
+            else:
+                backend.transport.writelines(early)
+            self.early = []
+            self.held = 0
             self.svc_counters.bytes_in += n
             counters.bytes_in += n
             self.bytes_in += n
@@ -408,7 +606,7 @@ class Relay:
     def on_eof(self, side: _Side) -> bool:
         side.eof = True
         if not self.established:
-            if self.task is None:  # a ProxiedRelay: the client ended before its header
+            if self.coro is None:  # a ProxiedRelay: the client ended before its header
                 self._header_failed()
             return True  # the client finished early: passed on once the backend is there
         peer = side.peer
@@ -436,10 +634,10 @@ class Relay:
             else:
                 peer.transport.close()
         if side is self.client and not self.established:
-            if self.task is None:  # a ProxiedRelay still reading the client's header
+            if self.coro is None:  # a ProxiedRelay still reading the client's header
                 self._header_failed()
-            elif not self.task.done():
-                self.task.cancel()
+            else:
+                self.cancel_connect()
             return
         if self.client.lost and (self.backend is None or self.backend.lost):
             self._finish()
@@ -449,23 +647,12 @@ class Relay:
         for side in (self.client, self.backend):
             if side is not None and side.transport is not None and not side.lost:
                 sockets.reset(side.transport)
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        self.cancel_connect()
 
     # --- idle timeout --------------------------------------------------------------------
 
-    def _arm_idle(self) -> None:
-        self.idle_handle = self.loop.call_at(
-            self.last + self.svc.service.idle_timeout, self._idle_check
-        )
-
-    def _idle_check(self) -> None:
-        self.idle_handle = None
-        if self.finished:
-            return
-        if self.loop.time() < self.last + self.svc.service.idle_timeout:
-            self._arm_idle()
-            return
+    def idle_close(self) -> None:
+        """Idle for idle_timeout (the service's sweep found it so)."""
         # Idle: close both ways. A side that still holds unsent data has a reader that
         # stopped reading; it would never flush, so it is reset instead.
         stuck = any(
@@ -483,9 +670,8 @@ class Relay:
         if self.finished:
             return
         self.finished = True
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
-            self.idle_handle = None
+        if self.idle_slot is not None:
+            self.svc.unwatch_idle(self)
         now = self.loop.time()
         backend = None
         if self.conn is not None:
@@ -599,8 +785,8 @@ class ProxiedRelay(Relay):
         rest = data[parsed.length :]
         if rest:  # the client's first bytes: the backend gets them once connected
             self.early.append(rest)
-        self.client_transport.pause_reading()
-        self.task = self.loop.create_task(self.connect())
+            self.held += len(rest)
+        self.start_connect()
         return True
 
     def _header_failed(self, why: str = "") -> None:
@@ -634,9 +820,10 @@ class ProxiedRelay(Relay):
             header = proxy_header.encode(version, self.source, self.dest)
             assert backend.transport is not None
             if self.early:
-                n = sum(map(len, self.early))
+                n = self.held
                 backend.transport.writelines([header, *self.early])
-                self.early.clear()
+                self.early = []
+                self.held = 0
                 self.svc_counters.bytes_in += n
                 counters.bytes_in += n
                 self.bytes_in += n
@@ -697,6 +884,11 @@ class TransparentProxiedRelay(ProxiedRelay):
             peer = _packed(self.client_transport.get_extra_info("peername"))
             source = peer[0] if peer is not None else _ANY_V4
         await super()._connect_from(source, backend, addr)
+
+
+def _idle_period(timeout: float) -> float:
+    """The idle wheel's slot: an eighth of the timeout, between 50 ms and 1 s."""
+    return max(0.05, min(1.0, timeout / 8))
 
 
 def _relay_classes(service: Service) -> tuple[type[Relay], type[ProxiedRelay]]:

@@ -106,39 +106,44 @@ class UdpService(ServiceRuntime):
     def _on_front(self) -> None:
         sock, flows = self.sock, self.flows
         now = self.loop.time()
-        svc_counters = self.counters
-        for _ in range(BATCH):
-            try:
-                data, client = sock.recvfrom(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            flow = flows.get(client)
-            if flow is None:
-                flow = self._new_flow(client, now)
+        packets = octets = 0  # the service's, added once per wakeup
+        try:
+            for _ in range(BATCH):
+                try:
+                    data, client = sock.recvfrom(MAX_DATAGRAM)
+                except OSError:  # BlockingIOError: nothing left
+                    return
+                flow = flows.get(client)
                 if flow is None:
+                    flow = self._new_flow(client, now)
+                    if flow is None:
+                        continue
+                elif flow.last != now:  # once per wakeup is enough: `now` is the same
+                    flows.move_to_end(client)
+                    flow.last = now
+                try:
+                    flow.sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    self.refused(ErrorReason.LIMIT)  # backend socket buffer full: dropped
                     continue
-            else:
-                flows.move_to_end(client)
-                flow.last = now
-            n = len(data)
-            try:
-                flow.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                self.refused(ErrorReason.LIMIT)  # backend socket buffer full: dropped
-                continue
-            except ConnectionRefusedError:  # ICMP port unreachable from an earlier datagram
-                self.failed(flow.conn.dest, flow.counters, ErrorReason.REFUSED)
-                continue
-            except OSError:
-                self.failed(flow.conn.dest, flow.counters, ErrorReason.CONNECT_FAILED)
-                continue
-            svc_counters.packets_in += 1
-            svc_counters.bytes_in += n
-            flow.counters.packets_in += 1
-            flow.counters.bytes_in += n
-            flow.bytes_in += n
+                except ConnectionRefusedError:  # ICMP port unreachable from an earlier one
+                    self.failed(flow.conn.dest, flow.counters, ErrorReason.REFUSED)
+                    continue
+                except OSError:
+                    self.failed(flow.conn.dest, flow.counters, ErrorReason.CONNECT_FAILED)
+                    continue
+                n = len(data)
+                packets += 1
+                octets += n
+                counters = flow.counters
+                counters.packets_in += 1
+                counters.bytes_in += n
+                flow.bytes_in += n
+        finally:
+            if packets:
+                svc_counters = self.counters
+                svc_counters.packets_in += packets
+                svc_counters.bytes_in += octets
 
     def _new_flow(self, client: Any, now: float) -> Flow | None:
         self.wake(self)
@@ -187,11 +192,11 @@ class UdpService(ServiceRuntime):
         return flow
 
     def _on_backend(self, flow: Flow) -> None:
-        front = self.sock
-        svc_counters = self.counters
+        front, recv, client = self.sock, flow.sock.recv, flow.client
+        packets = octets = 0
         for _ in range(BATCH):
             try:
-                data = flow.sock.recv(MAX_DATAGRAM)
+                data = recv(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionRefusedError:
@@ -200,19 +205,22 @@ class UdpService(ServiceRuntime):
             except OSError:
                 break
             try:
-                front.sendto(data, flow.client)
+                front.sendto(data, client)
             except OSError:
                 self.refused(ErrorReason.LIMIT)
                 continue
-            n = len(data)
-            svc_counters.packets_out += 1
-            svc_counters.bytes_out += n
-            flow.counters.packets_out += 1
-            flow.counters.bytes_out += n
-            flow.bytes_out += n
+            packets += 1
+            octets += len(data)
+        if packets:
+            svc_counters, counters = self.counters, flow.counters
+            svc_counters.packets_out += packets
+            svc_counters.bytes_out += octets
+            counters.packets_out += packets
+            counters.bytes_out += octets
+            flow.bytes_out += octets
         flow.last = self.loop.time()
-        if flow.client in self.flows:
-            self.flows.move_to_end(flow.client)
+        if client in self.flows:
+            self.flows.move_to_end(client)
 
     # --- expiry ------------------------------------------------------------------------
 
