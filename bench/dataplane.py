@@ -22,17 +22,20 @@ from bench.workloads import WORKLOADS, Context, Durations
 #: The peers the ratios are taken against: the physical limit, and the reference proxy
 REFERENCES = ("direct", "haproxy")
 #: Figures that count trouble, not performance: reported, never turned into ratios
-COUNTS = {"errors", "paced_failed"}
-TOOLS = ("wrk", "iperf3", "sockperf", "haproxy", "nginx")
+COUNTS = {"errors", "paced_failed", "syscalls_failed_connections"}
+TOOLS = ("wrk", "iperf3", "sockperf", "haproxy", "nginx", "strace")
 
 #: peer -> workload -> figure -> one value per round (None: that run failed)
 Runs = dict[str, dict[str, dict[str, list[float | None]]]]
 
 
 def not_applicable(peer: str, workload: str) -> str | None:
-    if workload == "udp" and not all_peers()[peer].udp:
+    p = all_peers()[peer]
+    if workload == "udp" and not p.udp:
         return "no UDP proxy"
-    return None
+    if workload == "syscalls" and not p.userspace:
+        return "no process relays the connections"
+    return p.same_as_plain.get(workload)
 
 
 def missing_tools() -> list[str]:
@@ -89,6 +92,10 @@ async def measure(
         "workloads": workloads,
         "results": summarise(values, errors, peers, workloads),
         "ratios": {ref: ratios(values, ref) for ref in REFERENCES if ref in peers},
+        # an address option's cost: its peer against the same proxy without it
+        "options": {
+            p: ratios(values, made[p].plain).get(p, {}) for p in peers if made[p].plain in peers
+        },
     }
 
 

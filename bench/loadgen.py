@@ -8,6 +8,11 @@ offered, completed and failed, and the p50/p99 connect and response times (micro
 from the connect call) of the completed ones. Started inside the client's namespace by
 bench/workloads.py.
 
+`python -m bench.loadgen HOST PORT --count N --concurrency C` makes exactly N such
+connections, C at a time (a new one as soon as one ends, however long that takes: the
+`syscalls` workload counts the balancer's system calls per connection under strace, which
+slows it), and prints the same JSON line.
+
 A bare epoll loop rather than asyncio: it shares a CPU with the backends, and asyncio's
 per-connection cost made it the bottleneck at about 2,000 connections/s.
 """
@@ -44,80 +49,122 @@ class Conn:
     connected: float = 0.0
 
 
-def paced(host: str, port: int, rate: float, seconds: float) -> tuple[Tally, int, float]:
-    """Start connection i at i / rate seconds; returns the tally, how many were offered,
-    and the time it all took (the last ones finish up to TIMEOUT after `seconds`)."""
-    tally = Tally()
-    ep = select.epoll()
-    conns: dict[int, Conn] = {}
-    total = int(rate * seconds)
-    begin = time.perf_counter()
-    i = 0
-    next_sweep = begin + 0.1
+class Engine:
+    """Connections in flight on one epoll: each connects, sends REQUEST, reads to the
+    server's close; a connection past TIMEOUT fails."""
 
-    def finish(fd: int, ok: bool, now: float) -> None:
-        c = conns.pop(fd)
-        ep.unregister(fd)
+    def __init__(self, host: str, port: int) -> None:
+        self.addr = (host, port)
+        self.tally = Tally()
+        self.ep = select.epoll()
+        self.conns: dict[int, Conn] = {}
+        self.next_sweep = time.perf_counter() + 0.1
+
+    def start(self) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        start = time.perf_counter()
+        code = s.connect_ex(self.addr)
+        if code not in (0, errno.EINPROGRESS):
+            s.close()
+            self.tally.failed += 1
+            return
+        self.conns[s.fileno()] = Conn(s, start)
+        self.ep.register(s.fileno(), select.EPOLLOUT)
+
+    def finish(self, fd: int, ok: bool, now: float) -> None:
+        c = self.conns.pop(fd)
+        self.ep.unregister(fd)
         c.sock.close()
         if ok:
-            tally.connect_us.append((c.connected - c.start) * 1e6)
-            tally.response_us.append((now - c.start) * 1e6)
+            self.tally.connect_us.append((c.connected - c.start) * 1e6)
+            self.tally.response_us.append((now - c.start) * 1e6)
         else:
-            tally.failed += 1
+            self.tally.failed += 1
 
-    while i < total or conns:
+    def poll(self, wait: float) -> float:
+        """Handle what is ready within `wait` seconds (at most 10 ms); the time after."""
+        events = self.ep.poll(max(0.0, min(wait, 0.01)))
         now = time.perf_counter()
-        while i < total and begin + i / rate <= now:
-            i += 1
-            if len(conns) >= MAX_IN_FLIGHT:
-                tally.skipped += 1
-                continue
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setblocking(False)
-            start = time.perf_counter()
-            code = s.connect_ex((host, port))
-            if code not in (0, errno.EINPROGRESS):
-                s.close()
-                tally.failed += 1
-                continue
-            conns[s.fileno()] = Conn(s, start)
-            ep.register(s.fileno(), select.EPOLLOUT)
-        wait = (begin + i / rate - now) if i < total else 0.01
-        for fd, ev in ep.poll(max(0.0, min(wait, 0.01))):
+        for fd, ev in events:
             now = time.perf_counter()
-            c = conns[fd]
+            c = self.conns[fd]
             if not c.connected:
                 if ev & (select.EPOLLERR | select.EPOLLHUP) or c.sock.getsockopt(
                     socket.SOL_SOCKET, socket.SO_ERROR
                 ):
-                    finish(fd, False, now)
+                    self.finish(fd, False, now)
                     continue
                 c.connected = now
                 try:
                     c.sock.send(REQUEST)
                 except OSError:
-                    finish(fd, False, now)
+                    self.finish(fd, False, now)
                     continue
-                ep.modify(fd, select.EPOLLIN)
+                self.ep.modify(fd, select.EPOLLIN)
                 continue
             try:
                 data = c.sock.recv(65536)
             except OSError:
-                finish(fd, False, now)
+                self.finish(fd, False, now)
                 continue
             if not data:
-                finish(fd, True, now)
-        if now >= next_sweep:
-            next_sweep = now + 0.1
-            for fd in [fd for fd, c in conns.items() if now - c.start > TIMEOUT]:
-                finish(fd, False, now)
-    ep.close()
-    return tally, total, time.perf_counter() - begin
+                self.finish(fd, True, now)
+        if now >= self.next_sweep:
+            self.next_sweep = now + 0.1
+            for fd in [fd for fd, c in self.conns.items() if now - c.start > TIMEOUT]:
+                self.finish(fd, False, now)
+        return now
+
+    def close(self) -> None:
+        self.ep.close()
+
+
+def paced(host: str, port: int, rate: float, seconds: float) -> tuple[Tally, int, float]:
+    """Start connection i at i / rate seconds; returns the tally, how many were offered,
+    and the time it all took (the last ones finish up to TIMEOUT after `seconds`)."""
+    e = Engine(host, port)
+    total = int(rate * seconds)
+    begin = time.perf_counter()
+    i = 0
+    now = begin
+    while i < total or e.conns:
+        while i < total and begin + i / rate <= now:
+            i += 1
+            if len(e.conns) >= MAX_IN_FLIGHT:
+                e.tally.skipped += 1
+                continue
+            e.start()
+        now = e.poll((begin + i / rate - now) if i < total else 0.01)
+    e.close()
+    return e.tally, total, time.perf_counter() - begin
+
+
+def counted(host: str, port: int, count: int, concurrency: int) -> tuple[Tally, int, float]:
+    """Exactly `count` connections, `concurrency` at a time: the next starts as soon as
+    one ends, however long that takes."""
+    e = Engine(host, port)
+    begin = time.perf_counter()
+    started = 0
+    while started < count or e.conns:
+        while started < count and len(e.conns) < concurrency:
+            started += 1
+            e.start()
+        e.poll(0.01)
+    e.close()
+    return e.tally, count, time.perf_counter() - begin
 
 
 def main(argv: list[str]) -> int:
-    host, port, rate, seconds = argv[0], int(argv[1]), float(argv[2]), float(argv[3])
-    tally, offered, took = paced(host, port, rate, seconds)
+    host, port = argv[0], int(argv[1])
+    if argv[2] == "--count":
+        count = int(argv[3])
+        concurrency = int(argv[5]) if argv[4:5] == ["--concurrency"] else 1
+        tally, offered, took = counted(host, port, count, concurrency)
+        rate = 0.0
+    else:
+        rate, seconds = float(argv[2]), float(argv[3])
+        tally, offered, took = paced(host, port, rate, seconds)
     print(
         json.dumps(
             {

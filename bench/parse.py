@@ -143,3 +143,51 @@ def proc_status_rss_kb(text: str) -> int:
     """VmRSS from /proc/<pid>/status, kB (0 for a kernel thread or a zombie: no line)."""
     m = re.search(r"^VmRSS:\s+(\d+) kB", text, re.M)
     return int(m.group(1)) if m else 0
+
+
+@dataclass(frozen=True)
+class Strace:
+    calls: dict[str, int]  # system call -> calls
+    errors: dict[str, int]  # system call -> calls that failed (EAGAIN, say)
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+def strace_summary(text: str) -> Strace:
+    """The table `strace -c` writes when it detaches (`% time seconds usecs/call calls
+    errors syscall`; errors blank when none), without its total line."""
+    calls: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    seen_header = False
+    for line in text.splitlines():
+        fields = line.split()
+        if fields[:1] == ["%"] and fields[-1:] == ["syscall"]:
+            seen_header = True
+            continue
+        if not seen_header or not fields or fields[0].startswith("-") or fields[-1] == "total":
+            continue
+        if len(fields) not in (5, 6) or not fields[3].isdigit():
+            raise ToolOutputError(f"not a line of strace -c's table: {line!r}")
+        calls[fields[-1]] = int(fields[3])
+        if len(fields) == 6:
+            errors[fields[-1]] = int(fields[4])
+    if not seen_header:
+        raise ToolOutputError(f"no strace -c table: {text[-300:]!r}")
+    return Strace(calls, errors)
+
+
+def snmp_udp(text: str) -> dict[str, int]:
+    """The `Udp:` counters of /proc/net/snmp (a namespace's own): InDatagrams,
+    RcvbufErrors (dropped: a socket's receive buffer was full), SndbufErrors..."""
+    rows = [line.split()[1:] for line in text.splitlines() if line.startswith("Udp: ")]
+    if len(rows) != 2 or len(rows[0]) != len(rows[1]):
+        raise ToolOutputError("no Udp: counters in /proc/net/snmp")
+    return dict(zip(rows[0], (int(x) for x in rows[1]), strict=True))
+
+
+def softnet_dropped(text: str) -> int:
+    """Packets the kernel dropped because a CPU's input backlog was full
+    (/proc/net/softnet_stat's second column, summed over the CPUs)."""
+    return sum(int(line.split()[1], 16) for line in text.splitlines() if line.strip())

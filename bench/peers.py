@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.parse import proc_pid_stat, proc_status_rss_kb
-from bench.topology import BALANCER_NS, CLIENT_NS, VIP, Topology, sh
+from bench.topology import BALANCER_NS, CLIENT_IP, CLIENT_NS, VIP, Topology, sh
 from offload.netns import inside
 
 
@@ -41,6 +41,9 @@ class Svc:
 
 
 HTTP = Svc("http", 80, 8080, udp=False, sticky=False)
+#: The backends' nginx also listens here with `proxy_protocol`: the http service's port
+#: for the peers that send a PROXY protocol header (iperf3 and sockperf cannot read one)
+HTTP_PROXY_PORT = 8081
 IPERF = Svc("iperf", 5201, 5301, udp=True, sticky=True)
 SOCKPERF = Svc("sockperf", 11111, 11211, udp=True, sticky=False)
 SERVICES = (HTTP, IPERF, SOCKPERF)
@@ -153,7 +156,10 @@ async def reachable(host: str, port: int, within: float = 30.0) -> None:
 
 
 def nginx_backend_conf(work: Path, ip: str, port: int) -> str:
-    """A tiny static answer with keep-alive, one worker, nothing logged."""
+    """A tiny static answer with keep-alive, one worker, nothing logged; at /addr, the
+    client's address as the backend sees it (the connection's peer on `port`; on
+    HTTP_PROXY_PORT, the one its PROXY protocol header gives), so that a peer's address
+    option can be checked."""
     tmp = work / "tmp"
     return f"""worker_processes 1;
 daemon off;
@@ -170,6 +176,12 @@ http {{
   server {{
     listen {ip}:{port} backlog=8192;
     location / {{ default_type text/plain; return 200 "ok\\n"; }}
+    location = /addr {{ default_type text/plain; return 200 "$remote_addr\\n"; }}
+  }}
+  server {{
+    listen {ip}:{HTTP_PROXY_PORT} proxy_protocol backlog=8192;
+    location / {{ default_type text/plain; return 200 "ok\\n"; }}
+    location = /addr {{ default_type text/plain; return 200 "$proxy_protocol_addr\\n"; }}
   }}
 }}
 """
@@ -191,9 +203,28 @@ async def start_backends(topo: Topology, work: Path) -> list[Proc]:
             log = d / f"{what}.log"
             procs.append(await Proc.start(f"backend {i} {what}", topo.on_backend(i, *cmd), log))
     for ip in topo.backend_ips:
-        for svc in SERVICES:
-            await reachable(ip, svc.backend_port)
+        for port in (*(svc.backend_port for svc in SERVICES), HTTP_PROXY_PORT):
+            await reachable(ip, port)
     return procs
+
+
+async def seen_by_backend(host: str, port: int) -> str:
+    """The client's address as the http backend saw it (its answer), asked from the
+    client's namespace."""
+    loop = asyncio.get_running_loop()
+    with inside(CLIENT_NS):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        async with asyncio.timeout(5):
+            await loop.sock_connect(s, (host, port))
+            await loop.sock_sendall(s, b"GET /addr HTTP/1.0\r\nHost: bench\r\n\r\n")
+            answer = b""
+            while chunk := await loop.sock_recv(s, 4096):
+                answer += chunk
+    finally:
+        s.close()
+    return answer.partition(b"\r\n\r\n")[2].decode(errors="replace").strip()
 
 
 # --- peers ----------------------------------------------------------------------------------
@@ -206,9 +237,15 @@ class Peer:
     udp = True  # carries UDP services
     userspace = False  # a process relays the bytes, else the kernel (results.json "kinds")
     local_vip = False  # the VIP must be a local address of the balancer (proxies bind it)
+    #: an address option's peer: the same proxy without it (its cost is taken against it)
+    plain = ""
+    #: what the http backend must see as the client's address (checked once started)
+    backend_sees = ""
 
     def __init__(self) -> None:
         self.procs: list[Proc] = []
+        #: workloads the peer does not change from its plain one, and why (not measured)
+        self.same_as_plain: dict[str, str] = {}
 
     def target(self, svc: Svc, topo: Topology) -> tuple[str, int]:
         return VIP, svc.port
@@ -234,6 +271,15 @@ class Peer:
                 await reachable(host, port)
             except RuntimeError as e:
                 raise RuntimeError(f"{self.name}: {e}; {self.failed() or ''}") from None
+        if self.backend_sees:  # the address option is in effect, or nothing is measured
+            try:
+                seen = await seen_by_backend(*self.target(HTTP, topo))
+            except (OSError, TimeoutError) as e:
+                raise RuntimeError(f"{self.name}: http: {e}") from None
+            if seen != self.backend_sees:
+                raise RuntimeError(
+                    f"{self.name}: the backend saw the client as {seen!r}, not {self.backend_sees}"
+                )
 
 
 class Direct(Peer):
@@ -280,21 +326,38 @@ class NftDnat(Peer):
         )  # fmt: skip
 
 
-def haproxy_conf(topo: Topology) -> str:
+def haproxy_conf(topo: Topology, *, transparent: bool = False, send_proxy: bool = False) -> str:
+    """`transparent`: every backend connected from the client's address (`source 0.0.0.0
+    usesrc clientip`); `send_proxy`: the http service sends a PROXY protocol v2 header
+    (`send-proxy-v2`) to the backends' HTTP_PROXY_PORT."""
     parts = [
         "global\n  nbthread 1\n  maxconn 9000\n",  # 2 fds each, within the fd limit
         "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n",
     ]
     for svc in SERVICES:
+        port, extra = svc.backend_port, ""
+        if send_proxy and svc is HTTP:
+            port, extra = HTTP_PROXY_PORT, " send-proxy-v2"
         servers = "".join(
-            f"  server b{i} {ip}:{svc.backend_port}\n" for i, ip in enumerate(topo.backend_ips)
+            f"  server b{i} {ip}:{port}{extra}\n" for i, ip in enumerate(topo.backend_ips)
         )
         balance = "source" if svc.sticky else "roundrobin"
+        source = "  source 0.0.0.0 usesrc clientip\n" if transparent else ""
         parts.append(
             f"frontend {svc.name}\n  bind {VIP}:{svc.port}\n  default_backend {svc.name}\n"
-            f"backend {svc.name}\n  balance {balance}\n{servers}"
+            f"backend {svc.name}\n  balance {balance}\n{source}{servers}"
         )
     return "\n".join(parts)
+
+
+#: The address options' peers measure the http service's connections and requests (and the
+#: system calls per connection): the PROXY header goes to the http service only (iperf3
+#: and sockperf cannot read one), and neither option concerns UDP
+_PROXY_V2_SAME = {
+    "bulk": "the PROXY header is sent on the http service only",
+    "udp": "the PROXY header is sent on the http service only",
+}
+_TRANSPARENT_SAME = {"udp": "source: transparent is for TCP only"}
 
 
 class Haproxy(Peer):
@@ -303,12 +366,53 @@ class Haproxy(Peer):
     userspace = True
     local_vip = True
 
+    def __init__(self, option: str = "") -> None:
+        super().__init__()
+        self.option = option
+        if option:
+            self.name = f"haproxy {option}"
+            self.plain = "haproxy"
+            self.backend_sees = CLIENT_IP
+            self.same_as_plain = _PROXY_V2_SAME if option == "send-proxy-v2" else {}
+
     async def start(self, topo: Topology, work: Path) -> None:
+        transparent = self.option == "usesrc clientip"
+        if transparent:  # lb's policy routing, as lb run would make it (stop removes it)
+            await transparent_routing(True)
         conf = work / "haproxy.cfg"
-        conf.write_text(haproxy_conf(topo))
+        conf.write_text(
+            haproxy_conf(topo, transparent=transparent, send_proxy=self.option == "send-proxy-v2")
+        )
         cmd = topo.on_balancer("haproxy", "-db", "-f", str(conf))
-        self.procs = [await Proc.start("haproxy", cmd, work / "haproxy.log")]
+        self.procs = [await Proc.start(self.name, cmd, work / "haproxy.log")]
         await self._ready(topo)
+
+    async def stop(self, topo: Topology) -> None:
+        await super().stop(topo)
+        if self.option == "usesrc clientip":
+            await transparent_routing(False)
+
+
+async def transparent_routing(on: bool) -> None:
+    """In the balancer's namespace, the policy routing that delivers a backend's replies
+    to a socket bound to the client's address (HAProxy's `usesrc clientip` needs it; lb
+    makes the same itself for `source: transparent`: lb/proxy/transparent.py)."""
+    from lb.proxy import transparent as t
+
+    ns = ("ip", "netns", "exec", BALANCER_NS)
+    rule_del, flush = t.ip_remove(4)
+    for _ in range(t.MAX_RULE_DELETIONS):  # until there is none: a leftover is not doubled
+        try:
+            await sh(*ns, *rule_del)
+        except RuntimeError:
+            break
+    await sh(*ns, *flush, check=False)
+    if on:
+        await sh(*ns, "nft", "-f", "-", stdin=t.nft_install())
+        for cmd in t.ip_install(4):
+            await sh(*ns, *cmd)
+    else:
+        await sh(*ns, "nft", "-f", "-", stdin=t.nft_remove(), check=False)
 
 
 def nginx_stream_conf(topo: Topology, work: Path) -> str:
@@ -346,22 +450,30 @@ class NginxStream(Peer):
 START_TIMEOUT = 180.0
 
 
-def lb_yaml(topo: Topology, offload: str = "") -> str:
+def lb_yaml(topo: Topology, offload: str = "", option: str = "") -> str:
     """One lb configuration for both of lb's dataplanes: `retries: 0` so that the kernel
     can carry the TCP services (docs/dataplanes/ipvs.md), no health checks (always UP);
-    `offload`: the `offload:` settings, if not the defaults."""
+    `offload`: the `offload:` settings, if not the defaults; `option`: an address option,
+    `transparent` (`source: transparent` on every TCP service) or `proxy v2`
+    (`proxy_protocol: v2` on the http service, to the backends' HTTP_PROXY_PORT)."""
     out = [f"dataplane: userspace\nshutdown_grace: 1s\nadmin: {{listen: {ADMIN}}}\n"]
     if offload:
         out.append(f"offload: {{{offload}}}\n")
     out.append("services:\n")
     for svc in SERVICES:
-        backends = "".join(f"      - address: {ip}:{svc.backend_port}\n" for ip in topo.backend_ips)
         sched = "sh" if svc.sticky else "rr"
         for proto in ("tcp", "udp") if svc.udp else ("tcp",):
-            retries = "    retries: 0\n" if proto == "tcp" else ""
+            port, extra = svc.backend_port, ""
+            if proto == "tcp":
+                extra = "    retries: 0\n"
+                if option == "transparent":
+                    extra += "    source: transparent\n"
+                elif option == "proxy v2" and svc is HTTP:
+                    port, extra = HTTP_PROXY_PORT, extra + "    proxy_protocol: v2\n"
+            backends = "".join(f"      - address: {ip}:{port}\n" for ip in topo.backend_ips)
             out.append(
                 f"  - name: {svc.name}-{proto}\n    protocol: {proto}\n"
-                f"    listen: {VIP}:{svc.port}\n    scheduler: {sched}\n{retries}"
+                f"    listen: {VIP}:{svc.port}\n    scheduler: {sched}\n{extra}"
                 f"    backends:\n{backends}"
             )
     return "".join(out)
@@ -375,17 +487,24 @@ def lb_services_carried(listing: str) -> dict[str, str]:
 
 
 class Lb(Peer):
-    def __init__(self, dataplane: str, variant: str = "", offload: str = "") -> None:
+    def __init__(
+        self, dataplane: str, variant: str = "", offload: str = "", option: str = ""
+    ) -> None:
         super().__init__()
         self.dataplane = dataplane
         self.offload = offload
+        self.option = option
         self.name = f"lb {dataplane}{' ' + variant if variant else ''}"
         self.userspace = dataplane == "userspace"
         self.local_vip = dataplane == "userspace"  # the kernel ones put the VIP on lb0
+        if option:
+            self.plain = f"lb {dataplane}"
+            self.backend_sees = CLIENT_IP
+            self.same_as_plain = _PROXY_V2_SAME if option == "proxy v2" else _TRANSPARENT_SAME
 
     async def start(self, topo: Topology, work: Path) -> None:
         conf = work / "lb.yaml"
-        conf.write_text(lb_yaml(topo, self.offload))
+        conf.write_text(lb_yaml(topo, self.offload, self.option))
         lb = str(Path(sys.executable).with_name("lb"))
         await sh(lb, "check", "-q", "-c", str(conf))
         cmd = topo.on_balancer(
@@ -421,6 +540,10 @@ def all_peers() -> dict[str, Peer]:
         Haproxy(),
         NginxStream(),
         Lb("userspace"),
+        Lb("userspace", "transparent", option="transparent"),
+        Lb("userspace", "proxy v2", option="proxy v2"),
+        Haproxy("usesrc clientip"),
+        Haproxy("send-proxy-v2"),
         Lb("nftables"),  # with the flowtable on a kernel that has flowtables (the VM's)
         Lb("nftables", "no flowtable", "flow_threshold: 0"),
         Lb("ipvs"),
@@ -433,7 +556,17 @@ ALL_PEERS = tuple(all_peers())
 #: The host's peers, the default: `lb ipvs` needs a kernel with IPVS, which the data plane
 #: in the kernel VM has (bench/vm.py); this machine's kernel has no flowtables, so lb
 #: nftables runs without one here whatever its flow_threshold: one of them is enough
-PEERS = tuple(p for p in ALL_PEERS if p not in ("lb ipvs", "lb nftables no flowtable"))
+#: The address options' peers (lb's and HAProxy's, each beside its plain one): asked for
+#: by name with --peers, not run by default
+OPTION_PEERS = (
+    "lb userspace transparent",
+    "lb userspace proxy v2",
+    "haproxy usesrc clientip",
+    "haproxy send-proxy-v2",
+)
+PEERS = tuple(
+    p for p in ALL_PEERS if p not in ("lb ipvs", "lb nftables no flowtable", *OPTION_PEERS)
+)
 #: The peers of the data plane in the kernel VM: the references, and lb on IPVS beside lb
 #: in userspace, and lb nftables with its flowtable (the guest's kernel has flowtables)
 #: and without (an emulated CPU makes each round long, so only these)

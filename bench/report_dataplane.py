@@ -29,6 +29,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str]]]] = {
             ("requests_per_s", "requests/s"),
             ("latency_p50_us", "wrk p50 us"),
             ("latency_p99_us", "wrk p99 us"),
+            ("balancer_cpu_percent", "balancer CPU %"),
+            ("requests_per_cpu_s", "requests per balancer CPU-s"),
             ("rtt_p50_us", "sockperf RTT p50 us"),
             ("rtt_p99_us", "sockperf RTT p99 us"),
         ],
@@ -51,22 +53,43 @@ TABLES: dict[str, tuple[str, list[tuple[str, str]]]] = {
         [
             ("datagrams_per_s", "datagrams/s delivered"),
             ("loss_percent", "loss %"),
+            ("dropped_balancer_percent", "dropped at the balancer's sockets %"),
+            ("dropped_backends_percent", "at the backends' sockets %"),
+            ("dropped_backlog_percent", "in a CPU's input backlog %"),
+            ("dropped_client_send_percent", "client sends refused %"),
             ("rtt_p50_us", "sockperf RTT p50 us"),
             ("rtt_p99_us", "sockperf RTT p99 us"),
         ],
     ),
+    "syscalls": (
+        "System calls per connection: `strace -c -f` on the balancer's processes while "
+        "a fixed number of connections, one request each, 16 at a time, go through it "
+        "(not timed)",
+        [
+            ("syscalls_per_connection", "system calls per connection"),
+            ("syscall_errors_per_connection", "of which failed (EAGAIN...)"),
+        ],
+    ),
 }
+#: Per-call figures of the syscalls workload are named sys_<call>, and the calls of those
+#: that failed syserr_<call>
+SYSCALL_PREFIX = "sys_"
+SYSCALL_ERRORS = "syserr_"
 #: The figures compared with the references, and plotted
 HEADLINES: list[tuple[str, str, str]] = [
     ("connections", "connections_per_s", "new connections/s"),
     ("connections", "response_p50_us", "response p50 at half load (us)"),
     ("requests", "requests_per_s", "keep-alive requests/s"),
+    ("requests", "requests_per_cpu_s", "keep-alive requests per balancer CPU-s"),
     ("requests", "rtt_p50_us", "TCP ping-pong RTT p50 (us)"),
+    ("requests", "rtt_p99_us", "TCP ping-pong RTT p99 (us)"),
     ("bulk", "gbit_s_1", "TCP 1 stream (Gbit/s)"),
     ("bulk", "gbit_s_4", "TCP 4 streams (Gbit/s)"),
     ("bulk", "cpu_s_per_gb_4", "balancer CPU s/GB (4 streams)"),
     ("udp", "datagrams_per_s", "UDP datagrams/s"),
+    ("udp", "loss_percent", "UDP loss % at saturation"),
     ("udp", "rtt_p50_us", "UDP ping-pong RTT p50 (us)"),
+    ("syscalls", "syscalls_per_connection", "system calls per connection"),
 ]
 
 
@@ -119,9 +142,11 @@ def dataplane_markdown(
             lines.append(f"| {p} | " + " | ".join(cell(figures.get(k)) for k, _ in columns) + " |")
             for e in (" / ".join(x.strip() for x in e.splitlines()) for e in r["errors"]):
                 troubles.append(f"- {p}: {e}" if ": start: " in e else f"- {p}, {w}: {e}")
-            for k in ("errors", "paced_failed"):
+            for k in ("errors", "paced_failed", "syscalls_failed_connections"):
                 if k in figures and figures[k]["high"] > 0:
                     troubles.append(f"- {p}, {w}: {k} up to {num(figures[k]['high'])} in a run")
+        if w == "syscalls":
+            lines += syscalls_by_call(dp)
     for ref, per in dp["ratios"].items():
         heads = [(w, k, t) for w, k, t in HEADLINES if w in dp["workloads"]]
         lines += [
@@ -143,8 +168,69 @@ def dataplane_markdown(
                 for w, k, _ in heads
             ]  # fmt: skip
             lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    if dp.get("options"):
+        lines += options_markdown(dp)
     if troubles:
         lines += ["", "### Errors seen", "", *dict.fromkeys(troubles)]
+    return lines
+
+
+def syscalls_by_call(dp: dict[str, Any]) -> list[str]:
+    """The system calls per connection, call by call (median of the runs), the calls
+    that the peers make most first."""
+    peers = [p for p in dp["peers"] if "figures" in dp["results"][p].get("syscalls", {})]
+    per = {p: dp["results"][p]["syscalls"]["figures"] for p in peers}
+    calls = {k for figures in per.values() for k in figures if k.startswith(SYSCALL_PREFIX)}
+    if not calls:
+        return []
+
+    def most(k: str) -> float:
+        return max(float(per[p][k]["median"]) for p in peers if k in per[p])
+
+    def calls_of(p: str, k: str) -> str:
+        if k not in per[p]:
+            return ""
+        failed = per[p].get(SYSCALL_ERRORS + k[len(SYSCALL_PREFIX) :])
+        errors = f" ({failed['median']:.2f} failed)" if failed and failed["median"] >= 0.01 else ""
+        return f"{per[p][k]['median']:.2f}{errors}"
+
+    lines = [
+        "",
+        "Per system call (median per connection; blank: none; failed: returned an error, "
+        "EINPROGRESS, EAGAIN...):",
+        "",
+        "| system call | " + " | ".join(peers) + " |",
+        "|---|" + "---:|" * len(peers),
+    ]
+    for k in sorted(calls, key=lambda k: (-most(k), k)):
+        if most(k) < 0.01:
+            continue
+        row = [calls_of(p, k) for p in peers]
+        lines.append(f"| {k[len(SYSCALL_PREFIX) :]} | " + " | ".join(row) + " |")
+    return lines
+
+
+def options_markdown(dp: dict[str, Any]) -> list[str]:
+    """An address option's cost: each option's peer against the same proxy without it,
+    per round."""
+    heads = [(w, k, t) for w, k, t in HEADLINES if w in dp["workloads"]]
+    lines = [
+        "",
+        "### Address options: relative to the same proxy without them",
+        "",
+        "Each option's figure divided by its plain proxy's of the same round (`lb "
+        "userspace` for lb's, `haproxy` for HAProxy's): median (smallest-largest). Above 1 "
+        "is more (faster for rates, slower for times).",
+        "",
+        "| peer | " + " | ".join(t for _, _, t in heads) + " |",
+        "|---|" + "---:|" * len(heads),
+    ]
+    for p, per in dp["options"].items():
+        cells = [
+            "n/a" if "n/a" in dp["results"][p][w] else cell(per.get(w, {}).get(k))
+            for w, k, _ in heads
+        ]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return lines
 
 

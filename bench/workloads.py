@@ -14,22 +14,31 @@ returns its figures for that run.
   processes' utime + stime (/proc/<pid>/stat, children included) plus the CPU's
   softirq time, whichever is smaller;
 - `udp`: iperf3 -u unpaced with 64-byte datagrams: datagrams/s delivered and loss; and
-  `sockperf ping-pong` over UDP: round trips.
+  `sockperf ping-pong` over UDP: round trips;
+- `syscalls`: not timed: `strace -c -f` attached to the peer's processes (every thread
+  and child) while a fixed number of connections, one request each, go through it
+  (bench/loadgen.py --count, a few at a time); its system calls divided by that number,
+  in all and per call. Only for the peers whose process relays (strace slows it: this is
+  its own step, after the timed ones of the round).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from bench import parse
-from bench.peers import HTTP, IPERF, SOCKPERF, Peer, tree_cpu_ticks, tree_rss_kb
-from bench.topology import Topology
+from bench import loadgen, parse
+from bench.peers import HTTP, IPERF, SOCKPERF, Peer, process_tree, tree_cpu_ticks, tree_rss_kb
+from bench.topology import BALANCER_NS, CLIENT_NS, Topology, sh
 
 TICK = 100.0  # USER_HZ: /proc's clock ticks per second
 
@@ -42,10 +51,12 @@ class Durations:
     paced: float
     sockperf: float
     iperf: float
+    #: not a duration: the connections the `syscalls` workload counts over
+    counted: int = 2000
 
     @classmethod
     def for_mode(cls, quick: bool) -> Durations:
-        return cls(1, 1, 1, 1) if quick else cls(5, 4, 3, 3)
+        return cls(1, 1, 1, 1, 200) if quick else cls(5, 4, 3, 3, 2000)
 
 
 async def run_tool(cmd: list[str], seconds: float) -> str:
@@ -170,13 +181,21 @@ def sockperf_cmd(ctx: Context, udp: bool) -> list[str]:
 
 
 async def requests(ctx: Context) -> Figures:
+    before = ctx.cpu()
+    began = time.monotonic()
     w = parse.wrk(await run_tool(wrk_cmd(ctx, close=False), ctx.d.wrk))
+    cpu = ctx.cpu() - before
+    took = time.monotonic() - began
     s = parse.sockperf(await run_tool(sockperf_cmd(ctx, udp=False), ctx.d.sockperf))
     return {
         "requests_per_s": w.requests_per_s,
         "errors": float(w.socket_errors + w.non_2xx),
         "latency_p50_us": w.latency_us[50],
         "latency_p99_us": w.latency_us[99],
+        # the client, not the balancer, may be the limit of the rate: what a request costs
+        # the balancer's CPU is the figure to compare (requests per CPU-second)
+        "balancer_cpu_percent": 100 * cpu.total / TICK / took,
+        "requests_per_cpu_s": w.requests / max(cpu.total / TICK, 1 / TICK),
         "rtt_p50_us": s.percentiles_us[50.0],
         "rtt_p99_us": s.percentiles_us[99.0],
     }
@@ -201,15 +220,110 @@ async def bulk(ctx: Context) -> Figures:
     return out
 
 
+async def drops(topo: Topology) -> dict[str, int]:
+    """Where datagrams are dropped, so far: the balancer's UDP sockets (a receive buffer
+    full: a proxy that does not keep up), the backends' (the servers), the client's sends
+    refused (its send buffer full), and every CPU's input backlog (softnet)."""
+
+    async def udp_of(ns: str) -> dict[str, int]:
+        return parse.snmp_udp(await sh("ip", "netns", "exec", ns, "cat", "/proc/net/snmp"))
+
+    balancer = await udp_of(BALANCER_NS)
+    backends = [await udp_of(ns) for ns in topo.backend_ns]
+    client = await udp_of(CLIENT_NS)
+    backlog = parse.softnet_dropped(await sh("cat", "/proc/net/softnet_stat"))
+    return {
+        "balancer": balancer["RcvbufErrors"],
+        "backends": sum(b["RcvbufErrors"] for b in backends),
+        "client_send": client["SndbufErrors"],
+        "backlog": backlog,
+    }
+
+
 async def udp(ctx: Context) -> Figures:
+    before = await drops(ctx.topo)
     r = parse.iperf3(await run_tool(iperf_cmd(ctx, "-u", "-b", "0", "-l", "64"), ctx.d.iperf))
+    after = await drops(ctx.topo)
     s = parse.sockperf(await run_tool(sockperf_cmd(ctx, udp=True), ctx.d.sockperf))
+    sent = max(r.packets, 1)
     return {
         "datagrams_per_s": r.datagrams_per_s,
         "loss_percent": r.lost_percent,
+        # what the loss is made of, in % of the datagrams sent (iperf3's count)
+        **{f"dropped_{k}_percent": 100 * (after[k] - before[k]) / sent for k in after},
         "rtt_p50_us": s.percentiles_us[50.0],
         "rtt_p99_us": s.percentiles_us[99.0],
     }
+
+
+#: Connections in flight while the system calls are counted
+COUNTED_CONCURRENCY = 16
+
+
+async def syscalls(ctx: Context) -> Figures:
+    pids = sorted({p for pid in ctx.peer.pids() for p in process_tree(pid)})
+    if not pids:
+        raise RuntimeError("no process to trace")
+    host, port = ctx.peer.target(HTTP, ctx.topo)
+    n = ctx.d.counted
+    with tempfile.TemporaryDirectory(prefix="lbbench-strace-") as tmp:
+        table = Path(tmp) / "strace.txt"
+        args = [a for pid in pids for a in ("-p", str(pid))]
+        strace = await asyncio.create_subprocess_exec(
+            "strace", "-c", "-f", "-o", str(table), *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        drain: asyncio.Task[None] | None = None
+        try:
+            drain = await _attached(strace, len(pids))
+            gen = [sys.executable, "-m", "bench.loadgen", host, str(port), "--count", str(n)]
+            gen += ["--concurrency", str(COUNTED_CONCURRENCY)]
+            # bounded by the count: each connection fails after loadgen.TIMEOUT at worst
+            bound = n / COUNTED_CONCURRENCY * loadgen.TIMEOUT
+            p = json.loads(await run_tool(ctx.client(*gen), bound))
+            await asyncio.sleep(0.5)  # the last connections' closes, on the balancer's side
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                strace.send_signal(signal.SIGINT)  # detach: it writes its table
+            try:
+                await asyncio.wait_for(strace.wait(), 10)
+            except TimeoutError:
+                strace.kill()
+                await strace.wait()
+            if drain is not None:
+                await drain
+        counts = parse.strace_summary(table.read_text())
+    out: Figures = {
+        "syscalls_per_connection": counts.total / n,
+        "syscall_errors_per_connection": sum(counts.errors.values()) / n,
+        "syscalls_failed_connections": float(p["failed"]),
+    }
+    for name, calls in counts.calls.items():
+        out[f"sys_{name}"] = calls / n
+    for name, errors in counts.errors.items():  # EINPROGRESS, EAGAIN, EEXIST...
+        out[f"syserr_{name}"] = errors / n
+    return out
+
+
+async def _attached(strace: asyncio.subprocess.Process, processes: int) -> asyncio.Task[None]:
+    """Wait until strace says it is attached to every process (with their threads); the
+    task that reads the rest of its messages (which must not fill the pipe)."""
+    assert strace.stderr is not None
+    seen = 0
+    async with asyncio.timeout(10):
+        while seen < processes:
+            line = await strace.stderr.readline()
+            if not line:
+                raise RuntimeError(f"strace exited ({await strace.wait()}) before attaching")
+            seen += b"attached" in line
+    return asyncio.get_running_loop().create_task(_drain(strace.stderr))
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(4096):
+        pass
 
 
 WORKLOADS: dict[str, Callable[[Context], Awaitable[Figures]]] = {
@@ -217,4 +331,5 @@ WORKLOADS: dict[str, Callable[[Context], Awaitable[Figures]]] = {
     "requests": requests,
     "bulk": bulk,
     "udp": udp,
+    "syscalls": syscalls,
 }

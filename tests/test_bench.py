@@ -17,7 +17,17 @@ import pytest
 from bench import parse, vm
 from bench.__main__ import names
 from bench.dataplane import ratios
-from bench.peers import PEERS, Svc, haproxy_conf, lb_services_carried, lb_yaml, nft_dnat_script
+from bench.peers import (
+    HTTP_PROXY_PORT,
+    OPTION_PEERS,
+    PEERS,
+    Svc,
+    haproxy_conf,
+    lb_services_carried,
+    lb_yaml,
+    nft_dnat_script,
+    nginx_backend_conf,
+)
 from bench.report import write_report
 from bench.stats import percentile
 from bench.topology import LOCK, Topology
@@ -34,13 +44,31 @@ FIGURES = {
     },
     "requests": {
         "requests_per_s", "errors", "latency_p50_us", "latency_p99_us", "rtt_p50_us",
-        "rtt_p99_us",
+        "rtt_p99_us", "balancer_cpu_percent", "requests_per_cpu_s",
     },
     "bulk": {
         f"{what}_{n}" for what in ("gbit_s", "cpu_s_per_gb", "process_s_per_gb", "softirq_s_per_gb") for n in (1, 4)
     },
-    "udp": {"datagrams_per_s", "loss_percent", "rtt_p50_us", "rtt_p99_us"},
+    "udp": {
+        "datagrams_per_s", "loss_percent", "rtt_p50_us", "rtt_p99_us",
+        *(f"dropped_{at}_percent" for at in ("balancer", "backends", "client_send", "backlog")),
+    },
+    # and one sys_<call> per system call made (syserr_<call>: those that failed)
+    "syscalls": {
+        "syscalls_per_connection", "syscall_errors_per_connection", "syscalls_failed_connections",
+    },
 }  # fmt: skip
+#: The peers whose connections no process relays: no system calls to count
+KERNEL_PEERS = {"direct", "nftables DNAT", "lb nftables"}
+
+
+def figures_of(workload: str, got: dict[str, object]) -> set[str]:
+    """The figures a workload reported, its per-call ones (syscalls) left out once checked."""
+    if workload != "syscalls":
+        return set(got)
+    calls = {k for k in got if k.startswith(("sys_", "syserr_"))}
+    assert {"sys_accept4", "sys_connect", "sys_close"} <= calls, got
+    return set(got) - calls
 
 
 def no_bench_namespace_left() -> bool:
@@ -122,21 +150,30 @@ def test_quick_bench_writes_results_table_and_plot(tmp_path: Path) -> None:
             if peer == "haproxy" and workload == "udp":
                 assert r == {"n/a": "no UDP proxy"}
                 continue
+            if peer in KERNEL_PEERS and workload == "syscalls":
+                assert r == {"n/a": "no process relays the connections"}
+                continue
             assert r["errors"] == [], (peer, workload)
-            assert set(r["figures"]) == figures, (peer, workload)
+            assert figures_of(workload, r["figures"]) == figures, (peer, workload)
             assert all(
                 s["runs"] == 2 and 0 <= s["low"] <= s["median"] <= s["high"]
                 for s in r["figures"].values()
             ), (peer, workload, r["figures"])
-            if peer != "direct":
+            if peer != "direct" and workload != "syscalls":
                 assert dp["ratios"]["direct"][peer][workload], (peer, workload)
+        if peer not in KERNEL_PEERS:  # a proxy makes at least accept, connect, close...
+            assert (
+                dp["results"][peer]["syscalls"]["figures"]["syscalls_per_connection"]["median"] >= 5
+            )
     assert set(dp["ratios"]) == {"direct", "haproxy"}
     for peer in PEERS:
         assert f"| {peer} |" in table
     for heading in ("## Data plane", "### New connections", "### Keep-alive requests",
-                    "### Bulk TCP", "### UDP", "### Relative to direct",
+                    "### Bulk TCP", "### UDP", "### System calls per connection",
+                    "Per system call", "### Relative to direct",
                     "### Relative to haproxy"):  # fmt: skip
         assert heading in table
+    assert dp["options"] == {}  # no address option's peer in the default run
     assert "Errors seen" not in table
     assert (out / "dataplane.png").read_bytes().startswith(b"\x89PNG")
     assert no_bench_namespace_left()
@@ -168,6 +205,46 @@ def test_one_part_peer_and_workload_can_be_chosen(tmp_path: Path) -> None:
     table = (out / "results.md").read_text()
     assert "## Control plane" not in table and "n/a (no UDP proxy)" in table
     assert not (out / "control.png").exists() and (out / "dataplane.png").exists()
+    assert no_bench_namespace_left()
+
+
+@pytest.mark.netns
+def test_address_options_are_measured_against_their_plain_proxy(tmp_path: Path) -> None:
+    """lb's and HAProxy's address options as peers of their own: each starts only once
+    the backend sees the client's address through it (else its start fails, in
+    `errors`), and its figures are also taken relative to the same proxy without it."""
+    require_root()
+    out = tmp_path / "results"
+    peers = ["lb userspace", "haproxy", *OPTION_PEERS]
+    done = bench(
+        "--quick", "--runs", "1", "--out", str(out), "--only", "dataplane",
+        "--peers", ",".join(peers), "--workloads", "connections,bulk,syscalls",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    dp = json.loads((out / "results.json").read_text())["dataplane"]
+    for peer in peers:
+        for workload in ("connections", "syscalls"):
+            r = dp["results"][peer][workload]
+            assert r["errors"] == [], (peer, workload, r)
+            assert figures_of(workload, r["figures"]) == FIGURES[workload], (peer, workload)
+    # the PROXY header goes to the http service only: bulk (iperf3) is not measured again
+    for peer in ("lb userspace proxy v2", "haproxy send-proxy-v2"):
+        assert dp["results"][peer]["bulk"] == {
+            "n/a": "the PROXY header is sent on the http service only"
+        }
+    assert set(dp["results"]["lb userspace transparent"]["bulk"]["figures"]) == FIGURES["bulk"]
+    assert set(dp["options"]) == set(OPTION_PEERS)
+    for peer in OPTION_PEERS:
+        assert dp["options"][peer]["connections"]["connections_per_s"]["runs"] == 1
+        assert dp["options"][peer]["syscalls"]["syscalls_per_connection"]["median"] > 0
+    # a transparent connect binds the client's address first: one more system call
+    calls = {p: dp["results"][p]["syscalls"]["figures"] for p in peers}
+    assert (
+        "sys_bind" in calls["lb userspace transparent"] and "sys_bind" not in calls["lb userspace"]
+    )
+    assert "sys_bind" in calls["haproxy usesrc clientip"]
+    table = (out / "results.md").read_text()
+    assert "### Address options: relative to the same proxy without them" in table
     assert no_bench_namespace_left()
 
 
@@ -292,6 +369,33 @@ def test_sockperf_percentiles_without_its_colours() -> None:
         parse.sockperf("sockperf: ERROR: connect failed")
 
 
+def test_strace_summary() -> None:
+    # strace -c -f on lb userspace over 200 connections, one at a time
+    st = parse.strace_summary((SAMPLES / "strace-c.txt").read_text())
+    assert st.calls["accept4"] == 200 and st.calls["io_uring_enter"] == 800
+    assert st.errors == {"connect": 200, "epoll_ctl": 200}  # EINPROGRESS; ENOENT
+    assert st.total == 6427  # as its total line says
+    with pytest.raises(parse.ToolOutputError):
+        parse.strace_summary("strace: attach: ptrace(PTRACE_SEIZE, 1): Operation not permitted")
+
+
+def test_udp_drop_counters() -> None:
+    snmp = (
+        "Ip: Forwarding DefaultTTL\nIp: 1 64\n"
+        "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors "
+        "InCsumErrors IgnoredMulti MemErrors\n"
+        "Udp: 140271 0 59508 202157 59508 0 0 0 0\n"
+        "UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors "
+        "InCsumErrors IgnoredMulti MemErrors\nUdpLite: 0 0 0 0 0 0 0 0 0\n"
+    )
+    udp = parse.snmp_udp(snmp)
+    assert udp["RcvbufErrors"] == 59508 and udp["SndbufErrors"] == 0
+    with pytest.raises(parse.ToolOutputError):
+        parse.snmp_udp("Ip: Forwarding\nIp: 1\n")
+    softnet = "0774d794 00000000 00000015 00000000 00000000\n07c37c7c 0000000a 00000016 00000000\n"
+    assert parse.softnet_dropped(softnet) == 10
+
+
 def test_proc_files() -> None:
     stat = (
         "cpu  1 2 3 4 5 6 7 8 9 10\ncpu0 10 0 20 300 1 2 30 0 0 0\ncpu1 11 1 21 301 2 3 31 0 0 0\n"
@@ -344,6 +448,25 @@ def test_generated_configs() -> None:
     assert script.count("dnat ip to") == 5 and "seed 0x1" in script
     assert "10.201.3.2 . 11211" in script
     assert "balance source" in haproxy_conf(topo) and "nbthread 1" in haproxy_conf(topo)
+    # the address options: lb's configurations pass lb check, HAProxy's say them
+    for option, says in (
+        ("transparent", "source: transparent"),
+        ("proxy v2", "proxy_protocol: v2"),
+    ):
+        text = lb_yaml(topo, option=option)
+        done = subprocess.run(
+            [sys.executable, "-m", "lb", "check", "-c", "/dev/stdin"],
+            input=text, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert says in text
+    assert lb_yaml(topo, option="proxy v2").count("proxy_protocol") == 1  # the http service
+    assert lb_yaml(topo, option="transparent").count("source: transparent") == 3  # TCP ones
+    assert haproxy_conf(topo, transparent=True).count("usesrc clientip") == 3
+    assert haproxy_conf(topo, send_proxy=True).count(f":{HTTP_PROXY_PORT} send-proxy-v2") == 3
+    backend = nginx_backend_conf(Path("/w"), "10.201.1.2", 8080)
+    assert f"listen 10.201.1.2:{HTTP_PROXY_PORT} proxy_protocol" in backend
+    assert '"ok\\n"' in backend and "$proxy_protocol_addr" in backend
     assert Svc("x", 1, 2, udp=False, sticky=False).backend_port == 2
     listing = json.dumps({"services": [{"name": "http-tcp", "dataplane": "nftables"}]})
     assert lb_services_carried(listing) == {"http-tcp": "nftables"}
