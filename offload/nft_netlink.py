@@ -24,6 +24,7 @@ endian; register contents are in the order the packet has them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import os
@@ -113,16 +114,22 @@ class NftNetlinkError(Exception):
 # --- attributes ---------------------------------------------------------------------------
 
 
+_HEAD = struct.Struct("=HH").pack
+_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")  # by the payload's length modulo 4
+
+
 def attr(kind: int, payload: bytes) -> bytes:
     size = 4 + len(payload)
-    return struct.pack("=HH", size, kind) + payload + b"\0" * (-size % 4)
+    return _HEAD(size, kind) + payload + _PAD[size % 4]
 
 
 def nest(kind: int, *children: bytes) -> bytes:
     return attr(kind | NLA_F_NESTED, b"".join(children))
 
 
+@functools.lru_cache(maxsize=4096)
 def u32(kind: int, value: int) -> bytes:
+    """(Cached: a table's messages repeat a few registers, lengths and flags.)"""
     return attr(kind, struct.pack(">I", value & 0xFFFFFFFF))
 
 
@@ -203,20 +210,24 @@ def immediate(dreg: int, value: bytes) -> bytes:
 # --- the batch -----------------------------------------------------------------------------
 
 
+#: What a message of a batch does, as nft would say it: made only for an error message.
+What = Callable[[], str]
+
+
 @dataclass
 class Batch:
     """Messages of one transaction, each with what it does (for error messages)."""
 
-    messages: list[tuple[int, int, bytes, str]] = field(default_factory=list)
+    messages: list[tuple[int, int, bytes, What]] = field(default_factory=list)
     next_set_id: int = 1
     #: Anonymous sets get names of lb's own, not "__map%d": the kernel finds a free %d by
     #: reading the name of every set of the table, for every new one.
     map_names: Iterator[int] = field(default_factory=itertools.count)
 
-    def add(self, msg: int, flags: int, attrs: Iterable[bytes], what: str) -> None:
+    def add(self, msg: int, flags: int, attrs: Iterable[bytes], what: What) -> None:
         self.messages.append((msg, flags, b"".join(attrs), what))
 
-    def encode(self, seq: int) -> tuple[bytes, dict[int, str]]:
+    def encode(self, seq: int) -> tuple[bytes, dict[int, What]]:
         out = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, b"", socket.AF_UNSPEC)]
         what = {}
         for i, (msg, flags, attrs, text) in enumerate(self.messages, start=1):
@@ -243,7 +254,7 @@ def encode(ops: Iterable[Op], map_names: Iterator[int] | None = None) -> Batch:
     the names of anonymous maps, unique for the socket's life)."""
     b = Batch() if map_names is None else Batch(map_names=map_names)
     for op in ops:
-        text = op.nft()
+        text = op.nft  # its text is made only if the kernel refuses it
         match op:
             case AddChain(table, name):
                 b.add(MSG_NEWCHAIN, NLM_F_CREATE, [_table(table), string(3, name)], text)
@@ -374,7 +385,7 @@ def _elements(
     set_name: str,
     elements: Sequence[tuple[bytes, Value]],
     *,
-    text: str,
+    text: What,
     set_id: int | None = None,
 ) -> None:
     items = []
@@ -408,7 +419,7 @@ def _elements(
     b.add(msg, NLM_F_CREATE if msg == MSG_NEWSETELEM else 0, [*head, nest(3, *items[start:])], text)
 
 
-def _anonymous_map(b: Batch, table: str, values: Sequence[Value], text: str) -> tuple[str, int]:
+def _anonymous_map(b: Batch, table: str, values: Sequence[Value], text: What) -> tuple[str, int]:
     """A constant map slot -> goto chain (str) or address . port (bytes), created in the
     batch; its name and id."""
     set_id = _set_id(b)
@@ -440,7 +451,7 @@ def _anonymous_map(b: Batch, table: str, values: Sequence[Value], text: str) -> 
     return name, set_id
 
 
-def _rule(b: Batch, table: str, rule: Rule, text: str) -> list[bytes]:
+def _rule(b: Batch, table: str, rule: Rule, text: What) -> list[bytes]:
     match rule:
         case EndpointRule(affinity, prefix_len, protocol, backend):
             return [
@@ -693,16 +704,27 @@ class NftNetlink:
 
         The kernel handles a batch within the send itself and answers only errors: once
         the send returns, every answer is already queued on the socket."""
-        if not ops:
-            return
-        batch = encode(ops, self.map_names)
+        if ops:
+            self.send(self.prepare(ops))
+
+    def prepare(self, ops: list[Op]) -> Batch:
+        """The operations' messages, for `send`: pure work, which may go on in one thread
+        while another sends the batch before (a table built in chunks: the kernel commits
+        one while lb encodes the next)."""
+        return encode(ops, self.map_names)
+
+    def send(self, batch: Batch) -> None:
+        """`run`'s second half: one transaction of `prepare`'s batch."""
         with self._lock:
             self.seq += len(batch.messages) + 2
             blob, what = batch.encode(self.seq)
             self._drain()  # nothing stale may be taken for this batch's answer
             self.sock.sendall(blob)
             answers = self._drain()
-        errors = [f"{what.get(seq, 'the batch')}: {os.strerror(-code)}" for seq, code in answers]
+        errors = [
+            f"{what[seq]() if seq in what else 'the batch'}: {os.strerror(-code)}"
+            for seq, code in answers
+        ]
         if errors:
             raise NftNetlinkError("; ".join(errors[:5]) + (" ..." if len(errors) > 5 else ""))
 
