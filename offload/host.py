@@ -9,7 +9,10 @@
   backend reaching itself through the VIP); and that holds back new connections to a
   VIP:port for the few netlink calls during which its IPVS service has no scheduler or no
   destination yet (IPVS would answer them with a port unreachable: a refused connection;
-  a dropped SYN is sent again by the client, a second later).
+  a dropped SYN is sent again by the client, a second later); and that drops new
+  connections to the VIP:port of a service with `allowed_sources` from clients outside
+  them, before IPVS sees them (IPVS cannot filter clients itself): the filter of the
+  nftables dataplane (`offload.nft_rules.firewall_base`, `firewall_ops`), in this table.
 `cleanup()` removes all of it: the owned IPVS services, the device, the table.
 """
 
@@ -19,13 +22,21 @@ import asyncio
 import ipaddress
 import logging
 import shutil
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from lb.log import emit
-from lb.model import IPAddress, Service, ServiceKey
-from offload.nft_rules import NatPath, key_element, masq_elements
+from lb.model import IPAddress, IPNetwork, Service, ServiceKey
+from offload.nft_rules import (
+    Firewall,
+    NatPath,
+    firewall_base,
+    firewall_of,
+    firewall_ops,
+    key_element,
+    masq_elements,
+)
 from offload.nlthread import NetlinkThread
 
 log = logging.getLogger("lb.offload")
@@ -80,7 +91,8 @@ class Host:
         self.proc_sys = proc_sys
         self.sysctls = sysctls
         self._nl = NetlinkThread.shared()  # pyroute2 needs asyncio's own loop
-        self._nat: frozenset[NatPath] | None = None
+        self._nat: frozenset[NatPath] | None = None  # None: the table is not built
+        self._filters: dict[ServiceKey, Firewall] = {}  # in the table, as written
         self._nft_warned = False
 
     # --- set-up ----------------------------------------------------------------------------
@@ -225,11 +237,18 @@ class Host:
         wanted = frozenset(p for p in paths if p.source.version == 4)
         if self._nat == wanted:
             return
-        if not shutil.which("nft"):
+        await self._build(wanted, self._filters)
+
+    async def _build(self, nat: frozenset[NatPath], filters: dict[ServiceKey, Firewall]) -> None:
+        """The table whole, with these masquerade paths and filters: one atomic `nft -f`."""
+        if not self.has_nft():
             raise HostError(
-                "nft is not installed (Debian package nftables): no masquerade for local clients"
+                "nft is not installed (Debian package nftables): no masquerade for local "
+                "clients, no filter of allowed_sources"
             )
-        elements = masq_elements(wanted)
+        elements = masq_elements(nat)
+        base = "\n".join(firewall_base())
+        ops = [op.nft() for key in sorted(filters) for op in firewall_ops(None, filters[key])]
         script = f"""table ip {NFT_TABLE}
 delete table ip {NFT_TABLE}
 table ip {NFT_TABLE} {{
@@ -246,12 +265,47 @@ table ip {NFT_TABLE} {{
         type filter hook input priority filter; policy accept;
         ct state new ip daddr . meta l4proto . th dport @hold drop comment "being built"
     }}
+{base}
 }}
 """
-        code, out = await _run("nft", "-f", "-", stdin=script)
+        code, out = await _run("nft", "-f", "-", stdin=script + "".join(f"{op}\n" for op in ops))
         if code != 0:
             raise HostError(f"nft: {out}")
-        self._nat = wanted
+        self._nat = nat
+        self._filters = filters
+
+    @staticmethod
+    def has_nft() -> bool:
+        return shutil.which("nft") is not None
+
+    async def set_filters(
+        self, sources: Mapping[ServiceKey, Iterable[IPNetwork]], *, whole: bool = False
+    ) -> None:
+        """Drop new connections to these services (their VIP:port) from clients outside
+        their `allowed_sources` (none: no filter), before IPVS sees them. Only their
+        objects change, in one `nft -f` transaction; nothing is run when none changes.
+        `whole`: these are all the filtered services (any other's filter goes). A table
+        not as lb wrote it (deleted by hand) is rebuilt whole; HostError if nft refuses
+        that too (the caller must not give IPVS a service whose filter is not there)."""
+        wanted = {} if whole else dict(self._filters)
+        for key, allowed in sources.items():
+            fw = firewall_of(key, allowed, NFT_TABLE)
+            if fw is None:
+                wanted.pop(key, None)
+            else:
+                wanted[key] = fw
+        if wanted == self._filters:
+            return
+        if self._nat is not None:
+            keys = sorted(wanted.keys() | self._filters.keys())
+            ops = [
+                op for key in keys for op in firewall_ops(self._filters.get(key), wanted.get(key))
+            ]
+            code, _ = await _run("nft", "-f", "-", stdin="".join(f"{op.nft()}\n" for op in ops))
+            if code == 0:
+                self._filters = wanted
+                return
+        await self._build(self._nat or frozenset(), wanted)
 
     @asynccontextmanager
     async def hold(self, key: ServiceKey) -> AsyncIterator[None]:
@@ -300,6 +354,7 @@ table ip {NFT_TABLE} {{
         if shutil.which("nft"):
             await _run("nft", "delete", "table", "ip", NFT_TABLE)
         self._nat = None
+        self._filters = {}
 
     async def _remove_device(self) -> None:
         from pyroute2 import AsyncIPRoute

@@ -15,6 +15,7 @@ alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
@@ -25,7 +26,7 @@ from typing import Protocol as TypingProtocol
 
 from lb.changes import Changes
 from lb.log import emit
-from lb.model import Endpoint, IPAddress, Protocol, Service, ServiceKey
+from lb.model import Endpoint, IPAddress, IPNetwork, Protocol, Service, ServiceKey
 from lb.persist import Affinity
 from lb.plan import AddDest, DelDest, EditDest, plan_dests
 from lb.stats import BackendSnapshot, ErrorReason, ServiceSnapshot, Totals
@@ -46,6 +47,15 @@ RESYNC_PERIOD = 30.0
 
 Hold = Callable[[ServiceKey], AbstractAsyncContextManager[None]]
 Nat = Callable[[set[NatPath]], Awaitable[None]]
+
+
+class Filters(TypingProtocol):
+    """Drops new connections from clients outside a service's `allowed_sources`, before
+    IPVS sees them (offload/host.py, `Host.set_filters`)."""
+
+    async def __call__(
+        self, sources: Mapping[ServiceKey, Iterable[IPNetwork]], *, whole: bool = False
+    ) -> None: ...
 
 
 class Injector(TypingProtocol):
@@ -87,9 +97,13 @@ class IpvsDataplane:
         template_table: Callable[[], list[KConn] | None] = read_templates,
         hold: Hold = _no_hold,
         nat: Nat | None = None,
+        filters: Filters | None = None,
         injector: Injector | None = None,
     ) -> None:
         self.client = client
+        #: IPVS cannot filter clients: a service with `allowed_sources` is carried only
+        #: with a filter in front of it (the host's nftables table)
+        self.filters = filters
         #: IPVS takes templates only through its sync protocol (offload/ipvs_sync.py):
         #: carried when lb can run the sync daemon here.
         self.injector = injector
@@ -165,6 +179,10 @@ class IpvsDataplane:
         fresh = [s for s in changes.fresh if s.key not in self.foreign]
         if any(s.listen.ip not in self._vips for s in fresh):
             self._vips = await self.owned_vips()  # a new VIP: is it on lb's device?
+        # the filters first: IPVS never takes a connection of a service without its filter
+        await self._filter(
+            {s.key: s.allowed_sources if s.listen.ip in self._vips else () for s in fresh}
+        )
         for s in fresh:
             if s.listen.ip not in self._vips:  # not lb's to program
                 self._desired.pop(s.key, None)
@@ -182,6 +200,7 @@ class IpvsDataplane:
         gone = {key for key in changes.removed if key not in self._desired}
         if gone:
             self._quiesced = {k: t for k, t in self._quiesced.items() if k[0] not in gone}
+            await self._filter(dict.fromkeys(gone, ()))  # once their IPVS services went
         await self._set_nat_of(changes.touched())
 
     async def _reconcile(
@@ -198,6 +217,8 @@ class IpvsDataplane:
         self.foreign = {key for key in kernel if key.listen.ip not in vips}
         wanted: dict[ServiceKey, Service] = {}
         drifted: list[str] = []
+        # the filters first (those of the services deleted below go after them)
+        await self._filter({s.key: s.allowed_sources for s in desired if s.key not in self.foreign})
         for s in desired:
             if s.key in self.foreign:
                 continue  # never modify a service that is not ours
@@ -213,6 +234,7 @@ class IpvsDataplane:
                 drifted.append(f"{key} not lb's to keep")
             await self._delete(key)
         self._desired = wanted
+        await self._filter({key: s.allowed_sources for key, s in wanted.items()}, whole=True)
         self._quiesced = {k: t for k, t in self._quiesced.items() if k[0] in wanted}
         self._paths = {key: nat_paths([s]) for key, s in wanted.items()}
         self._path_count.clear()
@@ -248,7 +270,18 @@ class IpvsDataplane:
         self._dests.pop(key, None)
 
     def not_expressible(self, s: Service) -> str | None:
-        return not_expressible_ipvs(s)
+        reason = not_expressible_ipvs(s)
+        if reason is None and s.allowed_sources and self.filters is None:
+            return "allowed_sources need nft on the host (IPVS cannot filter clients itself)"
+        return reason
+
+    async def _filter(
+        self, sources: Mapping[ServiceKey, Iterable[IPNetwork]], whole: bool = False
+    ) -> None:
+        """The filters of these services' `allowed_sources` (`Filters`; the host writes
+        only those that changed). A refusal raises: the service must not reach IPVS."""
+        if self.filters is not None and (sources or whole):
+            await self.filters(sources, whole=whole)
 
     async def owned(self) -> set[ServiceKey]:
         vips = await self.owned_vips()
@@ -505,6 +538,8 @@ class IpvsDataplane:
         for k in await self.client.services():
             if k.key.listen.ip in vips:
                 await self.client.del_service(k.key)
+        with contextlib.suppress(HostError):  # else the table goes with Host.remove()
+            await self._filter({}, whole=True)
         self._desired.clear()
         self._services.clear()
         self._dests.clear()

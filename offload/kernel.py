@@ -14,12 +14,12 @@ from lb.model import Endpoint, IPAddress, Mode, Service, ServiceKey
 from lb.persist import Affinity
 from lb.stats import ServiceSnapshot
 from offload.conntrack import Conntrack
-from offload.host import IPVS_SYSCTLS, NFT_SYSCTLS, Host, HostError
+from offload.host import IPVS_SYSCTLS, NFT_SYSCTLS, NFT_TABLE, Host, HostError
 from offload.ipvs import IpvsDataplane, save_lines
 from offload.ipvs_netlink import IpvsUnavailable, NetlinkIpvs
 from offload.ipvs_sync import SyncInjector
 from offload.nft_netlink import NftNetlink
-from offload.nft_rules import TABLES, base_script, diff_script, render
+from offload.nft_rules import TABLES, base_script, diff_script, firewall_of, firewall_ops, render
 from offload.nftables import NftDataplane, NftError, hairpin
 from offload.policy import not_expressible_ipvs, not_expressible_nftables
 
@@ -140,7 +140,13 @@ async def open_ipvs(
         )
         injector = None
     ipvs = IpvsDataplane(
-        client, host.vips, drain_timeout, hold=host.hold, nat=host.set_nat, injector=injector
+        client,
+        host.vips,
+        drain_timeout,
+        hold=host.hold,
+        nat=host.set_nat,
+        filters=host.set_filters if host.has_nft() else None,
+        injector=injector,
     )
     return ipvs, host
 
@@ -167,8 +173,14 @@ async def cleanup_ipvs(vips: set[IPAddress]) -> list[str]:
 
 
 def plan_ipvs(services: list[Service]) -> list[str]:
-    """The services as `ipvsadm-save -n` would print them once offloaded."""
-    return [line for s in services for line in save_lines(s)]
+    """The services as `ipvsadm-save -n` would print them once offloaded; after a
+    service with `allowed_sources`, its filter in the host's table, as nft comments."""
+    out = []
+    for s in services:
+        out += save_lines(s)
+        fw = firewall_of(s.key, s.allowed_sources, NFT_TABLE)
+        out += [f"# nft: {op.nft()}" for op in firewall_ops(None, fw)]
+    return out
 
 
 async def open_nftables(

@@ -36,23 +36,28 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from ipaddress import IPv4Network
 
 from lb.model import Endpoint, IPAddress, Protocol, ServiceKey
 from offload.netns import inside
 from offload.nft_rules import (
     AFFINITY_SIZE,
+    FIREWALL,
     AddAffinity,
     AddChain,
     AddConns,
     AddCounter,
+    AddFirewall,
     AddMasq,
     AddRule,
     AddService,
     AddSet,
+    AffinitySet,
     Conns,
     DeleteChain,
     DeleteConns,
     DeleteCounter,
+    DeleteFirewall,
     DeleteMasq,
     DeleteService,
     DeleteSet,
@@ -63,6 +68,8 @@ from offload.nft_rules import (
     NatPath,
     Op,
     Rule,
+    SourceRule,
+    SourceSet,
     StickyRule,
 )
 
@@ -98,9 +105,16 @@ REG_VERDICT, REG_1, REG_2 = 0, 1, 2
 REG32_01 = 9  # the second 32-bit word of REG_1 (a concatenation's second field)
 REG32_05 = 13  # the second 32-bit word of REG_2
 NFT_GOTO = -4
+NF_DROP = 0
 NFT_DATA_VERDICT = 0xFFFFFF00
 OBJECT_COUNTER = 1
-SET_ANONYMOUS, SET_CONSTANT, SET_MAP, SET_TIMEOUT, SET_EVAL = 0x1, 0x2, 0x8, 0x10, 0x20
+SET_ANONYMOUS, SET_CONSTANT, SET_INTERVAL, SET_MAP = 0x1, 0x2, 0x4, 0x8
+SET_TIMEOUT, SET_EVAL = 0x10, 0x20
+LOOKUP_INVERTED = 0x1  # NFT_LOOKUP_F_INV: the rule matches what is not in the set
+ELEM_FLAGS, ELEM_USERDATA = 3, 6  # NFTA_SET_ELEM_*
+ELEM_INTERVAL_END = 0x1  # NFT_SET_ELEM_INTERVAL_END
+#: nft's user data on an interval's start whose end is the last address (no end element)
+UDATA_ELEM_FLAGS, UDATA_INTERVAL_OPEN = 1, 0x1
 TYPE_INTEGER, TYPE_IPADDR, TYPE_INET_SERVICE = 4, 7, 13  # nft's data types (for listings)
 TYPE_ADDR_PORT = (TYPE_IPADDR << 6) | TYPE_INET_SERVICE  # the concatenation ipv4_addr . port
 BYTEORDER_HOST, BYTEORDER_BIG = 1, 2
@@ -190,17 +204,31 @@ def masked(prefix_len: int) -> bytes:
     )
 
 
-def lookup(set_name: str, sreg: int, dreg: int | None = None, set_id: int | None = None) -> bytes:
+def lookup(
+    set_name: str,
+    sreg: int,
+    dreg: int | None = None,
+    set_id: int | None = None,
+    *,
+    inverted: bool = False,
+) -> bytes:
     attrs = [string(1, set_name), u32(2, sreg)]
     if dreg is not None:
         attrs.append(u32(3, dreg))
     if set_id is not None:
         attrs.append(u32(4, set_id))
+    if inverted:
+        attrs.append(u32(5, LOOKUP_INVERTED))  # NFTA_LOOKUP_FLAGS
     return expr("lookup", *attrs)
 
 
 def jump_to(chain: str) -> bytes:
     return expr("immediate", u32(1, REG_VERDICT), goto(2, chain))
+
+
+def drop() -> bytes:
+    # NFTA_IMMEDIATE_DATA { NFTA_DATA_VERDICT { NFTA_VERDICT_CODE } }
+    return expr("immediate", u32(1, REG_VERDICT), nest(2, nest(2, u32(1, NF_DROP))))
 
 
 def immediate(dreg: int, value: bytes) -> bytes:
@@ -273,7 +301,7 @@ def encode(ops: Iterable[Op], map_names: Iterator[int] | None = None) -> Batch:
             case DeleteCounter(table, name):
                 attrs = [_table(table), string(2, name), u32(3, OBJECT_COUNTER)]
                 b.add(MSG_DELOBJ, 0, attrs, text)
-            case AddSet(table, name, spec):
+            case AddSet(table, name, AffinitySet(timeout)):
                 b.add(
                     MSG_NEWSET,
                     NLM_F_CREATE,
@@ -285,11 +313,30 @@ def encode(ops: Iterable[Op], map_names: Iterator[int] | None = None) -> Batch:
                         u32(5, 4),
                         u32(10, _set_id(b)),
                         nest(9, u32(1, AFFINITY_SIZE)),
-                        u64(11, spec.timeout * 1000),
+                        u64(11, timeout * 1000),
                         attr(13, udata_byteorder(BYTEORDER_BIG)),
                     ],
                     text,
                 )
+            case AddSet(table, name, SourceSet(networks)):
+                set_id = _set_id(b)
+                b.add(
+                    MSG_NEWSET,
+                    NLM_F_CREATE,
+                    [
+                        _table(table),
+                        string(2, name),
+                        u32(3, SET_INTERVAL),
+                        u32(4, TYPE_IPADDR),
+                        u32(5, 4),
+                        u32(10, set_id),
+                        attr(13, udata_byteorder(BYTEORDER_BIG)),
+                    ],
+                    text,
+                )
+                if networks:
+                    head = [_table(table), string(2, name), u32(4, set_id)]
+                    _element_messages(b, MSG_NEWSETELEM, head, _intervals(networks), text)
             case DeleteSet(table, name):
                 b.add(MSG_DELSET, 0, [_table(table), string(2, name)], text)
             case AddRule(table, chain, rule):
@@ -313,6 +360,14 @@ def encode(ops: Iterable[Op], map_names: Iterator[int] | None = None) -> Batch:
             case DeleteService(table, key):
                 _elements(
                     b, MSG_DELSETELEM, table, "services", [(_service_key(key), None)], text=text
+                )
+            case AddFirewall(table, key, chain):
+                _elements(
+                    b, MSG_NEWSETELEM, table, FIREWALL, [(_service_key(key), chain)], text=text
+                )
+            case DeleteFirewall(table, key):
+                _elements(
+                    b, MSG_DELSETELEM, table, FIREWALL, [(_service_key(key), None)], text=text
                 )
             case AddConns(counters, table):
                 _elements(b, MSG_NEWSETELEM, table, "conns", _conns(counters), text=text)
@@ -402,9 +457,16 @@ def _elements(
     head = [_table(table), string(2, set_name)]
     if set_id is not None:
         head.append(u32(4, set_id))
-    # The element list is one attribute, whose length is 16 bits: past ELEMENTS_BYTES,
-    # the elements go in several messages of the same batch (about 1,000 services' map
-    # elements each), as nft splits them.
+    _element_messages(b, msg, head, items, text)
+
+
+def _element_messages(
+    b: Batch, msg: int, head: list[bytes], items: list[bytes], text: What
+) -> None:
+    """The element messages for `items` (NFTA_LIST_ELEM each) of the set `head` names.
+    The element list is one attribute, whose length is 16 bits: past ELEMENTS_BYTES, the
+    elements go in several messages of the same batch (about 1,000 services' map
+    elements each), as nft splits them."""
     start, size = 0, 0
     for i, item in enumerate(items):
         if size + len(item) > ELEMENTS_BYTES and i > start:
@@ -417,6 +479,25 @@ def _elements(
             start, size = i, 0
         size += len(item)
     b.add(msg, NLM_F_CREATE if msg == MSG_NEWSETELEM else 0, [*head, nest(3, *items[start:])], text)
+
+
+def _intervals(networks: Sequence[IPv4Network]) -> list[bytes]:
+    """An interval set's elements, as nft sends them: each network's first address, then
+    the address after its last flagged as an interval's end (none for an interval up to
+    255.255.255.255: its start says so in its user data); the end of an interval below
+    the first, at 0.0.0.0, unless one starts there."""
+    items = []
+    if networks and int(networks[0].network_address) != 0:
+        items.append(nest(1, u32(ELEM_FLAGS, ELEM_INTERVAL_END), data(1, bytes(4))))
+    for n in networks:
+        after = int(n.broadcast_address) + 1
+        if after > 0xFFFFFFFF:
+            open_end = attr(ELEM_USERDATA, _udata(UDATA_ELEM_FLAGS, UDATA_INTERVAL_OPEN))
+            items.append(nest(1, data(1, n.network_address.packed), open_end))
+            continue
+        items.append(nest(1, data(1, n.network_address.packed)))
+        items.append(nest(1, u32(ELEM_FLAGS, ELEM_INTERVAL_END), data(1, after.to_bytes(4, "big"))))
+    return items
 
 
 def _anonymous_map(b: Batch, table: str, values: Sequence[Value], text: What) -> tuple[str, int]:
@@ -469,6 +550,8 @@ def _rule(b: Batch, table: str, rule: Rule, text: What) -> list[bytes]:
             name, set_id = _anonymous_map(b, table, chains, text)
             pick = _pick(hashed, with_port, len(chains))
             return [*pick, lookup(name, REG_1, REG_VERDICT, set_id)]
+        case SourceRule(sources):
+            return [saddr(), lookup(sources, REG_1, inverted=True), drop()]
         case DnatRule(hashed, with_port, protocol, targets):
             slots = [_addr_port(e) for e in targets]
             name, set_id = _anonymous_map(b, table, slots, text)

@@ -4,9 +4,13 @@ of services to another: pure code, no I/O (offload/nftables.py runs it).
 Table `ip lb` holds what all services share: `masq_paths` (masquerade for hairpin: a
 backend reaching itself through the VIP), and the per-backend connection counters with
 the map `conns` that finds a new connection's counter from its original VIP:port and
-its backend, counted once per connection in the postrouting (or input) nat hook. The
-services live in `SHARDS` tables `ip lb_0` ... (a service's table chosen by a hash of
-its key), each with:
+its backend, counted once per connection in the postrouting (or input) nat hook. It also
+holds the filter of the services with `allowed_sources` (as kube-proxy's nftables mode
+filters `loadBalancerSourceRanges`): the map `firewall` from (VIP, protocol, port) to
+the service's chain `fw_<id>`, looked up for new connections in filter chains that run
+before DNAT, which drops a client outside the interval set `src_<id>` (IPVS's host
+table, offload/host.py, has the same objects). The services live in `SHARDS` tables
+`ip lb_0` ... (a service's table chosen by a hash of its key), each with:
 - a verdict map `services` from (VIP, protocol, port) to the service's chain, looked up
   once per new connection from the nat hooks (constant time, as kube-proxy's nftables
   proxier does);
@@ -35,12 +39,14 @@ import math
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import reduce
+from ipaddress import IPv4Network
 
 from lb.model import (
     Endpoint,
     IPAddress,
+    IPNetwork,
     Protocol,
     SchedFlag,
     SchedulerName,
@@ -51,7 +57,7 @@ from lb.persist import Affinity
 from lb.sched import SCHEDULERS
 from lb.virtual_service import VirtualService
 
-TABLE = "lb"  # hairpin masquerade
+TABLE = "lb"  # hairpin masquerade, counters, the filter of allowed_sources
 SHARDS = 16
 TABLES = (TABLE, *(f"{TABLE}_{i}" for i in range(SHARDS)))
 
@@ -65,6 +71,9 @@ def shard_of(key: ServiceKey) -> str:
 #: userspace (the map is rebuilt whole on every change to the service).
 MAX_CYCLE = 4096
 AFFINITY_SIZE = 65535
+FIREWALL = "firewall"  # the map of filtered services, in table lb (and IPVS's lb_ipvs)
+#: The filter chains' priority: before DNAT (kube-proxy's is dstnat - 10 too).
+FILTER_PRIORITY = -110
 
 
 def not_expressible_nft(s: Service) -> str | None:
@@ -279,7 +288,81 @@ class DnatRule:
         return f"meta l4proto {self.protocol.value} dnat ip to {pick} map {{ {slots} }}"
 
 
-Rule = EndpointRule | StickyRule | DispatchRule | DnatRule
+@dataclass(frozen=True, slots=True)
+class SourceSet:
+    """The clients a service takes (`allowed_sources`): an interval set of networks."""
+
+    networks: tuple[IPv4Network, ...]  # merged, sorted (an interval set refuses overlaps)
+
+    def nft(self) -> str:
+        elements = ", ".join(_network(n) for n in self.networks)
+        return "{ type ipv4_addr; flags interval; " + (
+            f"elements = {{ {elements} }}; }}" if elements else "}"
+        )
+
+
+def _network(n: IPv4Network) -> str:
+    return str(n.network_address) if n.prefixlen == 32 else str(n)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRule:
+    """Drop a client outside the service's set (the filter chains see a connection's
+    first packet only: `ct state new`)."""
+
+    sources: str
+
+    def nft(self) -> str:
+        return f"ip saddr != @{self.sources} drop"
+
+
+@dataclass(frozen=True, slots=True)
+class Firewall:
+    """A service's filter: `firewall` maps its key to `chain`, whose one rule drops the
+    clients outside the set `sources`."""
+
+    key: ServiceKey
+    table: str
+    chain: str  # fw_<service>
+    sources: str  # src_<service>
+    spec: SourceSet
+
+
+def firewall_of(
+    key: ServiceKey, allowed: Iterable[IPNetwork], table: str = TABLE
+) -> Firewall | None:
+    """The filter of a service with these `allowed_sources` (None: no filter, for no
+    sources or an IPv6 VIP). Only IPv4 networks go into its set: an IPv6 one never
+    matches an IPv4 client (the userspace proxy's `allows` agrees), so a list without any
+    IPv4 network lets no client in."""
+    allowed = tuple(allowed)
+    if not allowed or key.listen.ip.version != 4:
+        return None
+    networks = ipaddress.collapse_addresses(n for n in allowed if isinstance(n, IPv4Network))
+    sid = service_id(key)
+    return Firewall(key, table, f"fw_{sid}", f"src_{sid}", SourceSet(tuple(networks)))
+
+
+def firewall_base() -> list[str]:
+    """The filter's map and chains, inside a table: new connections (`ct state new`: their
+    first packet) to a filtered VIP:port, from outside (prerouting) or from this host
+    (output), go to the service's chain, before any DNAT (nat's dstnat is -100; IPVS takes
+    packets at LOCAL_IN, priority 98, and its host's clients' at LOCAL_OUT, -99)."""
+    lookup = f"        ct state new ip daddr . meta l4proto . th dport vmap @{FIREWALL}"
+    return [
+        f"    map {FIREWALL} {{ type ipv4_addr . inet_proto . inet_service : verdict; }}",
+        "    chain filter_prerouting {",
+        f"        type filter hook prerouting priority {FILTER_PRIORITY}; policy accept;",
+        lookup,
+        "    }",
+        "    chain filter_output {",
+        f"        type filter hook output priority {FILTER_PRIORITY}; policy accept;",
+        lookup,
+        "    }",
+    ]
+
+
+Rule = EndpointRule | StickyRule | DispatchRule | DnatRule | SourceRule
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +402,7 @@ class Rendered:
     sets: dict[str, AffinitySet] = field(default_factory=dict)
     counters: frozenset[Conns] = frozenset()
     dispatch: bool = True  # in the services map (False: no backend, the listener answers)
+    firewall: Firewall | None = None  # allowed_sources: in table lb, with the counters
 
 
 def render(s: Service) -> Rendered:
@@ -349,6 +433,7 @@ def render(s: Service) -> Rendered:
         sets,
         frozenset(counters),
         dispatch=bool(live),
+        firewall=firewall_of(s.key, s.allowed_sources),
     )
 
 
@@ -425,7 +510,8 @@ class FastPath:
 def base_script(hairpin: Iterable[NatPath] = (), fastpath: FastPath | None = None) -> list[str]:
     """The tables with their hooks, maps and masquerade set, empty of services (replacing
     any tables of those names, atomically, together with what follows in the
-    transaction); with `fastpath`, table `ip lb` has the flowtable and its forward chain."""
+    transaction); table `ip lb` has the filter's map and chains (`firewall_base`), and
+    with `fastpath` the flowtable and its forward chain."""
     elements = masq_elements(hairpin)
     out = [
         *_replace(TABLE),
@@ -443,6 +529,7 @@ def base_script(hairpin: Iterable[NatPath] = (), fastpath: FastPath | None = Non
         "        type nat hook input priority 100; policy accept;",
         *COUNT,
         "    }",
+        *firewall_base(),
     ]
     if fastpath is not None:
         out += [
@@ -587,7 +674,7 @@ class DeleteConns:
 class AddSet:
     table: str
     name: str
-    spec: AffinitySet
+    spec: AffinitySet | SourceSet
 
     def nft(self) -> str:
         return f"add set ip {self.table} {self.name} {self.spec.nft()}"
@@ -661,6 +748,28 @@ class DeleteService:
 
 
 @dataclass(frozen=True, slots=True)
+class AddFirewall:
+    """The `firewall` map's element for `key`: its new connections go to `chain` first."""
+
+    table: str
+    key: ServiceKey
+    chain: str
+
+    def nft(self) -> str:
+        element = f"{key_fields(self.key)} : goto {self.chain}"
+        return f"add element ip {self.table} {FIREWALL} {{ {element} }}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteFirewall:
+    table: str
+    key: ServiceKey
+
+    def nft(self) -> str:
+        return f"delete element ip {self.table} {FIREWALL} {key_element(self.key)}"
+
+
+@dataclass(frozen=True, slots=True)
 class AddMasq:
     paths: frozenset[NatPath]
     table: str = TABLE
@@ -692,9 +801,35 @@ Op = (
     | AddAffinity
     | AddService
     | DeleteService
+    | AddFirewall
+    | DeleteFirewall
     | AddMasq
     | DeleteMasq
 )
+
+
+def firewall_ops(old: Firewall | None, new: Firewall | None) -> list[Op]:
+    """The operations that turn one service's filter from `old` into `new` (None: none):
+    its own objects only. New sources replace the set whole (its chain's rule is flushed
+    first, so that the set can go); the map element stays."""
+    if old == new:
+        return []
+    out: list[Op] = []
+    if old is not None:
+        if new is None:
+            out.append(DeleteFirewall(old.table, old.key))
+        out += [FlushChain(old.table, old.chain), DeleteSet(old.table, old.sources)]
+        if new is None:
+            out.append(DeleteChain(old.table, old.chain))
+            return out
+    assert new is not None
+    out.append(AddSet(new.table, new.sources, new.spec))
+    if old is None:
+        out.append(AddChain(new.table, new.chain))
+    out.append(AddRule(new.table, new.chain, SourceRule(new.sources)))
+    if old is None:
+        out.append(AddFirewall(new.table, new.key, new.chain))
+    return out
 
 
 def diff_ops(old: Rendered | None, new: Rendered | None) -> list[Op]:
@@ -705,7 +840,11 @@ def diff_ops(old: Rendered | None, new: Rendered | None) -> list[Op]:
     if old == new:
         return []
     t = new.table if new is not None else old.table if old is not None else TABLE
-    out: list[Op] = []
+    # the filter, before the service's map element: the kernel never takes a connection
+    # of the service without it
+    out = firewall_ops(old.firewall if old else None, new.firewall if new else None)
+    if old is not None and new is not None and replace(old, firewall=new.firewall) == new:
+        return out  # only the filter changed: the service's chains stay as they are
     if old is not None and old.dispatch and (new is None or not new.dispatch):
         out.append(DeleteService(t, old.key))
     old_eps = old.endpoints if old else {}

@@ -74,8 +74,11 @@ def not_expressible(s: Service) -> str | None:
         )
     if s.access_log:
         return "the access log is userspace-only"
-    if s.allowed_sources:
-        return "allowed_sources are enforced in userspace only so far"
+    # `allowed_sources` is no reason: both kernel paths drop a client outside them before
+    # NAT (nftables in its own table, IPVS in the host's: offload/nft_rules.py, firewall_*),
+    # in `ip` tables, so for an IPv4 VIP only
+    if s.allowed_sources and ip.version != 4:
+        return "the kernel's filter of allowed_sources is IPv4 only"
     if s.proxy_protocol is not None or s.accept_proxy_protocol:
         return (
             "the PROXY protocol (proxy_protocol, accept_proxy_protocol) is userspace-only:"

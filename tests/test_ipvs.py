@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 from lb.changes import Changes
 from lb.config import parse_config
-from lb.model import Endpoint, IPAddress, Mode, Protocol, Service, ServiceKey
+from lb.model import Endpoint, IPAddress, IPNetwork, Mode, Protocol, Service, ServiceKey
 from lb.persist import Affinity
 from offload.ipvs import IpvsDataplane
 from offload.ipvs_model import F_PERSISTENT, F_SCHED2, KConn, KDest, KService, sync_messages
@@ -254,7 +255,8 @@ def test_what_cannot_be_offloaded_says_why() -> None:
     assert "loopback" in str(why("   retries: 0\n", backend="127.0.0.1:80"))
     assert "idle timeout" in str(why("   retries: 0\n   idle_timeout: 1m\n"))
     assert "access log" in str(why("   retries: 0\n   access_log: true\n"))
-    assert "allowed_sources" in str(why("   retries: 0\n   allowed_sources: [10.9.0.0/16]\n"))
+    # both kernel paths filter clients themselves (nft_rules.firewall_*)
+    assert why("   retries: 0\n   allowed_sources: [10.9.0.0/16]\n") is None
     assert "IPv6" in str(
         why("   retries: 0\n", listen="[2001:db8::1]:80", backend="[2001:db8::2]:80")
     )
@@ -468,3 +470,38 @@ def test_daemon_commands_are_ipvs_genl_messages() -> None:
     with pytest.raises(OSError) as e:
         genl_request("no-such-family", daemon_command(NEW_DAEMON, "lb0", 76))
     assert e.value.errno == 2
+
+
+async def test_a_filtered_service_reaches_ipvs_only_behind_its_filter() -> None:
+    """IPVS cannot filter clients: the host's filter of `allowed_sources` (Host.set_filters)
+    is written before the service is, follows an edit of the sources alone, and goes only
+    once the service has; without a filter the service stays in userspace."""
+    fake = FakeIpvs()
+
+    async def filters(
+        sources: Mapping[ServiceKey, Iterable[IPNetwork]], *, whole: bool = False
+    ) -> None:
+        given = "; ".join(f"{k} {[str(n) for n in v]}" for k, v in sorted(sources.items()))
+        fake.log.append(f"filter{' whole' if whole else ''} {given}")
+
+    dp = IpvsDataplane(fake, owned_vip, hold=fake.hold, filters=filters)
+    (web,) = services(
+        WEB.replace("    retries: 0\n", "    retries: 0\n    allowed_sources: [10.9.0.0/16]\n")
+    )
+    assert dp.not_expressible(web) is None
+    await apply_diff(dp, [web])
+    assert fake.log[:2] == [
+        "filter tcp/10.0.0.1:80 ['10.9.0.0/16']",
+        "hold tcp/10.0.0.1:80",
+    ]
+    assert fake.log[-1] == "filter whole tcp/10.0.0.1:80 ['10.9.0.0/16']"
+    fake.log.clear()
+    wider = dataclasses.replace(web, allowed_sources=(ipaddress.ip_network("10.0.0.0/8"),))
+    await apply_diff(dp, [wider])
+    assert fake.log == ["filter tcp/10.0.0.1:80 ['10.0.0.0/8']"]  # IPVS untouched
+    fake.log.clear()
+    await apply_diff(dp, [])
+    assert fake.log == ["del-service tcp/10.0.0.1:80", "filter tcp/10.0.0.1:80 []"]
+    # no nft on the host: no filter, so such a service is not IPVS's
+    reason = IpvsDataplane(FakeIpvs(), owned_vip).not_expressible(web)
+    assert reason is not None and "allowed_sources need nft" in reason

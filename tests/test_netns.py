@@ -14,7 +14,7 @@ import pytest
 from offload.netns import inside
 from tests.support.netns import Topology, socket_in
 from tests.support.proc import LbProcess
-from tests.support.traffic import Backends, ask
+from tests.support.traffic import Backends, ask, connects
 
 pytestmark = [
     pytest.mark.netns,
@@ -159,6 +159,59 @@ async def test_host_hold_delays_new_connections_to_one_service_only(topo: Topolo
                 await asyncio.sleep(0.3)
             await late  # its SYN, sent again after the hold, gets through
             await connect(80, 2)
+        finally:
+            subprocess.run(["nft", "delete", "table", "ip", NFT_TABLE], capture_output=True)
+    for sock in listeners:
+        sock.close()
+
+
+async def test_host_filter_drops_clients_outside_allowed_sources_before_ipvs(
+    topo: Topology,
+) -> None:
+    """The IPVS dataplane's filter of `allowed_sources`, in the host's table (IPVS cannot
+    filter): new connections to the VIP:port from outside the ranges are dropped before
+    anything on the host sees them (a listener on the VIP stands in for IPVS, which this
+    kernel lacks); inside ones and other ports pass. Kept per service over edits, across
+    a rebuild of the table, repaired when the table went, removed with the service."""
+    from lb.model import Endpoint, Protocol, ServiceKey
+    from offload.host import NFT_TABLE, Host
+    from offload.nft_rules import NatPath
+
+    listeners = []
+    for port in (80, 81):
+        sock = socket_in(topo.lb)
+        sock.bind((topo.vip, port))
+        sock.listen(16)
+        sock.setblocking(False)
+        listeners.append(sock)
+
+    async def served(source: str, port: int = 80) -> bool:
+        return await connects(topo, source, port)  # False: dropped, not refused
+
+    def table() -> str:
+        return subprocess.run(
+            ["nft", "list", "table", "ip", NFT_TABLE], capture_output=True, text=True
+        ).stdout
+
+    host = Host("lbt-none")
+    key = ServiceKey(Protocol.TCP, Endpoint(ipaddress.ip_address(topo.vip), 80))
+    net = ipaddress.ip_network
+    with inside(topo.lb):  # nft runs in the balancer's namespace
+        try:
+            await host.set_filters({key: [net("10.99.1.2/31")]})
+            assert await served("10.99.1.2") and await served("10.99.1.3")
+            assert not await served("10.99.1.5")
+            assert await served("10.99.1.5", port=81)  # another port of the VIP: not filtered
+            await host.set_filters({key: [net("10.99.1.4/30")]})  # an edit
+            assert await served("10.99.1.5") and not await served("10.99.1.2")
+            # the masquerade rebuilds the table whole: the filter is part of it
+            await host.set_nat({NatPath(ipaddress.ip_address(topo.vip), Protocol.TCP, key.listen)})
+            assert "10.99.1.4/30" in table() and not await served("10.99.1.2")
+            subprocess.run(["nft", "delete", "table", "ip", NFT_TABLE], check=True)
+            await host.set_filters({key: [net("10.99.1.2/32")]})  # repaired: rebuilt whole
+            assert await served("10.99.1.2") and not await served("10.99.1.5")
+            await host.set_filters({}, whole=True)  # the service's filter goes
+            assert "fw_" not in table() and await served("10.99.1.5")
         finally:
             subprocess.run(["nft", "delete", "table", "ip", NFT_TABLE], capture_output=True)
     for sock in listeners:

@@ -21,6 +21,7 @@ from tests.support.traffic import (
     ask,
     client_conn,
     config_yaml,
+    connects,
     promote_and_demote_under_load,
     running_lb,
     service_yaml,
@@ -102,6 +103,55 @@ async def test_lb_run_nftables_serves_from_the_kernel_and_lb_list_says_so(
         assert await lb.wait() == 0
     assert lb_table(topo) == ""  # stopped: table lb and the device are gone
     assert "lb0" not in run_in(topo, "ip", "-br", "link")
+
+
+def fenced(sources: str) -> str:
+    return service_yaml(
+        "fenced",
+        80,
+        ["{address: 10.99.2.2:8080}", "{address: 10.99.2.3:8080}"],
+        f"    scheduler: rr\n    retries: 0\n    allowed_sources: [{sources}]\n",
+    )
+
+
+async def test_allowed_sources_are_enforced_in_the_kernel(
+    topo: Topology, backends: Backends, tmp_path: Path
+) -> None:
+    """A service with `allowed_sources` (Kubernetes' loadBalancerSourceRanges) goes to the
+    kernel: a client outside them gets no answer, one inside is NATed (the backend sees
+    it); a reload that moves the ranges takes effect as a change to that service."""
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(config_yaml([fenced("10.99.1.2/31, '2001:db8::/32'")], "nftables"))
+    async with running_lb(topo, cfg) as lb:
+        table = lb_table(topo)
+        assert "10.99.0.10 . tcp . 80 : goto fw_tcp_10_99_0_10_80" in table
+        assert "10.99.0.10 . tcp . 80 : goto svc_tcp_10_99_0_10_80" in table
+        assert (await ask(topo, "10.99.1.2")).endswith("saw 10.99.1.2")
+        assert (await ask(topo, "10.99.1.3")).endswith("saw 10.99.1.3")
+        assert not await connects(topo, "10.99.1.5")
+        started = next(e for e in lb.events if e.get("event") == "lb.started")
+        code, out, err = await run_cli(
+            "list", "-n", "--admin", started["admin"], prefix=["ip", "netns", "exec", topo.lb]
+        )
+        assert code == 0, err
+        assert "TCP  10.99.0.10:80 rr" in out and "nftables" in out, out
+        assert "Not offloaded:" not in out, out
+        n = len(lb.events)
+        cfg.write_text(config_yaml([fenced("10.99.1.4/30")], "nftables"))
+        lb.signal(signal.SIGHUP)
+        await lb.wait_event("config.reloaded", after=n)
+        for _ in range(50):
+            if await connects(topo, "10.99.1.5"):
+                break
+        assert (await ask(topo, "10.99.1.5")).endswith("saw 10.99.1.5")
+        assert not await connects(topo, "10.99.1.2")
+        assert "10.99.1.4/30" in lb_table(topo)
+        services = await admin(topo, lb, "GET", "/api/v1/services")
+        (svc,) = services["services"]
+        assert svc["dataplane"] == "nftables", svc
+        lb.signal(signal.SIGTERM)
+        assert await lb.wait() == 0
+    assert lb_table(topo) == ""  # the filter went with table lb
 
 
 async def set_state(topo: Topology, lb: LbProcess, backend: str, state: str) -> None:

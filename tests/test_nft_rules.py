@@ -15,9 +15,11 @@ from offload.nft_rules import (
     MAX_CYCLE,
     Names,
     affinity_ops,
+    base_script,
     cycle,
     diff_ops,
     diff_script,
+    firewall_of,
     not_expressible_nft,
     render,
     service_id,
@@ -299,3 +301,98 @@ def test_affinity_goes_into_the_backends_sets_before_the_service_is_in_the_map()
     assert kinds.index("AddAffinity") > max(i for i, k in enumerate(kinds) if k == "AddSet")
     assert kinds.index("AddAffinity") == kinds.index("AddService") - 1
     assert with_affinity(ops, []) == ops
+
+
+def test_allowed_sources_render_a_filter_that_comes_before_the_service() -> None:
+    """A service with `allowed_sources`: its chain `fw_<id>` in table lb drops a client
+    outside the interval set `src_<id>` (IPv4 networks, merged), reached through the map
+    `firewall` from filter chains that run before DNAT, for new connections only."""
+    (s,) = svc(
+        "rr",
+        ", allowed_sources: [10.1.0.0/16, 10.1.2.0/24, 192.168.1.7, '2001:db8::/32']",
+        weights="1",
+    )
+    r = render(s)
+    assert r.firewall is not None and r.firewall.table == "lb"
+    sid = service_id(s.key)
+    script = diff_script(None, r)
+    assert script[:4] == [
+        f"add set ip lb src_{sid} "
+        "{ type ipv4_addr; flags interval; elements = { 10.1.0.0/16, 192.168.1.7 }; }",
+        f"add chain ip lb fw_{sid}",
+        f"add rule ip lb fw_{sid} ip saddr != @src_{sid} drop",
+        f"add element ip lb firewall {{ 10.0.0.1 . tcp . 80 : goto fw_{sid} }}",
+    ]
+    # in the transaction that makes the service, before its map element
+    assert script[-1].startswith(f"add element ip {shard_of(s.key)} services ")
+    table_lb = "\n".join(base_script())
+    for hook in ("prerouting", "output"):
+        assert f"type filter hook {hook} priority -110; policy accept;" in table_lb
+    assert "ct state new ip daddr . meta l4proto . th dport vmap @firewall" in table_lb
+    # no allowed_sources: no filter, nothing in table lb but the counters
+    (plain,) = svc("rr", weights="1")
+    assert render(plain).firewall is None
+    assert not any(
+        "firewall" in line or "src_" in line for line in diff_script(None, render(plain))
+    )
+
+
+def test_sources_of_no_ipv4_network_let_no_ipv4_client_in() -> None:
+    """As the userspace proxy's check: an IPv6 range never matches an IPv4 client, so a
+    list of IPv6 ranges only leaves the set empty (everyone dropped); 0.0.0.0/0 is everyone."""
+    (v6,) = svc("rr", ", allowed_sources: ['2001:db8::/32']", weights="1")
+    r = render(v6)
+    assert r.firewall is not None and r.firewall.spec.networks == ()
+    assert r.firewall.spec.nft() == "{ type ipv4_addr; flags interval; }"
+    (anyone,) = svc("rr", ", allowed_sources: [0.0.0.0/0]", weights="1")
+    assert "elements = { 0.0.0.0/0 }" in diff_script(None, render(anyone))[0]
+    ipv6 = ServiceKey(Protocol.TCP, Endpoint.parse("[2001:db8::1]:80"))
+    assert firewall_of(ipv6, [ipaddress.ip_network("2001:db8::/32")]) is None  # not offloaded
+
+
+def test_an_edit_of_allowed_sources_replaces_only_that_services_set() -> None:
+    (s,) = svc("rr", ", allowed_sources: [10.1.0.0/16]", weights="1,1")
+    wider = dataclasses.replace(s, allowed_sources=(ipaddress.ip_network("10.0.0.0/8"),))
+    sid = service_id(s.key)
+    # the chain's rule goes first, so that the set can go; map element and service untouched
+    assert diff_script(render(s), render(wider)) == [
+        f"flush chain ip lb fw_{sid}",
+        f"delete set ip lb src_{sid}",
+        f"add set ip lb src_{sid} "
+        "{ type ipv4_addr; flags interval; elements = { 10.0.0.0/8 }; }",
+        f"add rule ip lb fw_{sid} ip saddr != @src_{sid} drop",
+    ]
+    # a backend edit leaves the filter alone
+    drained = s.with_backends(
+        (dataclasses.replace(s.backends[0], admin=AdminState.DRAIN), s.backends[1])
+    )
+    edit = diff_script(render(s), render(drained))
+    assert edit and not any("fw_" in line or "src_" in line for line in edit)
+    # sources dropped: the filter goes, the service stays
+    opened = dataclasses.replace(s, allowed_sources=())
+    assert diff_script(render(s), render(opened)) == [
+        "delete element ip lb firewall { 10.0.0.1 . tcp . 80 }",
+        f"flush chain ip lb fw_{sid}",
+        f"delete set ip lb src_{sid}",
+        f"delete chain ip lb fw_{sid}",
+    ]
+    # and the service removed: its filter with it
+    gone = diff_script(render(s), None)
+    assert gone[:4] == diff_script(render(s), render(opened))
+    assert gone[-1] == f"delete chain ip {shard_of(s.key)} svc_{sid}"
+
+
+async def test_one_services_filter_edit_is_one_small_transaction_whatever_the_count() -> None:
+    fake = FakeNft()
+    dp = NftDataplane(fake)
+    many = svc("rr", ", allowed_sources: [10.1.0.0/16]", n=300, weights="1")
+    await apply_diff(dp, many)
+    edited = list(many)
+    edited[150] = dataclasses.replace(
+        edited[150], allowed_sources=(ipaddress.ip_network("10.2.0.0/16"),)
+    )
+    await apply_diff(dp, edited)
+    script = fake.scripts[-1].splitlines()
+    sid = service_id(edited[150].key)
+    assert dp.writes == 2 and len(script) == 4
+    assert all(sid in line for line in script), script

@@ -26,6 +26,7 @@ from tests.support.traffic import (
     ask,
     ask_udp,
     client_conn,
+    connects,
     leaving,
 )
 
@@ -221,6 +222,52 @@ async def test_foreign_tables_untouched_and_a_stale_table_replaced(
     assert LB_SIDE  # (the userspace path is not part of these tests)
 
 
+async def test_allowed_sources_drop_other_clients_before_dnat(
+    topo: Topology, backends: Backends, make_dp: Callable[[], NftDataplane]
+) -> None:
+    """`allowed_sources` in the kernel: a client outside them gets no answer (dropped
+    before DNAT, as kube-proxy drops outside loadBalancerSourceRanges), one inside is
+    NATed to a backend; an edit applied as a change moves the line for new connections
+    (an established one goes on: the filter sees first packets only); the service's
+    removal takes its filter."""
+    (web,) = config(
+        "services:" + WEB.replace("retries: 0", "retries: 0\n    allowed_sources: [10.99.1.2/31]")
+    )
+    (dns,) = config(
+        "services:"
+        + DNS.replace("scheduler: rr", "scheduler: rr\n    allowed_sources: [10.99.1.3]")
+    )
+    dp = make_dp()
+    await apply(topo, dp, [web, dns])
+    assert (await ask(topo, "10.99.1.2")).endswith("saw 10.99.1.2")  # NAT: the kernel's
+    assert (await ask(topo, "10.99.1.3")).endswith("saw 10.99.1.3")
+    assert not await connects(topo, "10.99.1.5")
+    data, _ = await ask_udp(topo, "10.99.1.3", b"q")
+    assert data == b"10.99.2.5 saw 10.99.1.3:q"
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(ask_udp(topo, "10.99.1.2", b"q"), 1)
+    # a client on the balancer itself (its source is the VIP): outside, dropped too
+    assert not await connects(topo, topo.vip, ns=topo.lb)
+    reader, writer = await client_conn(topo, "10.99.1.2")
+    await reader.readline()
+    narrower = dataclasses.replace(web, allowed_sources=(ipaddress.ip_network("10.99.1.4/30"),))
+    await apply(topo, dp, [narrower, dns])
+    assert (await ask(topo, "10.99.1.5")).endswith("saw 10.99.1.5")
+    assert not await connects(topo, "10.99.1.2")
+    writer.write(b"still there")  # established before the edit: goes on
+    assert await asyncio.wait_for(reader.readexactly(11), 5) == b"still there"
+    writer.close()
+    opened = dataclasses.replace(narrower, allowed_sources=())
+    await apply(topo, dp, [opened, dns])
+    assert (await ask(topo, "10.99.1.2")).endswith("saw 10.99.1.2")
+    assert await connects(topo, topo.vip, ns=topo.lb)
+    await apply(topo, dp, [opened])
+    ruleset = nft_in(topo, "list", "ruleset")
+    assert "fw_" not in ruleset and "src_" not in ruleset
+    with inside(topo.lb):
+        await dp.remove_all()
+
+
 MIXED = """
   - name: sticky
     listen: 10.99.0.10:80
@@ -235,6 +282,7 @@ MIXED = """
     scheduler: sh
     scheduler_flags: [sh-port]
     retries: 0
+    allowed_sources: [10.99.1.0/24, 10.99.1.7, 0.0.0.0/8, 255.255.255.0/24]
     backends:
       - {address: 10.99.2.2:8080, weight: 2}
       - {address: 10.99.2.3:8080}
@@ -242,13 +290,14 @@ MIXED = """
     protocol: udp
     listen: 10.99.0.10:53
     scheduler: rr
+    allowed_sources: ['2001:db8::/32']
     backends: [{address: 10.99.2.5:5353}, {address: 10.99.2.4:53}]
 """
 
 
 def edits(services: list[Service]) -> list[list[Service]]:
     """A sequence of states touching every kind of object: add, drain, new timeout, a
-    backend removed, a service removed."""
+    backend removed with new allowed sources, a service removed."""
     sticky, hashed, udp = services
     drained = sticky.with_backends(
         (dataclasses.replace(sticky.backends[0], admin=AdminState.DRAIN), sticky.backends[1])
@@ -257,7 +306,12 @@ def edits(services: list[Service]) -> list[list[Service]]:
     longer = dataclasses.replace(
         sticky, persistence=dataclasses.replace(sticky.persistence, timeout=90)
     )
-    fewer = hashed.with_backends(hashed.backends[:1])
+    fewer = dataclasses.replace(
+        hashed.with_backends(hashed.backends[:1]),
+        allowed_sources=tuple(
+            ipaddress.ip_network(n) for n in ("11.0.0.0/8", "12.0.0.0/8", "10.99.1.7")
+        ),
+    )
     return [
         [sticky],
         [sticky, hashed, udp],
@@ -289,7 +343,8 @@ async def test_changes_over_netlink_leave_the_same_ruleset_as_nft(topo: Topology
     assert "dnat ip to numgen inc mod 2 map { 0 : 10.99.2.4 . 53" in ruleset
     assert "numgen inc mod 5 vmap { 0 : goto ep_" in ruleset
     assert "timeout 1m30s" in seen["netlink"][3]
-    assert "svc_" not in seen["netlink"][-1]
+    assert "ip saddr != @src_tcp_10_99_0_10_81 drop" in seen["netlink"][3]
+    assert "svc_" not in seen["netlink"][-1] and "fw_" not in seen["netlink"][-1]
 
 
 async def test_a_change_of_thousands_of_services_is_split_over_messages(topo: Topology) -> None:

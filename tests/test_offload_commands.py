@@ -120,3 +120,28 @@ def test_a_config_the_kernel_can_carry_whole_has_nothing_staying(tmp_path: Path)
         "-A -t 10.0.0.5:25 -s rr",
         "-a -t 10.0.0.5:25 -r 10.0.1.5:2525 -m -w 2",
     ]
+
+
+@pytest.mark.parametrize("mode", ["ipvs", "nftables"])
+def test_allowed_sources_are_carried_with_their_filter(tmp_path: Path, mode: str) -> None:
+    """`allowed_sources` keeps no service in userspace: the plan shows its filter, in
+    table `ip lb` for nftables, in the host's `ip lb_ipvs` (as nft comments) for IPVS."""
+    path = tmp_path / "lb.yaml"
+    path.write_text(
+        f"dataplane: {mode}\nservices:\n  - name: one\n    listen: 10.0.0.5:25\n    scheduler: rr\n"
+        "    retries: 0\n    allowed_sources: [10.9.0.0/16, 192.0.2.7]\n"
+        "    backends: [{address: 10.0.1.5:2525}]\n"
+    )
+    cfg = load_config(path)
+    out = plan(cfg, cfg.dataplane).splitlines()
+    assert "# stays in userspace:" not in out
+    table, prefix = ("lb_ipvs", "# nft: ") if mode == "ipvs" else ("lb", "")
+    assert (
+        f"{prefix}add set ip {table} src_tcp_10_0_0_5_25 "
+        "{ type ipv4_addr; flags interval; elements = { 10.9.0.0/16, 192.0.2.7 }; }"
+    ) in out
+    assert (
+        f"{prefix}add element ip {table} firewall {{ 10.0.0.5 . tcp . 25 : goto fw_tcp_10_0_0_5_25 }}"
+    ) in out
+    if mode == "ipvs":
+        assert out[1:3] == ["-A -t 10.0.0.5:25 -s rr", "-a -t 10.0.0.5:25 -r 10.0.1.5:2525 -m -w 1"]

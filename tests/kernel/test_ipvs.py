@@ -18,6 +18,7 @@ from tests.support.traffic import (
     ask_udp,
     client_conn,
     config_yaml,
+    connects,
     running_lb,
     service_yaml,
 )
@@ -219,3 +220,49 @@ async def test_drift_is_repaired_within_the_resync_period(
         assert "tcp/10.99.0.10:80 missing" in repaired["msg"]
         assert ipvs_save(topo) == applied
         assert (await ask(topo, "10.99.1.2")).endswith("saw 10.99.1.2")  # through IPVS again
+
+
+async def test_allowed_sources_are_enforced_before_ipvs(
+    topo: Topology, backends: Backends, tmp_path: Path
+) -> None:
+    """IPVS cannot filter clients: lb's table `ip lb_ipvs` drops new connections to the
+    VIP:port from outside `allowed_sources` before IPVS sees them; a client inside is
+    NATed by IPVS. A reload that moves the ranges changes that service's filter only, and
+    the filter goes once the service has."""
+
+    def fenced(sources: str) -> str:
+        return WEB.replace(
+            "    retries: 0\n", f"    retries: 0\n    allowed_sources: [{sources}]\n"
+        )
+
+    def lb_ipvs() -> str:
+        return run_in(topo, "nft", "list", "table", "ip", "lb_ipvs", check=False)
+
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(config_yaml([fenced("10.99.1.2/31"), DNS], "ipvs"))
+    async with running_lb(topo, cfg) as lb:
+        assert "TCP  10.99.0.10:80 rr" in ipvsadm(topo)
+        assert "10.99.0.10 . tcp . 80 : goto fw_tcp_10_99_0_10_80" in lb_ipvs()
+        assert (await ask(topo, "10.99.1.2")).endswith("saw 10.99.1.2")  # IPVS NAT
+        assert not await connects(topo, "10.99.1.5", timeout=3)  # dropped: no answer
+        data, _ = await ask_udp(topo, "10.99.1.5", b"q")  # another service: not filtered
+        assert data == b"10.99.2.5 saw 10.99.1.5:q"
+        n = len(lb.events)
+        cfg.write_text(config_yaml([fenced("10.99.1.4/30"), DNS], "ipvs"))
+        lb.signal(signal.SIGHUP)
+        await lb.wait_event("config.reloaded", after=n)
+        for _ in range(20):
+            if await connects(topo, "10.99.1.5", timeout=3):
+                break
+        assert (await ask(topo, "10.99.1.5")).endswith("saw 10.99.1.5")
+        assert not await connects(topo, "10.99.1.2", timeout=3)
+        assert "10.99.1.4/30" in lb_ipvs() and "10.99.1.2/31" not in lb_ipvs()
+        n = len(lb.events)
+        cfg.write_text(config_yaml([DNS], "ipvs"))
+        lb.signal(signal.SIGHUP)
+        await lb.wait_event("config.reloaded", after=n)
+        for _ in range(100):
+            if "fw_" not in lb_ipvs():
+                break
+            await asyncio.sleep(0.5)
+        assert "fw_" not in lb_ipvs() and "TCP  10.99.0.10:80" not in ipvsadm(topo)

@@ -98,6 +98,26 @@ async def client_conn(
     return await asyncio.open_connection(sock=sock)
 
 
+async def connects(
+    topo: Topology, source: str, port: int = 80, ns: str | None = None, timeout: float = 0.5
+) -> bool:
+    """Whether a TCP connection from `source` (in the client namespace, or `ns`) to the
+    VIP is answered within `timeout`: False for a SYN dropped (no answer, not a refusal,
+    which raises ConnectionRefusedError)."""
+    sock = socket_in(ns or topo.client)
+    sock.bind((source, 0))
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(
+            asyncio.get_running_loop().sock_connect(sock, (topo.vip, port)), timeout
+        )
+    except TimeoutError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
 async def ask(
     topo: Topology, source: str, port: int = 80, sport: int = 0, vip: str | None = None
 ) -> str:
