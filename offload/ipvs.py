@@ -4,7 +4,7 @@ Work is that of the change, as in kube-proxy's proxiers: `apply(desired, changes
 only the services `changes` names (their destinations read before and after, one service's
 dump each), and never dumps the kernel's service table. A full reconcile (dump,
 diff, write the difference) runs on the first apply, after one that failed or surprised
-it, and every RESYNC_PERIOD from `refresh()`: that one
+it, and every RESYNC_PERIOD from `refresh()` (longer at scale: RESYNC_DUTY): that one
 repairs drift (an `ipvsadm -D` of an lb service, a destination added by hand) and says
 so (`ipvs.drift_repaired`). Destination edits come from `lb.plan` (the userspace
 reference's order, so the kernel's list order and scheduler state match it). Only
@@ -42,8 +42,16 @@ log = logging.getLogger("lb.offload")
 NO_ERRORS: dict[ErrorReason, int] = dict.fromkeys(ErrorReason, 0)
 
 #: How often `refresh()` reconciles the whole kernel against what lb applied (kube-proxy's
-#: syncPeriod): the bound on how long drift lasts.
+#: syncPeriod): the bound on how long drift lasts...
 RESYNC_PERIOD = 30.0
+#: ... or this many times as long as the last resync took, if longer: a resync dumps every
+#: service's destinations (10,000 dumps at 10,000 services), and must not keep an idle lb
+#: busy (at most 0.5% of a core).
+RESYNC_DUTY = 200.0
+#: A service's destinations are read again while its counters moved this recently: its
+#: connections' entries still change state and expire with no packet (TCP's FIN_WAIT and
+#: TIME_WAIT last 2 minutes, an idle UDP entry 5).
+STIRRED = 330.0
 
 Hold = Callable[[ServiceKey], AbstractAsyncContextManager[None]]
 Nat = Callable[[set[NatPath]], Awaitable[None]]
@@ -122,11 +130,15 @@ class IpvsDataplane:
         self._services: dict[ServiceKey, KService] = {}
         self._dests: dict[ServiceKey, list[KDest]] = {}
         self._quiesced: dict[tuple[ServiceKey, Endpoint], float] = {}
+        self._stirred: dict[ServiceKey, float] = {}  # when each one's counters last moved
+        #: destinations a reconcile read and left as they were, for the refresh ending it
+        self._just_read: dict[ServiceKey, list[KDest]] = {}
         self._vips: set[IPAddress] = set()  # lb's device's addresses, as last read
         self._paths: dict[ServiceKey, set[NatPath]] = {}  # each service's masquerade paths
         self._path_count = PathCounts()  # how many services need each
         self._reconciled = False  # a full reconcile went through, and nothing failed since
         self._resynced_at = 0.0
+        self.resync_every = RESYNC_PERIOD  # longer while resyncs are long (RESYNC_DUTY)
 
     # --- apply ---------------------------------------------------------------------------
 
@@ -201,6 +213,7 @@ class IpvsDataplane:
         if gone:
             self._quiesced = {k: t for k, t in self._quiesced.items() if k[0] not in gone}
             await self._filter(dict.fromkeys(gone, ()))  # once their IPVS services went
+        self._just_read.clear()  # a refresh reads them again, later
         await self._set_nat_of(changes.touched())
 
     async def _reconcile(
@@ -212,6 +225,7 @@ class IpvsDataplane:
         """Dump the kernel, diff every service against `desired`, write the difference.
         `periodic`: a resync of what was applied, where any write is drift repaired."""
         now = self.clock()
+        self._just_read.clear()
         vips = self._vips = await self.owned_vips()
         kernel = {k.key: k for k in await self.client.services()}
         self.foreign = {key for key in kernel if key.listen.ip not in vips}
@@ -365,7 +379,11 @@ class IpvsDataplane:
             )
         elif have != want:
             await self.client.set_service(want)
-        return await self._apply_dests(s, await self.client.dests(s.key), now)
+        current = await self.client.dests(s.key)
+        written = await self._apply_dests(s, current, now)
+        if not written:
+            self._just_read[s.key] = current  # for the refresh that ends a reconcile
+        return written
 
     async def _seed(self, s: Service, seeds: Sequence[Affinity]) -> None:
         """Create the service's persistence templates (`seeds`) through the injector;
@@ -435,12 +453,14 @@ class IpvsDataplane:
         """Re-read counters and connections; never in the middle of an apply (one netlink
         client: their requests and answers must not interleave)."""
         async with self._netlink:
-            if self._reconciled and self.clock() - self._resynced_at >= RESYNC_PERIOD:
+            start = self.clock()
+            if self._reconciled and start - self._resynced_at >= self.resync_every:
                 try:
                     await self._reconcile(list(self._desired.values()), periodic=True)
                 except BaseException:
                     self._reconciled = False
                     raise
+                self.resync_every = max(RESYNC_PERIOD, RESYNC_DUTY * (self.clock() - start))
             else:
                 await self._refresh()
             await self._settle()
@@ -461,10 +481,35 @@ class IpvsDataplane:
                 self._dests[key] = await self.client.dests(key)
 
     async def _refresh(self) -> None:
-        """Re-read counters and connection counts (a dump per owned service)."""
+        """Re-read counters and connection counts: one dump of the services (with their
+        counters), then a dump of the destinations of each service that may have moved:
+        new, its counters moved, or they moved within STIRRED (its connections' counts
+        may still change as they expire, with no packet), or it has quiesced
+        destinations. An idle service costs nothing past the first dump (10,000 services:
+        one dump a refresh, not 10,001)."""
+        now = self.clock()
         services = {k.key: k for k in await self.client.services()}
+        before = self._services
         self._services = {k: v for k, v in services.items() if k in self._desired}
-        self._dests = {k: await self.client.dests(k) for k in self._services}
+        quiesced = {key for key, _ in self._quiesced}
+        dests: dict[ServiceKey, list[KDest]] = {}
+        just_read, self._just_read = self._just_read, {}
+        for key, svc in self._services.items():
+            old = before.get(key)
+            if (old.stats if old is not None else KStats()) != svc.stats:
+                self._stirred[key] = now
+            if key in just_read:  # by the reconcile this refresh ends, nothing written since
+                dests[key] = just_read[key]
+            elif (
+                key not in self._dests
+                or now - self._stirred.get(key, -STIRRED) < STIRRED
+                or key in quiesced
+            ):
+                dests[key] = await self.client.dests(key)
+            else:
+                dests[key] = self._dests[key]
+        self._dests = dests
+        self._stirred = {k: t for k, t in self._stirred.items() if k in self._services}
         self._conns = self.conn_table()
 
     def dests(self, key: ServiceKey) -> list[KDest]:

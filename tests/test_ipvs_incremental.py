@@ -12,7 +12,7 @@ import pytest
 from lb.changes import Changes
 from lb.model import Backend, Endpoint, IPAddress, Protocol, SchedulerName, Service, ServiceKey
 from offload.host import nat_paths
-from offload.ipvs import RESYNC_PERIOD, IpvsDataplane
+from offload.ipvs import RESYNC_DUTY, RESYNC_PERIOD, STIRRED, IpvsDataplane
 from offload.ipvs_model import KDest, KService
 from offload.nft_rules import NatPath
 from tests.support.fake_ipvs import FakeIpvs
@@ -180,6 +180,65 @@ async def test_drift_is_repaired_by_the_periodic_resync(caplog: pytest.LogCaptur
     with caplog.at_level(logging.WARNING, logger="lb.offload"):
         await t.dp.refresh()  # nothing drifted: nothing said, nothing written
     assert not [r for r in caplog.records if "IPVS no longer had" in r.getMessage()]
+
+
+async def test_a_refresh_reads_the_destinations_only_of_services_that_moved() -> None:
+    """Counters: one dump of the services, then the destinations of those whose counters
+    moved within STIRRED (their entries still expire with no packet); an idle service
+    costs nothing past the first dump."""
+    t = Setup(100)
+    await t.dp.apply(t.services, Changes(t.services))
+    t.dp.resync_every = 1e9  # counters only: no periodic resync in this test
+    t.clock.now = 1.0
+    await t.dp.refresh()
+    t.clock.now = STIRRED + 2
+    before = t.counts()
+    await t.dp.refresh()
+    assert tuple(a - b for a, b in zip(t.counts(), before, strict=True)) == (1, 0, 0, 0)
+    busy = t.services[7].key
+    t.fake.set_conns(busy, t.services[7].backends[0].address, 1)  # its counters move
+    t.clock.now = STIRRED + 3
+    before = t.counts()
+    await t.dp.refresh()
+    assert tuple(a - b for a, b in zip(t.counts(), before, strict=True)) == (1, 1, 0, 0)
+    (snap,) = t.dp.observe(only=busy)
+    assert sum(b.active for b in snap.backends) == 1
+    # the connection closed, and its entry goes from active to inactive with no packet
+    t.fake.lists[busy] = [replace(d, active=0, inactive=d.active) for d in t.fake.lists[busy]]
+    t.clock.now = STIRRED + 4
+    await t.dp.refresh()  # still read: its counters moved a second ago
+    (snap,) = t.dp.observe(only=busy)
+    assert [sum(b.active for b in snap.backends), sum(b.inactive for b in snap.backends)] == [
+        0,
+        1,
+    ]
+    t.clock.now = 2 * STIRRED + 10
+    before = t.counts()
+    await t.dp.refresh()
+    assert tuple(a - b for a, b in zip(t.counts(), before, strict=True)) == (1, 0, 0, 0)
+
+
+async def test_the_resync_period_grows_with_what_a_resync_costs() -> None:
+    """A resync dumps every service's destinations: when that takes long (a slow kernel,
+    many services), the next waits RESYNC_DUTY times as long, so an idle lb stays idle."""
+    t = Setup(10)
+    await t.dp.apply(t.services, Changes(t.services))
+    read = t.fake.dests
+
+    async def slow(key: ServiceKey) -> list[KDest]:
+        t.clock.now += 0.05  # 10 services: half a second a resync
+        return await read(key)
+
+    t.fake.dests = slow  # type: ignore[method-assign]
+    t.clock.now = RESYNC_PERIOD + 1
+    before = t.fake.service_dumps
+    await t.dp.refresh()
+    assert t.fake.service_dumps > before  # the resync ran
+    assert t.dp.resync_every == pytest.approx(RESYNC_DUTY * 0.5)  # each read once
+    t.clock.now += RESYNC_PERIOD + 1
+    resynced = t.fake.dest_dumps
+    await t.dp.refresh()  # 30 s later: counters only (no service moved: no destinations)
+    assert t.fake.dest_dumps == resynced
 
 
 async def test_masquerade_paths_are_rewritten_only_when_they_change() -> None:

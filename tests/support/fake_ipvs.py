@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from lb.model import Endpoint, ServiceKey
-from offload.ipvs_model import KDest, KService
+from offload.ipvs_model import KDest, KService, KStats
 
 
 class FakeIpvs:
@@ -78,7 +78,12 @@ class FakeIpvs:
     def set_conns(
         self, key: ServiceKey, endpoint: Endpoint, active: int, inactive: int = 0
     ) -> None:
+        """Connections came or went: their packets move the service's counters too, as in
+        the kernel (a refresh re-reads the destinations of a service whose counters moved)."""
         self.lists[key] = [
             replace(d, active=active, inactive=inactive) if d.endpoint == endpoint else d
             for d in self.lists[key]
         ]
+        svc = self.svcs[key]
+        moved = KStats(svc.stats.conns + 1, svc.stats.inpkts + 1, svc.stats.outpkts + 1)
+        self.svcs[key] = replace(svc, stats=moved)
