@@ -24,6 +24,7 @@ endian; register contents are in the order the packet has them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import itertools
@@ -78,6 +79,7 @@ NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
 NLM_F_DUMP_INTR = 0x10  # the ruleset changed during the dump: it may be inconsistent
 NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
 NLA_TYPE_MASK = 0x3FFF  # an attribute's kind without NLA_F_NESTED, NLA_F_NET_BYTEORDER
@@ -832,6 +834,36 @@ class NftNetlink:
             if consistent:
                 break
         return dict(dump.items)
+
+    def counter(self, table: str, name: str) -> tuple[int, int] | None:
+        """One named counter of table `ip TABLE`: (packets, bytes), or None if there is
+        none. NFT_MSG_GETOBJ for that object alone: a lookup, not a dump of them all."""
+        request = string(OBJ_TABLE, table) + string(OBJ_NAME, name)
+        request += u32(OBJ_TYPE, OBJECT_COUNTER)
+        items: list[tuple[str, tuple[int, int]]] = []
+        reader = _CounterReader(items, table.encode())
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | MSG_GETOBJ
+        buf = self._buffer
+        with self._lock:
+            self._drain()  # nothing stale may be taken for this answer
+            self.sock.sendall(_message(kind, NLM_F_REQUEST | NLM_F_ACK, DUMP_SEQ, request))
+            while True:  # the object, then the acknowledgement (or only an error)
+                size = self._receive(buf)
+                offset = 0
+                while offset + 16 <= size:
+                    length, answer, _, seq, _ = _HEADER.unpack_from(buf, offset)
+                    if length < 16 or offset + length > size:
+                        raise NftNetlinkError(f"a malformed netlink answer ({length} bytes)")
+                    if seq == DUMP_SEQ and answer == NLMSG_ERROR:
+                        (code,) = _INT.unpack_from(buf, offset + 16)
+                        if code == -errno.ENOENT:
+                            return None
+                        if code < 0:
+                            raise OSError(-code, os.strerror(-code))
+                        return dict(items).get(name)
+                    if seq == DUMP_SEQ and answer >> 8 == NFNL_SUBSYS_NFTABLES:
+                        reader(buf, offset + 20, offset + length)  # past struct nfgenmsg
+                    offset += (length + 3) & ~3
 
     def set_sizes(self, table: str, names: Iterable[str]) -> dict[str, int]:
         """How many elements each of these sets of table `ip TABLE` holds, as `nft list

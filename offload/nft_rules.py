@@ -460,12 +460,18 @@ def _dispatch(s: Service, live: list[Endpoint]) -> DispatchRule | DnatRule:
 # --- transactions ----------------------------------------------------------------------------
 
 
+#: A counter of every connection lb's `conns` counters count (the rule below counts it
+#: once the map's counter is found): an idle lb reads this one object each refresh, and
+#: dumps the per-backend counters only when it moved (a dump of 100,000 counters costs
+#: the kernel about a second and a half).
+TOTAL = "total"
+
 #: Count a connection lb DNATed, once: the nat hooks see only its first packet, after
 #: the DNAT (postrouting, or input for a backend on this host). Per protocol, for nft
 #: to know the type of the original destination port.
 COUNT = [
     f"        meta l4proto {p.value} counter name ct original ip daddr . meta l4proto . "
-    f"ct original proto-dst . ip daddr . {p.value} dport map @conns"
+    f'ct original proto-dst . ip daddr . {p.value} dport map @conns counter name "{TOTAL}"'
     for p in Protocol
 ]
 
@@ -518,6 +524,7 @@ def base_script(hairpin: Iterable[NatPath] = (), fastpath: FastPath | None = Non
         "    set masq_paths { type ipv4_addr . ipv4_addr . inet_proto . inet_service; "
         + (f"elements = {{ {elements} }}; " if elements else "")
         + "}",
+        f"    counter {TOTAL} {{ }}",
         "    map conns { type ipv4_addr . inet_proto . inet_service . ipv4_addr . "
         "inet_service : counter; }",
         "    chain postrouting {",

@@ -34,6 +34,7 @@ from offload.nft_netlink import NftNetlink, NftNetlinkError
 from offload.nft_rules import (
     FLOWTABLE,
     TABLE,
+    TOTAL,
     AddFlowtableDevices,
     AddMasq,
     DeleteMasq,
@@ -147,6 +148,9 @@ class NftDataplane:
         self._pins = PathCounts()  # hairpin paths, by how many services need each
         self._desired: dict[ServiceKey, Service] = {}
         self._counters: dict[str, tuple[int, int]] = {}
+        #: the `total` counter (nft_rules.TOTAL) when `_counters` were dumped; None: dump
+        self._total: tuple[int, int] | None = None
+        self.counter_dumps = 0  # how many times every counter was read
         self._flows: Counter[tuple[ServiceKey, Endpoint, bool]] = Counter()
         self._moved: set[ServiceKey] = set()  # counters or flows moved since active()
         #: persistence templates per (service, backend): the elements of its affinity set
@@ -325,6 +329,7 @@ class NftDataplane:
         next. Without netlink, all of it in one `nft -f`."""
         fastpath = self._fastpath_now()
         netlink = self.netlink
+        self._total = None  # a new table's counters start again: dumped at the next look
         base = base_script(self._pins if netlink is None else (), fastpath)
         # `ct packets` counts a flow's packets only if conntrack accounting was on when the
         # flow began: on before the services (conntrack's sysctls exist once its module is
@@ -451,7 +456,7 @@ class NftDataplane:
             return
         if self.fastpath:
             await self._track_devices()
-        counters = await self._read_counters()
+        counters = await self._read_counters_if_moved()
         before, self._counters = self._counters, counters
         moved = (
             {
@@ -475,16 +480,35 @@ class NftDataplane:
             self._moved.update(k for k, _, _ in self._flows)
         await self._count_templates()
 
+    async def _read_counters_if_moved(self) -> dict[str, tuple[int, int]]:
+        """The counters as last read if the `total` counter has not moved since (one
+        object looked up: an idle lb at 10,000 services does not dump 100,000 counters
+        each refresh), else read again."""
+        if self.netlink is not None:
+            try:
+                total = await asyncio.to_thread(self.netlink.counter, TABLE, TOTAL)
+            except (NftNetlinkError, OSError):
+                total = None
+            if total is not None and total == self._total:
+                return self._counters
+            counters = await self._read_counters()
+            self._total = total
+            return counters
+        return await self._read_counters()
+
     async def _read_counters(self) -> dict[str, tuple[int, int]]:
         """lb's named counters (all in table `ip lb`): name -> (packets, bytes). One
         netlink dump, in a thread, when there is a socket (an idle lb spawns no `nft`
         each second); else `nft -j list counters`. A table gone (deleted by hand), or a
         read refused: nothing counted."""
+        self.counter_dumps += 1
         if self.netlink is not None:
             try:
-                return await asyncio.to_thread(self.netlink.counters, TABLE)
+                dumped = await asyncio.to_thread(self.netlink.counters, TABLE)
             except (NftNetlinkError, OSError):
                 return {}
+            dumped.pop(TOTAL, None)
+            return dumped
         try:
             out = await self.query("list", "counters", "table", "ip", TABLE)  # all of lb's
         except NftError:
@@ -492,7 +516,12 @@ class NftDataplane:
         counters: dict[str, tuple[int, int]] = {}
         for item in out.get("nftables", []):
             c = item.get("counter")
-            if c is not None and c.get("family") == "ip" and c.get("table") == TABLE:
+            if (
+                c is not None
+                and c.get("family") == "ip"
+                and c.get("table") == TABLE
+                and c.get("name") != TOTAL
+            ):
                 counters[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
         return counters
 

@@ -111,6 +111,37 @@ async def test_forwarding_with_port_mapping_and_the_kernels_wrr_cycle(
     }
 
 
+async def test_an_idle_refresh_looks_up_one_counter_instead_of_dumping_them_all(
+    topo: Topology, backends: Backends
+) -> None:
+    """Each refresh looks up the `total` counter (nft_rules.TOTAL); the per-backend
+    counters are dumped only when it moved: an idle lb at 10,000 services does not dump
+    100,000 counters every refresh. A connection moves it, a rebuilt table reads again."""
+    web, dns = config("services:" + WEB + DNS)
+    dp = NftDataplane(netlink=NftNetlink(topo.lb))
+    await apply(topo, dp, [web, dns])
+    with inside(topo.lb):
+        await dp.refresh()
+    dumps = dp.counter_dumps
+    for _ in range(3):
+        with inside(topo.lb):
+            await dp.refresh()
+    assert dp.counter_dumps == dumps  # nothing moved: no dump
+    await ask(topo, "10.99.1.2")
+    await ask_udp(topo, "10.99.1.3", b"query")
+    with inside(topo.lb):
+        await dp.refresh()
+        await dp.refresh()
+    assert dp.counter_dumps == dumps + 1  # once, when the total moved
+    assert sorted(s.totals.conns for s in dp.observe()) == [1, 1]
+    assert "counter total" in nft_in(topo, "list", "table", "ip", "lb")
+    await ask(topo, "10.99.1.2")
+    with inside(topo.lb):
+        await dp.refresh()
+    assert dp.counter_dumps == dumps + 2
+    assert sorted(s.totals.conns for s in dp.observe()) == [1, 2]
+
+
 async def test_persistence_keeps_a_client_subnet_on_one_backend(
     topo: Topology, backends: Backends, make_dp: Callable[[], NftDataplane]
 ) -> None:
