@@ -533,6 +533,28 @@ class Lb(Peer):
         await self._ready(topo)
 
 
+class LbAt(Lb):
+    """lb userspace run from another copy of its packages (`path` on PYTHONPATH): two
+    versions of lb side by side in one run (bench/results/2026-12-08)."""
+
+    def __init__(self, name: str, path: str) -> None:
+        super().__init__("userspace")
+        self.name = name
+        self.path = path
+
+    async def start(self, topo: Topology, work: Path) -> None:
+        plain = topo.on_balancer
+
+        def with_path(*cmd: str) -> list[str]:
+            return plain("env", f"PYTHONPATH={self.path}", *cmd)
+
+        topo.on_balancer = with_path  # type: ignore[method-assign]
+        try:
+            await super().start(topo, work)
+        finally:
+            topo.on_balancer = plain  # type: ignore[method-assign]
+
+
 def all_peers() -> dict[str, Peer]:
     peers: list[Peer] = [
         Direct(),

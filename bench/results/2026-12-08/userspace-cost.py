@@ -29,34 +29,13 @@ import time
 from pathlib import Path
 
 from bench import parse
-from bench.peers import HTTP, Lb, Peer, all_peers, process_tree, start_backends
-from bench.topology import Topology, bench_lock, topology
+from bench.peers import HTTP, LbAt, Peer, all_peers, process_tree, start_backends
+from bench.topology import bench_lock, topology
 from bench.workloads import TICK, Context, Durations, iperf_cmd, run_tool, wrk_cmd
 
 CONNECTIONS = 6000
 IN_FLIGHT = 16
 SECONDS = 4
-
-
-class LbAt(Lb):
-    """lb userspace run from another copy of its packages."""
-
-    def __init__(self, name: str, path: str) -> None:
-        super().__init__("userspace")
-        self.name = name
-        self.path = path
-
-    async def start(self, topo: Topology, work: Path) -> None:
-        plain = topo.on_balancer
-
-        def with_path(*cmd: str) -> list[str]:
-            return plain("env", f"PYTHONPATH={self.path}", *cmd)
-
-        topo.on_balancer = with_path  # type: ignore[method-assign]
-        try:
-            await super().start(topo, work)
-        finally:
-            topo.on_balancer = plain  # type: ignore[method-assign]
 
 
 def switches(peer: Peer) -> int:

@@ -19,30 +19,8 @@ from pathlib import Path
 import bench.__main__ as cli
 import bench.dataplane
 from bench import peers
-from bench.topology import Topology
 
 BEFORE = "lb userspace (HEAD)"
-
-
-class LbAt(peers.Lb):
-    """lb userspace run from another copy of its packages."""
-
-    def __init__(self, name: str, path: str) -> None:
-        super().__init__("userspace")
-        self.name = name
-        self.path = path
-
-    async def start(self, topo: Topology, work: Path) -> None:
-        plain = topo.on_balancer
-
-        def with_path(*cmd: str) -> list[str]:
-            return plain("env", f"PYTHONPATH={self.path}", *cmd)
-
-        topo.on_balancer = with_path  # type: ignore[method-assign]
-        try:
-            await super().start(topo, work)
-        finally:
-            topo.on_balancer = plain  # type: ignore[method-assign]
 
 
 def main(argv: list[str]) -> int:
@@ -54,7 +32,7 @@ def main(argv: list[str]) -> int:
         ).stdout  # fmt: skip
         subprocess.run(["tar", "-x", "-C", head], input=archive, check=True)
         made = peers.all_peers()
-        extra = LbAt(BEFORE, head)
+        extra = peers.LbAt(BEFORE, head)
         extra.plain = "lb userspace"  # results.json `options`: HEAD / working tree, per round
 
         def all_peers() -> dict[str, peers.Peer]:
