@@ -301,6 +301,7 @@ class AdminIn(_Model):
     listen: Addr = ADMIN_DEFAULT
     allow_remote: Annotated[bool, Strict()] = False
     token_file: Annotated[str, Strict(), Field(min_length=1)] | None = None
+    backend_metrics: Annotated[bool, Strict()] = False
 
 
 class OffloadIn(_Model):
@@ -1095,7 +1096,7 @@ def _validated(raw: Any, node: yaml.Node | None, checked: _Checked, source: str)
     return Config(
         services=tuple(services),
         shutdown_grace=root.shutdown_grace,
-        admin=AdminSettings(a.enabled, a.listen, a.allow_remote, a.token_file),
+        admin=AdminSettings(a.enabled, a.listen, a.allow_remote, a.token_file, a.backend_metrics),
         dataplane=root.dataplane,
         offload=OffloadSettings(
             o.hold_down,

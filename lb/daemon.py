@@ -79,7 +79,11 @@ class Daemon:
         self.userspace = UserspaceDataplane()
         self.dataplane = OffloadManager(self.userspace, on_sync=self._on_sync)
         self.controller = Controller(self.dataplane)
-        self.metrics = Metrics(self.dataplane.observe, lambda: self.controller.monitors)
+        self.metrics = Metrics(
+            self.dataplane.observe,
+            lambda: (s.key for s in self.controller.config.services),
+            lambda: self.controller.monitors,
+        )
         self.rates = RateEstimator()
         self.readiness = Readiness()
         self.admin: AdminServer | None = None
@@ -140,6 +144,7 @@ class Daemon:
         self.config = config
         await self._enable_offload(config)
         settings = config.admin
+        self.metrics.backends = settings.backend_metrics
         if settings.enabled:
             try:
                 token = read_token(settings)

@@ -283,6 +283,8 @@ class AdminSettings:
     listen: Endpoint = ADMIN_DEFAULT
     allow_remote: bool = False
     token_file: str | None = None
+    #: /metrics: per-backend (and health-check) series too, not only per service
+    backend_metrics: bool = False
 
 
 @dataclass(frozen=True, slots=True)

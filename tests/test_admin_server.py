@@ -82,7 +82,9 @@ async def test_metrics_follow_real_traffic(tmp_path: Path) -> None:
     backend = await TcpBackend("A").start()
     port = free_port()
     check = "    health_check: {type: tcp, interval: 100ms, timeout: 100ms}\n"
-    async with running(tmp_path, web_config(port, [backend.address], svc_extra=check)) as (d, url):
+    admin = f"{{listen: 127.0.0.1:{free_port()}, backend_metrics: true}}"
+    text = web_config(port, [backend.address], admin=admin, svc_extra=check)
+    async with running(tmp_path, text) as (d, url):
         _, before = await call("GET", url + "/metrics")
         assert metric(before, "lb_service_connections_total", service="web") == 0
         for _ in range(5):
@@ -119,6 +121,39 @@ async def test_metrics_follow_real_traffic(tmp_path: Path) -> None:
         _, text = await call("GET", url + "/metrics")
         assert metric(text, "lb_config_reloads_total", result="success") == 1
         assert metric(text, "lb_config_reloads_total", result="failure") == 1
+
+
+async def test_metrics_per_backend_only_when_the_config_asks(tmp_path: Path) -> None:
+    """admin.backend_metrics: per-service series always, per-backend and health-check
+    ones only when true (false by default)."""
+    backend = await TcpBackend("A").start()
+    check = "    health_check: {type: tcp, interval: 100ms, timeout: 100ms}\n"
+    for setting, shown in (
+        ("", False),
+        (", backend_metrics: false", False),
+        (", backend_metrics: true", True),
+    ):
+        port = free_port()
+        admin = f"{{listen: 127.0.0.1:{free_port()}{setting}}}"
+        text = web_config(port, [backend.address], admin=admin, svc_extra=check)
+        async with running(tmp_path, text) as (d, url):
+            assert await read_line("127.0.0.1", port) == "A"
+            await eventually(lambda: sum(m.checks for m in d.controller.monitors.values()) > 0)
+            status, page = await call("GET", url + "/metrics")
+            assert status == 200
+            svc = {"service": "web", "dataplane": "userspace"}
+            assert metric(page, "lb_service_connections_total", **svc) == 1
+            assert metric(page, "lb_service_backends", state="UP", **svc) == 1
+            assert metric(page, "lb_service_backends", state="DOWN", **svc) == 0
+            families = {f.name for f in text_string_to_metric_families(page)}
+            per_backend = {f for f in families if f.startswith(("lb_backend_", "lb_health_check"))}
+            assert ("backend=" in page) is shown, setting
+            if shown:
+                assert metric(page, "lb_backend_connections_total", backend=backend.address) == 1
+                assert metric(page, "lb_health_checks_total", backend=backend.address) >= 1
+                assert {"lb_backend_up", "lb_backend_weight", "lb_health_checks"} <= per_backend
+            else:
+                assert not per_backend
 
 
 async def test_services_json(tmp_path: Path) -> None:

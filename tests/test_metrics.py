@@ -1,17 +1,20 @@
-"""The Prometheus exposition of a Metrics registry fed with made-up snapshots: every family,
-its label values and its numbers, read back through prometheus-client's own parser
+"""The Prometheus exposition of Metrics fed with made-up snapshots: every family, its label
+values and its numbers, with and without per-backend series, read back through
+prometheus-client's own parser; and the page built in slices of the event loop
 (tests/test_admin_server.py checks /metrics against real traffic)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 import aiohttp
 import pytest
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lb import __version__
+from lb import metrics as metrics_module
 from lb.health.monitor import Monitor
 from lb.metrics import Metrics
 from lb.model import (
@@ -23,6 +26,7 @@ from lb.model import (
     HealthCheck,
     Protocol,
     Service,
+    ServiceKey,
 )
 from lb.stats import BackendSnapshot, Counters, ErrorReason, ServiceSnapshot, Totals
 
@@ -119,7 +123,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 def scrape(m: Metrics) -> tuple[set[str], dict[tuple[str, Labels], float]]:
     """The family names and every sample (name, labels) -> value of one scrape."""
-    text = generate_latest(m.registry).decode()
+    text = m.text().decode()
     families, samples = set(), {}
     for family in text_string_to_metric_families(text):
         families.add(family.name)
@@ -132,12 +136,24 @@ def lbl(**labels: str) -> Labels:
     return frozenset(labels.items())
 
 
-def metrics(session: aiohttp.ClientSession, snaps: list[ServiceSnapshot]) -> Metrics:
+def observing(snaps: list[ServiceSnapshot]) -> Callable[[ServiceKey | None], list[ServiceSnapshot]]:
+    """A dataplane's observe() over `snaps` (read at each call)."""
+    return lambda only: [s for s in snaps if only is None or s.service.key == only]
+
+
+def metrics(
+    session: aiohttp.ClientSession, snaps: list[ServiceSnapshot], backends: bool = True
+) -> Metrics:
     check = HealthCheck(CheckKind.TCP, interval=1.0, timeout=1.0, rise=2, fall=3)
     mon = Monitor("web", A, check, session, lambda up, reason: None)
     mon.checks, mon.failures, mon.went_up, mon.went_down = 9, 4, 2, 1
     monitors = {(WEB.key, A): mon}
-    return Metrics(lambda: snaps, lambda: monitors)
+    return Metrics(
+        observing(snaps),
+        lambda: dict.fromkeys(s.service.key for s in snaps),
+        lambda: monitors,
+        backends=backends,
+    )
 
 
 async def test_every_family_is_exposed(session: aiohttp.ClientSession) -> None:
@@ -320,3 +336,67 @@ async def test_reloads_and_sync_times_are_recorded_as_they_happen(
     assert samples[("lb_sync_duration_seconds_bucket", lbl(dataplane="ipvs", le="0.005"))] == 1
     assert samples[("lb_sync_duration_seconds_bucket", lbl(dataplane="ipvs", le="0.25"))] == 2
     assert samples[("lb_sync_duration_seconds_bucket", lbl(dataplane="ipvs", le="+Inf"))] == 2
+
+
+async def test_without_backend_metrics_only_service_series_are_exposed(
+    session: aiohttp.ClientSession,
+) -> None:
+    families, samples = scrape(metrics(session, snapshots(), backends=False))
+    assert not [f for f in families if f.startswith(("lb_backend_", "lb_health_check"))]
+    assert not [labels for _, labels in samples if "backend" in dict(labels)]
+    web = lbl(service="web", dataplane="userspace")
+    assert samples[("lb_service_connections_total", web)] == 15
+    assert samples[("lb_persistence_templates", web)] == 3  # still summed over backends
+    assert samples[("lb_service_connection_errors_total", web | lbl(reason="timeout"))] == 2
+
+
+async def test_backends_are_counted_by_state_for_each_service(
+    session: aiohttp.ClientSession,
+) -> None:
+    for backends in (False, True):
+        _, samples = scrape(metrics(session, snapshots(), backends=backends))
+        count: dict[str, dict[str, float]] = {}
+        for (name, labels), v in samples.items():
+            if name == "lb_service_backends":
+                count.setdefault(dict(labels)["service"], {})[dict(labels)["state"]] = v
+        # web: A up, B drained by the operator, one removed and draining
+        assert count["web"] == {"UP": 1, "DOWN": 0, "DRAIN": 2, "MAINT": 0}
+        assert count["dns"] == {"UP": 1, "DOWN": 0, "DRAIN": 0, "MAINT": 0}
+
+
+async def test_label_values_are_escaped(session: aiohttp.ClientSession) -> None:
+    odd = 'a"b\\c\nd'
+    svc = Service(odd, Protocol.TCP, Endpoint.parse("10.0.0.2:80"), backends=(Backend(A),))
+    snap = ServiceSnapshot(svc, "userspace", True, 0, totals(1, 0, 0), ())
+    _, samples = scrape(metrics(session, [snap]))
+    assert samples[("lb_service_connections_total", lbl(service=odd, dataplane="userspace"))] == 1
+
+
+async def test_the_page_lets_the_event_loop_run_while_it_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    web = snapshots()[0]
+    many = [
+        replace(web, service=replace(WEB, name=f"web{i}", listen=Endpoint(A.ip, 1 + i)))
+        for i in range(1000)
+    ]
+    by_key = {s.service.key: [s] for s in many}
+    m = Metrics(lambda only: by_key.get(only, []) if only else many, lambda: by_key, dict)
+    m.backends = True
+    turns = 0
+
+    async def other_work() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.get_running_loop().create_task(other_work())
+    await asyncio.sleep(0)
+    monkeypatch.setattr(metrics_module, "SLICE", 0.0)  # a pause at every place it may
+    page = b"".join(await m.page())
+    task.cancel()
+    assert page.count(b"\nlb_backend_connections_total{") == 1000 * 3
+    assert turns >= 1000  # the loop ran after each service at least
+    # the same page as one built at once (past the registry's part: process times move)
+    assert page.partition(b"# HELP lb_service_")[2] == m.text().partition(b"# HELP lb_service_")[2]

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from lb.admin.view import backend_json, service_json
@@ -221,9 +221,17 @@ class AdminServer:
             return web.json_response({"ready": True})
         return web.json_response({"ready": False, "reason": self.readiness.reason}, status=503)
 
-    async def metrics_text(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics_text(self, request: web.Request) -> web.StreamResponse:
+        """Built without holding the event loop for long (lb/metrics.py), then written
+        part by part (no copy of the whole page)."""
+        parts = await self.metrics.page()
+        response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE_LATEST})
+        response.content_length = sum(len(p) for p in parts)
+        await response.prepare(request)
+        for part in parts:
+            await response.write(part)
+        await response.write_eof()
+        return response
 
     def _services(self, only: ServiceKey | None = None) -> list[dict[str, Any]]:
         c = self.controller
