@@ -49,7 +49,7 @@ K8S_LB_ROWS = {
     "listed": ("from `lb run` to k8s.synced: Services, EndpointSlices and node listed (s)", 1.0),
     "programmed": ("from `lb run` to k8s.first_sync: the first sync applied (s)", 1.0),
     "failed_syncs": (
-        "syncs that failed before ready (k8s.sync_failed: retried a sync_period later)",
+        "syncs that failed before ready (k8s.sync_failed: retried min_sync_period later, doubling)",
         1.0,
     ),
     "rss_mb": SCALE_ROWS["rss_mb"],

@@ -37,9 +37,11 @@ class ApplyRecorder:
     def __init__(self) -> None:
         self.applied: list[tuple[Service, ...]] = []
         self.fail = False
+        self.failed: list[float] = []  # when each failed apply came (the loop's time)
 
     async def __call__(self, services: tuple[Service, ...]) -> None:
         if self.fail:
+            self.failed.append(asyncio.get_running_loop().time())
             raise RuntimeError("the dataplane refused")
         self.applied.append(services)
 
@@ -268,6 +270,69 @@ async def test_a_failed_apply_is_retried_and_programming_latency_is_measured(
         count = next(s.value for s in observed if s.name.endswith("_count"))
         total = next(s.value for s in observed if s.name.endswith("_sum"))
         assert count == 1 and total > 3600  # since 2026-01-01: an old trigger, a long latency
+    finally:
+        await src.stop()
+
+
+async def test_a_sync_translates_the_services_whose_slices_moved_or_went(
+    server: FakeApiServer, api: Api
+) -> None:
+    """Each sync translates only the Services its changes name: an EndpointSlice's
+    Service before and after a change of its label, and every Service for the Node."""
+    rec = ApplyRecorder()
+    server.put(web(0))
+    server.put(web(1))
+    server.put(web_n_slice(0, "10.244.0.5"))
+    src = source(api, api, rec)
+    src.start()
+    try:
+        await asyncio.wait_for(src.first_sync(), 5)
+        assert rec.last == {"default/web0:http": ["10.244.0.5:8080"], "default/web1:http": []}
+        moved = web_n_slice(0, "10.244.0.5")  # web0-abc, now labelled for web1
+        moved["metadata"]["labels"]["kubernetes.io/service-name"] = "web1"
+        server.put(moved)
+        await eventually(lambda: rec.last["default/web1:http"] == ["10.244.0.5:8080"], 5)
+        assert rec.last["default/web0:http"] == []
+        server.delete("EndpointSlice", "default", "web0-abc")
+        await eventually(lambda: rec.last["default/web1:http"] == [], 5)
+        nodeport = web(2)
+        nodeport["spec"] |= {"type": "NodePort"}
+        nodeport["spec"]["ports"][0]["nodePort"] = 30080
+        server.put(nodeport)
+        await eventually(lambda: "default/web2:http@192.168.0.10:30080" in rec.last, 5)
+        server.put(node("node-1", "192.168.0.11"))  # the node's address changed
+        await eventually(lambda: "default/web2:http@192.168.0.11:30080" in rec.last, 5)
+        assert "default/web2:http@192.168.0.10:30080" not in rec.last
+    finally:
+        await src.stop()
+
+
+async def test_a_failed_sync_is_retried_with_a_backoff_from_min_sync_period(
+    server: FakeApiServer, api: Api
+) -> None:
+    rec = ApplyRecorder()
+    src = source(api, api, rec, replace(FAST, min_sync_period=0.05, sync_period=0.4))
+    src.start()
+    try:
+        await asyncio.wait_for(src.first_sync(), 5)
+        rec.fail = True
+        server.put(web())
+        await eventually(lambda: len(rec.failed) >= 6, timeout=10)
+        # the retries: after min_sync_period, doubling up to sync_period, not sync_period
+        # each time (and whatever else the loop does in between)
+        gaps = [b - a for a, b in zip(rec.failed, rec.failed[1:6], strict=False)]
+        for gap, expected in zip(gaps, [0.05, 0.1, 0.2, 0.4, 0.4], strict=True):
+            assert expected * 0.9 <= gap <= expected + 0.2, gaps
+        rec.fail = False
+        await eventually(lambda: "default/web0:http" in rec.last, timeout=5)
+        assert value(src.metrics.pending) == 0
+        # a good sync starts the backoff again from min_sync_period
+        rec.fail, rec.failed = True, []
+        server.put(web(1))
+        await eventually(lambda: len(rec.failed) >= 2, timeout=5)
+        assert 0.045 <= rec.failed[1] - rec.failed[0] <= 0.25
+        rec.fail = False
+        await eventually(lambda: "default/web1:http" in rec.last, timeout=5)
     finally:
         await src.stop()
 

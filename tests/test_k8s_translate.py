@@ -6,7 +6,19 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from lb.k8s.translate import Node, node_addresses, node_zone, translate
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lb.k8s.translate import (
+    SERVICE_NAME_LABEL,
+    Memo,
+    Node,
+    node_addresses,
+    node_zone,
+    slice_owner,
+    translate,
+    translate_changed,
+)
 from lb.model import Endpoint, Persistence, Protocol, SchedulerName, Service
 from tests.support.kube_double import endpoint, endpoint_slice, node, service
 
@@ -321,3 +333,99 @@ def test_load_balancer_source_ranges_restrict_the_ingress_addresses_only() -> No
         "192.168.0.10:30080": (),
     }
     assert "default/web: loadBalancerSourceRanges entry 'x' is not a CIDR" in t.skipped
+
+
+# --- a sync told which Services changed (translate_changed) ------------------------------
+
+Op = tuple[str, int, int, int]  # (what, which, a choice, another)
+
+
+def _edge(i: int, vip: int, local: bool) -> dict[str, Any]:
+    """Service s{i} on one of a few cluster IPs (two may clash); a LoadBalancer with
+    externalTrafficPolicy: Local (a health check) when `local`."""
+    svc = service(
+        f"s{i}", cluster_ip=f"10.96.0.{vip}", type="LoadBalancer" if local else "ClusterIP"
+    )
+    if local:
+        svc["spec"] |= {"externalTrafficPolicy": "Local", "healthCheckNodePort": 32000 + i}
+        svc["spec"]["ports"][0]["nodePort"] = 30000 + i
+    return svc
+
+
+def _slice(j: int, owner: int, endpoints: int) -> dict[str, Any]:
+    eps = [
+        endpoint(f"10.244.{j}.{e}", node_name="node-1" if e % 2 else "node-2")
+        for e in range(endpoints)
+    ]
+    return endpoint_slice(f"slice-{j}", f"s{owner}", endpoints=eps)
+
+
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["service", "delete service", "slice", "delete slice"]),
+                st.integers(0, 5),
+                st.integers(0, 3),
+                st.integers(0, 3),
+            ),
+            max_size=6,
+        ),
+        max_size=8,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_translating_the_changed_services_only_gives_what_translating_all_does(
+    syncs: list[list[Op]],
+) -> None:
+    services: dict[tuple[str, str], dict[str, Any]] = {}
+    slices: dict[tuple[str, str], dict[str, Any]] = {}
+    memo = Memo()
+    before = translate([], [], NODE, memo=memo)
+    for ops in syncs:
+        changed: set[tuple[str, str]] = set()
+        for what, which, a, b in ops:
+            if what.endswith("service"):
+                key = ("default", f"s{which}")
+                changed.add(key)
+                if what == "service":
+                    services[key] = _edge(which, 10 + a, local=b == 0)
+                else:
+                    services.pop(key, None)
+            else:
+                key = ("default", f"slice-{which}")
+                old = slices.pop(key, None)
+                if old is not None:
+                    changed.add(("default", old["metadata"]["labels"][SERVICE_NAME_LABEL]))
+                if what == "slice":
+                    slices[key] = _slice(which, a, b)
+                    changed.add(("default", f"s{a}"))
+        of = {
+            k: (services.get(k), [s for s in slices.values() if slice_owner(s) == k])
+            for k in changed
+        }
+        after = translate_changed(memo, of, NODE)
+        every = translate(services.values(), slices.values(), NODE)
+        assert after.services == every.services
+        assert after.skipped == every.skipped
+        assert after.health_checks == every.health_checks
+        # the services of the Services not named are the very objects of last time
+        was = {s.key: s for s in before.services}
+        for s in after.services:
+            source = after.sources[s.key]
+            if source not in changed and before.sources.get(s.key) == source:
+                assert s is was[s.key]
+        before = after
+
+
+def test_an_endpoint_change_puts_the_new_service_in_place() -> None:
+    memo = Memo()
+    svcs = [_edge(i, 10 + i, local=False) for i in range(3)]
+    first = translate(svcs, [_slice(i, i, 2) for i in range(3)], NODE, memo=memo)
+    moved = _slice(1, 1, 3)
+    after = translate_changed(memo, {("default", "s1"): (svcs[1], [moved])}, NODE)
+    assert [s.name for s in after.services] == [s.name for s in first.services]
+    assert after.services[0] is first.services[0] and after.services[2] is first.services[2]
+    assert len(after.services[1].backends) == 3
+    assert memo.current(NODE, SchedulerName.RR)
+    assert not memo.current(Node("node-2"), SchedulerName.RR)

@@ -135,8 +135,11 @@ class Informer:
         for key in old.keys() - items.keys():
             self.on_change(self.kind, key, None)
         for key, obj in items.items():
-            if old.get(key) != obj:
+            was = old.get(key)
+            if was is None or was != obj:
                 self.on_change(self.kind, key, obj)
+            else:  # unchanged: the very object it was (the translation's memo knows it)
+                items[key] = was
         self.resource_version = version
         self.synced.set()
 

@@ -4,10 +4,13 @@
   each been listed once (kube-proxy's rule: a restarted proxy must not program a partial
   view, e.g. services without their endpoints).
 - Coalescing: changes mark the state dirty; a sync runs at most once per
-  `min_sync_period` and at least once per `sync_period` (which also retries a sync that
-  failed). Each sync translates only the Services whose objects changed (pure,
-  lb/k8s/translate.py; its memo gives back the very services of last time for the
-  others) and hands the services to `apply`; the dataplanes change only what differs.
+  `min_sync_period` and at least once per `sync_period`. A sync that failed is retried
+  after `min_sync_period`, then twice as long after each failure in a row, up to
+  `sync_period`. Each sync translates only the Services whose objects changed: the
+  changes name them (a Service, or the owner of an EndpointSlice), and the translation
+  (pure, lb/k8s/translate.py) visits only those, keeping the very services of last time
+  for the others; it hands the services to `apply`, and the dataplanes change only what
+  differs. A change of the Node translates every Service.
 - While the API is unreachable the informers keep their stores: the last known state
   serves on, and nothing is applied until something changes again.
 """
@@ -34,7 +37,9 @@ from lb.k8s.translate import (
     Translation,
     node_addresses,
     node_zone,
+    slice_owner,
     translate,
+    translate_changed,
 )
 from lb.log import emit
 from lb.model import KubernetesSettings, Service
@@ -42,7 +47,19 @@ from lb.model import KubernetesSettings, Service
 log = logging.getLogger("lb.k8s")
 
 TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 15, 30, 60, 120, 300)
+#: kube-proxy's buckets for network_programming_duration_seconds (0.25 s, 0.5 s, then each
+#: second to 60 s, each 5 s to 2 min, each 30 s to 5 min), and finer ones under 2 s,
+#: where lb's figures are: a superset, so that every `le` of kube-proxy's is here too.
+LATENCY_BUCKETS = tuple(
+    sorted(
+        {0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.25, 1.5, 1.75}
+        | {float(s) for s in range(1, 61)}
+        | {float(s) for s in range(65, 120, 5)}
+        | {float(s) for s in range(120, 301, 30)}
+    )
+)
+#: The first retry of a failed sync when min_sync_period is 0 (seconds).
+RETRY_MIN = 0.1
 SYNC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 Apply = Callable[[tuple[Service, ...]], Awaitable[None]]
@@ -126,6 +143,11 @@ class KubernetesSource:
         self._dirty = asyncio.Event()
         self._pending = 0
         self._triggers: dict[ObjectKey, str] = {}  # each slice's last trigger time
+        #: the Services to translate again at the next sync (None: every one)
+        self._changed_keys: set[ObjectKey] | None = None
+        self._owners: dict[ObjectKey, ObjectKey] = {}  # each EndpointSlice's Service
+        self._slices_of: dict[ObjectKey, dict[ObjectKey, Object]] = {}  # by Service
+        self._retry = 0.0  # after failed syncs: the wait before the next one
         self._waiting: list[float] = []  # trigger times (Unix) not applied yet
         self._tasks: list[asyncio.Task[None]] = []
         self._synced_once = asyncio.Event()
@@ -178,12 +200,16 @@ class KubernetesSource:
 
     def _changed(self, kind: str, key: ObjectKey, obj: Object | None) -> None:
         self.health.health.queued(time.time())
-        if kind == "Node":
-            self.health.health.node_eligible = node_eligible(obj)
         self._pending += 1
         self.metrics.changes.labels(kind).inc()
         self.metrics.pending.set(self._pending)
-        if kind == "EndpointSlice":
+        if kind == "Service":
+            self._mark(key)
+        elif kind == "Node":
+            self.health.health.node_eligible = node_eligible(obj)
+            self._changed_keys = None  # its addresses and zone are every Service's
+        else:
+            self._reindex(key, obj)
             trigger = ((obj or {}).get("metadata") or {}).get("annotations", {}).get(TRIGGER_TIME)
             if obj is None:
                 self._triggers.pop(key, None)
@@ -193,6 +219,25 @@ class KubernetesSource:
                 if when is not None:
                     self._waiting.append(when)
         self._dirty.set()
+
+    def _mark(self, key: ObjectKey) -> None:
+        if self._changed_keys is not None:
+            self._changed_keys.add(key)
+
+    def _reindex(self, key: ObjectKey, obj: Object | None) -> None:
+        """An EndpointSlice changed: its Service (before and after) is to translate."""
+        old = self._owners.pop(key, None)
+        if old is not None:
+            slices = self._slices_of[old]
+            del slices[key]
+            if not slices:
+                del self._slices_of[old]
+            self._mark(old)
+        owner = slice_owner(obj) if obj is not None else None
+        if obj is not None and owner is not None:
+            self._owners[key] = owner
+            self._slices_of.setdefault(owner, {})[key] = obj
+            self._mark(owner)
 
     def _api_error(self, kind: str, reason: str) -> None:
         self.metrics.api_errors.labels(kind, reason).inc()
@@ -218,14 +263,18 @@ class KubernetesSource:
             if wait:
                 await asyncio.sleep(wait)
             last = loop.time()
-            await self._sync()
+            if not await self._sync():
+                await asyncio.sleep(self._retry)  # the changes meanwhile go with the retry
+                continue
             try:
                 async with asyncio.timeout(self.settings.sync_period):
                     await self._dirty.wait()
             except TimeoutError:
                 pass
 
-    async def _sync(self) -> None:
+    async def _sync(self) -> bool:
+        """Translate and apply; False if the apply failed (then `_retry` says when to try
+        again)."""
         self._dirty.clear()
         pending, self._pending = self._pending, 0
         waiting, self._waiting = self._waiting, []
@@ -233,30 +282,46 @@ class KubernetesSource:
         self.health.health.syncing()
         nodes = list(self.node.store.values())
         addresses = self.settings.nodeport_addresses or node_addresses(nodes[0] if nodes else None)
-        translation = translate(
-            self.services.store.values(),
-            self.slices.store.values(),
-            Node(self.node_name, addresses, node_zone(nodes[0] if nodes else None)),
-            self.settings.default_scheduler,
-            self._memo,
-        )
+        node = Node(self.node_name, addresses, node_zone(nodes[0] if nodes else None))
+        scheduler = self.settings.default_scheduler
+        changed, self._changed_keys = self._changed_keys, set()
+        if changed is None or not self._memo.current(node, scheduler):
+            translation = translate(
+                self.services.store.values(),
+                self.slices.store.values(),
+                node,
+                scheduler,
+                self._memo,
+            )
+        else:
+            objects = self.services.store
+            translation = translate_changed(
+                self._memo,
+                {k: (objects.get(k), self._slices_of.get(k, {}).values()) for k in changed},
+                node,
+                scheduler,
+            )
         for line in sorted(set(translation.skipped) - set(self.translation.skipped)):
             emit(log, logging.WARNING, "k8s.skipped", line)
         try:
             await self.apply(translation.services)
         except Exception as e:
             self.health.health.failed()
-            self._pending += pending  # applied by a later sync (sync_period at the latest)
+            self._pending += pending  # applied by the retry (the translation has them)
             self._waiting = waiting + self._waiting
             self.metrics.pending.set(self._pending)
+            first = self.settings.min_sync_period or RETRY_MIN
+            self._retry = min(self.settings.sync_period, 2 * self._retry if self._retry else first)
             emit(
                 log,
                 logging.ERROR,
                 "k8s.sync_failed",
                 f"applying {len(translation.services)} services from Kubernetes failed: {e}; "
-                f"retrying within {self.settings.sync_period:g}s",
+                f"retrying in {self._retry:g}s",
+                retry_in=self._retry,
             )
-            return
+            return False
+        self._retry = 0.0
         done = time.time()
         self.health.health.updated(done)
         await self.health.sync(translation.health_checks, addresses)
@@ -277,6 +342,7 @@ class KubernetesSource:
                 f"programmed {len(translation.services)} services from Kubernetes",
                 services=len(translation.services),
             )
+        return True
 
 
 def _unix_time(text: str) -> float | None:

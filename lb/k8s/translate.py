@@ -113,17 +113,34 @@ def node_addresses(node: Object | None) -> tuple[IPAddress, ...]:
     return tuple(out)
 
 
+def slice_owner(obj: Object) -> ObjectKey | None:
+    """The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label, in
+    its namespace), or None."""
+    meta = obj.get("metadata") or {}
+    owner = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+    return (str(meta.get("namespace") or ""), str(owner)) if owner else None
+
+
 @dataclass(slots=True)
 class _Made:
     """What one Service and its slices gave, and from which objects."""
 
     service: Object
-    slices: tuple[Object, ...]
+    slices: tuple[Object, ...]  # in the order of their keys
     node: Node
     scheduler: SchedulerName
     services: list[Service]
     skipped: list[str]
     check: HealthCheck | None
+
+    def same_shape(self, other: _Made) -> bool:
+        """The same lb services (by protocol and address), notes and health check: the
+        other can take this one's place in a translation without changing any other."""
+        return (
+            self.skipped == other.skipped
+            and self.check == other.check
+            and [s.key for s in self.services] == [s.key for s in other.services]
+        )
 
 
 class Memo:
@@ -131,10 +148,23 @@ class Memo:
     objects of last time (the informers keep an unchanged object as it was) gives the
     same lb services again, not new equal ones. A sync then costs the Services that
     changed: the controller recognises the others by identity and hands the
-    dataplanes only the changed ones (lb/changes.py)."""
+    dataplanes only the changed ones (lb/changes.py).
+
+    It also keeps the last Translation, for `translate_changed`: a sync told which
+    Services changed visits only those, not every Service."""
 
     def __init__(self) -> None:
-        self.made: dict[ObjectKey, _Made] = {}
+        self.made: dict[ObjectKey, _Made] = {}  # in the order of the keys
+        self.last: Translation | None = None
+        self.node: Node | None = None
+        self.scheduler: SchedulerName | None = None
+        #: where each lb service of `last` sits in its `services`
+        self.index: dict[ServiceKey, int] = {}
+
+    def current(self, node: Node, default_scheduler: SchedulerName) -> bool:
+        """Whether `translate_changed` can start from the last translation: there is one,
+        made for this node and default scheduler."""
+        return self.last is not None and (self.node, self.scheduler) == (node, default_scheduler)
 
 
 def translate(
@@ -144,34 +174,111 @@ def translate(
     default_scheduler: SchedulerName = SchedulerName.RR,
     memo: Memo | None = None,
 ) -> Translation:
+    """Every Service with its EndpointSlices (those of a Service whose object and slices
+    are the very ones `memo` made last time are not translated again)."""
     by_service: dict[ObjectKey, list[Object]] = {}
     for s in slices:
-        meta = s.get("metadata") or {}
-        owner = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
-        if owner:
-            by_service.setdefault((str(meta.get("namespace") or ""), owner), []).append(s)
-    out: list[Service] = []
-    skipped: list[str] = []
-    sources: dict[ServiceKey, ObjectKey] = {}
-    checks: list[HealthCheck] = []
+        owner = slice_owner(s)
+        if owner is not None:
+            by_service.setdefault(owner, []).append(s)
     previous = memo.made if memo is not None else {}
     made: dict[ObjectKey, _Made] = {}
     for svc in sorted(services, key=object_key):
         key = object_key(svc)
-        own = tuple(by_service.get(key, ()))
-        m = previous.get(key)
-        if (
-            m is None
-            or m.service is not svc
-            or m.node != node
-            or m.scheduler != default_scheduler
-            or len(m.slices) != len(own)
-            or any(a is not b for a, b in zip(m.slices, own, strict=True))
+        own = tuple(sorted(by_service.get(key, ()), key=object_key))
+        made[key] = _make(svc, own, node, default_scheduler, previous.get(key))
+    translation, index = _assemble(made)
+    if memo is not None:
+        memo.made, memo.last, memo.index = made, translation, index
+        memo.node, memo.scheduler = node, default_scheduler
+    return translation
+
+
+def translate_changed(
+    memo: Memo,
+    changed: Mapping[ObjectKey, tuple[Object | None, Iterable[Object]]],
+    node: Node,
+    default_scheduler: SchedulerName = SchedulerName.RR,
+) -> Translation:
+    """The memo's last translation with the Services of `changed` translated again, each
+    from its object (None: deleted) and its EndpointSlices: what `translate` of every
+    Service would give, for the work of the changed ones. An endpoint change (the same
+    lb services, notes and health check) puts its services in place of the old ones;
+    a Service added or removed, or one whose lb services, notes or check change, assembles
+    the translation again from the memo (a pass over every Service's services, none
+    translated again). The memo must be `current` for the node and scheduler."""
+    last = memo.last
+    assert last is not None and memo.current(node, default_scheduler)
+    made = memo.made
+    reassemble = False
+    placed: list[tuple[_Made, _Made]] = []
+    for key, (svc, slices) in changed.items():
+        old = made.get(key)
+        if svc is None:
+            if old is not None:
+                del made[key]
+                reassemble = True
+            continue
+        own = tuple(sorted(slices, key=object_key))
+        m = _make(svc, own, node, default_scheduler, old)
+        if m is old:
+            continue
+        made[key] = m  # an existing key keeps its place in the order
+        if old is None:
+            reassemble = True
+        elif not reassemble:
+            placed.append((old, m))
+    services = list(last.services)
+    index = memo.index
+    for old, m in placed if not reassemble else ():
+        at = [index.get(s.key) for s in old.services]
+        if not m.same_shape(old) or any(
+            i is None or services[i] is not s for i, s in zip(at, old.services, strict=True)
         ):
-            notes: list[str] = []
-            one = _translate_one(svc, list(own), node, default_scheduler, notes)
-            m = _Made(svc, own, node, default_scheduler, one, notes, _health_check(svc, own, node))
-        made[key] = m
+            reassemble = True  # (an old service that lost its address to another Service)
+            break
+        for i, s in zip(at, m.services, strict=True):
+            assert i is not None
+            services[i] = s
+    if reassemble:
+        memo.made = dict(sorted(made.items()))
+        memo.last, memo.index = _assemble(memo.made)
+    else:
+        memo.last = Translation(tuple(services), last.skipped, last.sources, last.health_checks)
+    return memo.last
+
+
+def _make(
+    svc: Object,
+    own: tuple[Object, ...],
+    node: Node,
+    default_scheduler: SchedulerName,
+    m: _Made | None,
+) -> _Made:
+    """The Service's translation: `m` itself if made from these very objects."""
+    if (
+        m is None
+        or m.service is not svc
+        or m.node != node
+        or m.scheduler != default_scheduler
+        or len(m.slices) != len(own)
+        or any(a is not b for a, b in zip(m.slices, own, strict=True))
+    ):
+        notes: list[str] = []
+        one = _translate_one(svc, list(own), node, default_scheduler, notes)
+        m = _Made(svc, own, node, default_scheduler, one, notes, _health_check(svc, own, node))
+    return m
+
+
+def _assemble(made: Mapping[ObjectKey, _Made]) -> tuple[Translation, dict[ServiceKey, int]]:
+    """The translation of the Services `made` holds, in its order (the first Service in
+    it keeps an address two ask for), and where each lb service sits in it."""
+    out: list[Service] = []
+    skipped: list[str] = []
+    sources: dict[ServiceKey, ObjectKey] = {}
+    checks: list[HealthCheck] = []
+    index: dict[ServiceKey, int] = {}
+    for key, m in made.items():
         skipped += m.skipped
         if m.check is not None:
             checks.append(m.check)
@@ -184,10 +291,9 @@ def translate(
                 )
                 continue
             sources[lb_service.key] = key
+            index[lb_service.key] = len(out)
             out.append(lb_service)
-    if memo is not None:
-        memo.made = made
-    return Translation(tuple(out), tuple(skipped), sources, tuple(checks))
+    return Translation(tuple(out), tuple(skipped), sources, tuple(checks)), index
 
 
 def _health_check(svc: Object, slices: Iterable[Object], node: Node) -> HealthCheck | None:
