@@ -316,7 +316,7 @@ class OffloadIn(_Model):
 
 
 class KubernetesIn(_Model):
-    min_sync_period: Duration = 1.0
+    min_sync_period: Duration = 0.5
     sync_period: Duration = 30.0
     default_scheduler: SchedulerName = SchedulerName.RR
     nodeport_addresses: list[Annotated[str, Strict()]] = []
@@ -536,7 +536,7 @@ def _kubernetes_problems(raw: Mapping[str, Any]) -> Iterator[Problem]:
     k = raw.get("kubernetes")
     if not isinstance(k, Mapping):
         return
-    low = _try(parse_duration, k.get("min_sync_period", 1.0))
+    low = _try(parse_duration, k.get("min_sync_period", 0.5))
     high = _try(parse_duration, k.get("sync_period", 30.0))
     if high is not None and high <= 0:
         yield Problem(("kubernetes", "sync_period"), "must be more than 0")

@@ -305,7 +305,7 @@ def test_lbs_loader_accepts_the_config_map() -> None:
     assert config.offload.device == "lb0"
     assert str(config.admin.listen) == "127.0.0.1:10249"
     k = config.kubernetes
-    assert (k.min_sync_period, k.sync_period, k.default_scheduler) == (1.0, 30.0, "rr")
+    assert (k.min_sync_period, k.sync_period, k.default_scheduler) == (0.5, 30.0, "rr")
 
 
 def test_the_probes_ask_lb_on_paths_it_serves() -> None:
