@@ -464,7 +464,8 @@ class NftDataplane:
                 for key, r in (self._rendered or {}).items()  # an apply may have run meanwhile
                 if any(counters.get(c.counter) != before.get(c.counter) for c in r.counters)
             }
-            if counters != before  # idle: one comparison, not one per backend
+            # idle: the very dict (the total did not move), else one comparison of them
+            if counters is not before and counters != before
             else set()
         )
         self._moved |= moved
@@ -531,6 +532,9 @@ class NftDataplane:
         is carried: a netlink dump of each set, in a thread, when there is a socket; else
         one `nft -j list sets ip`. A set that is not there counts none."""
         now = time.monotonic()
+        if now - self._templates_read < TEMPLATES_PERIOD:
+            return  # (before looking at the services: an idle refresh walks none of them)
+        self._templates_read = now
         sets = {
             (r.table, names.affinity): (key, rule.backend)
             for key, r in (self._rendered or {}).items()
@@ -540,9 +544,6 @@ class NftDataplane:
         if not sets:
             self._templates.clear()
             return
-        if now - self._templates_read < TEMPLATES_PERIOD:
-            return
-        self._templates_read = now
         counted: Counter[tuple[ServiceKey, Endpoint]] = Counter()
         if self.netlink is not None:
             try:
