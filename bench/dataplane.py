@@ -99,6 +99,30 @@ async def measure(
     }
 
 
+#: A figure every run of the syscalls workload reports, and its per-call ones' prefix: a
+#: call a run did not see is a call made 0 times in it (a failed run has none of them).
+SYSCALLS_RAN = "syscalls_per_connection"
+SYSCALL_PREFIX = "sys_"
+
+
+def _absent(key: str, figures: dict[str, float]) -> float | None:
+    """A figure a run did not report: 0 for a system call the syscalls workload did not
+    see (it ran), else unknown."""
+    return 0.0 if key.startswith(SYSCALL_PREFIX) and SYSCALLS_RAN in figures else None
+
+
+def record(runs: dict[str, list[float | None]], figures: dict[str, float], r: int) -> None:
+    """Add round `r`'s figures of one workload to the series of the rounds before."""
+    for key, series in runs.items():
+        if key not in figures:
+            series.append(_absent(key, figures))
+    for key, value in figures.items():
+        if key not in runs:  # first seen now: what the earlier rounds had of it
+            ran = runs.get(SYSCALLS_RAN, [None] * r)[:r]
+            runs[key] = [_absent(key, {} if v is None else {SYSCALLS_RAN: v}) for v in ran]
+        runs[key].append(value)
+
+
 async def one_round(
     name: str,
     r: int,
@@ -130,11 +154,7 @@ async def one_round(
             except (RuntimeError, ValueError, KeyError) as e:
                 errors[name][w].append(f"round {r + 1}: {type(e).__name__}: {e}")
                 figures = {}
-            for key, series in values[name][w].items():
-                if key not in figures:
-                    series.append(None)
-            for key, value in figures.items():
-                values[name][w].setdefault(key, [None] * r).append(value)
+            record(values[name][w], figures, r)
     finally:
         await peer.stop(topo)
         if peer.local_vip:

@@ -16,7 +16,7 @@ import pytest
 
 from bench import parse, vm
 from bench.__main__ import names
-from bench.dataplane import ratios
+from bench.dataplane import ratios, record
 from bench.peers import (
     HTTP_PROXY_PORT,
     OPTION_PEERS,
@@ -470,3 +470,20 @@ def test_generated_configs() -> None:
     assert Svc("x", 1, 2, udp=False, sticky=False).backend_port == 2
     listing = json.dumps({"services": [{"name": "http-tcp", "dataplane": "nftables"}]})
     assert lb_services_carried(listing) == {"http-tcp": "nftables"}
+
+
+def test_a_system_call_not_seen_in_a_round_was_made_0_times_in_it() -> None:
+    """The syscalls workload reports the calls it saw: one missing from a round that ran
+    is 0 there (not a missing run), in a round that failed unknown."""
+    runs: dict[str, list[float | None]] = {}
+    record(runs, {"syscalls_per_connection": 25.0, "sys_write": 2.0, "sys_io_uring_enter": 2.0}, 0)
+    record(runs, {}, 1)  # the workload failed
+    record(runs, {"syscalls_per_connection": 23.0, "sys_write": 2.0, "sys_getsockopt": 1.0}, 2)
+    assert runs == {
+        "syscalls_per_connection": [25.0, None, 23.0],
+        "sys_write": [2.0, None, 2.0],
+        "sys_io_uring_enter": [2.0, None, 0.0],
+        "sys_getsockopt": [0.0, None, 1.0],
+    }
+    record(runs, {"rate": 1.0}, 3)  # another workload's figure is never made up
+    assert runs["rate"] == [None, None, None, 1.0]
