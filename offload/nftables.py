@@ -322,8 +322,8 @@ class NftDataplane:
     ) -> None:
         """The first apply: the table replaced by an empty one (`nft -f`, atomic: a table
         left by a crashed lb goes in the same step, the NAT of its flows stays), then the
-        services over netlink, `CHUNK` at a time, each with its map element and its
-        masquerade paths, so that a service is in the map only once it is whole (`nft -f`
+        services over netlink, `CHUNK` at a time (the first with every masquerade path),
+        each with its map element, so that a service is in the map only once it is whole (`nft -f`
         takes minutes to read a script of 10,000 services, and seconds for their 100,000
         paths). The chunks go in a pipeline: the kernel commits one while lb encodes the
         next. Without netlink, all of it in one `nft -f`."""
@@ -350,16 +350,15 @@ class NftDataplane:
         self._ft_devices = fastpath.devices if fastpath is not None else frozenset()
         if netlink is None:
             return
-        sent: set[NatPath] = set()  # masquerade paths in the kernel's set already
+        # the masquerade paths (counted by apply) first, as the script used to hold them
+        paths = frozenset(self._pins)
         committing: asyncio.Future[None] | None = None
         try:
             for start in range(0, len(services), CHUNK):
                 chunk = services[start : start + CHUNK]
                 ops = [op for r in chunk for op in ops_of(r)]
-                paths = hairpin(self._desired[r.key] for r in chunk) - sent
-                if paths:
-                    ops.insert(0, AddMasq(frozenset(paths)))
-                    sent |= paths
+                if start == 0 and paths:
+                    ops.insert(0, AddMasq(paths))
                 batch = netlink.prepare(ops)  # while the kernel commits the chunk before
                 if committing is not None:
                     await committing
