@@ -129,13 +129,7 @@ async def test_host_hold_delays_new_connections_to_one_service_only(topo: Topolo
     from lb.model import Endpoint, Protocol, ServiceKey
     from offload.host import NFT_TABLE, Host
 
-    listeners = []
-    for port in (80, 81):
-        sock = socket_in(topo.lb)
-        sock.bind((topo.vip, port))
-        sock.listen(16)
-        sock.setblocking(False)
-        listeners.append(sock)
+    listeners = listening(topo, 80, 81)
 
     async def connect(port: int, timeout: float) -> None:
         sock = socket_in(topo.client)
@@ -177,13 +171,7 @@ async def test_host_filter_drops_clients_outside_allowed_sources_before_ipvs(
     from offload.host import NFT_TABLE, Host
     from offload.nft_rules import NatPath
 
-    listeners = []
-    for port in (80, 81):
-        sock = socket_in(topo.lb)
-        sock.bind((topo.vip, port))
-        sock.listen(16)
-        sock.setblocking(False)
-        listeners.append(sock)
+    listeners = listening(topo, 80, 81)
 
     async def served(source: str, port: int = 80) -> bool:
         return await connects(topo, source, port)  # False: dropped, not refused
@@ -261,6 +249,18 @@ async def test_host_masquerades_only_the_paths_to_backends(
         finally:
             for table in (NFT_TABLE, "lbt_dnat"):
                 subprocess.run(["nft", "delete", "table", "ip", table], capture_output=True)
+
+
+def listening(topo: Topology, *ports: int) -> list[socket.socket]:
+    """Listeners on the VIP in the balancer's namespace, standing in for IPVS's service."""
+    out = []
+    for port in ports:
+        sock = socket_in(topo.lb)
+        sock.bind((topo.vip, port))
+        sock.listen(16)
+        sock.setblocking(False)
+        out.append(sock)
+    return out
 
 
 def test_an_ipv6_vip_is_usable_at_once(topo: Topology) -> None:
